@@ -1,0 +1,1 @@
+"""The model, cache, sampler and pipeline: plain PyTorch, single device."""

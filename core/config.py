@@ -1,0 +1,338 @@
+"""Typed configs, presets, and recipe loading.
+
+`ModelConfig` is the DiT architecture, `StreamConfig` the streaming-inference settings (cache and
+sampler), `VideoConfig` what to generate, `RuntimeConfig` where and how to run it. A `Recipe`
+holds all four. Recipes are YAML files loaded through OmegaConf and validated into these
+dataclasses; every problem is a `ValueError` whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+# Wan2.2 VAE: 16x spatial, 4x temporal compression; the DiT patchifies 2x2 on top.
+VAE_SPATIAL_STRIDE = 16
+VAE_TEMPORAL_STRIDE = 4
+VIDEO_FPS = 24
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Causal Wan DiT architecture. Defaults are the official Wan2.2-TI2V-5B numbers."""
+
+    dim: int = 3072
+    ffn_dim: int = 14336
+    num_heads: int = 24
+    num_layers: int = 30
+    in_channels: int = 48
+    out_channels: int = 48
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels",
+                     "text_dim", "text_len", "freq_dim"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0,
+                     f"{name} must be a positive integer (got {value!r})")
+        _require(len(self.patch_size) == 3 and all(p > 0 for p in self.patch_size),
+                 f"patch_size must be three positive integers (t, h, w) (got {self.patch_size})")
+        _require(self.dim % self.num_heads == 0,
+                 f"dim must be divisible by num_heads={self.num_heads} (got dim={self.dim})")
+        _require(self.head_dim % 2 == 0 and self.head_dim >= 6,
+                 f"dim / num_heads must be an even head size >= 6 for 3-D RoPE "
+                 f"(got {self.head_dim})")
+        _require(self.freq_dim % 2 == 0, f"freq_dim must be even (got {self.freq_dim})")
+        _require(self.eps > 0, f"eps must be > 0 (got {self.eps})")
+        _require(self.rope_theta > 0, f"rope_theta must be > 0 (got {self.rope_theta})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def patch_channels(self) -> int:
+        """Outputs of the head per token: prod(patch) * out_channels (192 for the 5B)."""
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * self.out_channels
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r} (allowed: {', '.join(MODEL_PRESETS)})")
+        return dataclasses.replace(MODEL_PRESETS[name])
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "wan2.2-ti2v-5b": ModelConfig(),
+    # Same structure as the 5B (every tensor kind, 512 text slots, 48 latent channels), small
+    # widths: runs on a CPU in seconds. head_dim 32 gives an uneven 6/5/5 RoPE pair split.
+    "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64),
+}
+
+
+@dataclass
+class StreamConfig:
+    """Streaming inference. Defaults are the official inference config (configs/inference.yaml)."""
+
+    frames_per_block: int = 8
+    local_window_frames: int = 32
+    sink_frames: int = 8
+    multi_shot_sink: bool = True
+    shot_rope_offset: float = 8.0
+    sampling_steps: int = 4
+    timestep_shift: float = 5.0
+    guidance_scale: float = 1.0
+    # At a scene cut, drop the old shot's history before the cut chunk's recache (official
+    # `shot_clean_recache`, off in every shipped config).
+    shot_clean_recache: bool = False
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("frames_per_block", "local_window_frames", "sampling_steps",
+                     "num_train_timesteps"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"{name} must be a positive integer (got {value!r})")
+        _require(isinstance(self.sink_frames, int) and self.sink_frames >= 0,
+                 f"sink_frames must be an integer >= 0 (got {self.sink_frames!r})")
+        _require(self.sampling_steps <= self.num_train_timesteps,
+                 f"sampling_steps must be <= {self.num_train_timesteps} "
+                 f"(got {self.sampling_steps})")
+        _require(self.timestep_shift > 0, f"timestep_shift must be > 0 (got {self.timestep_shift})")
+        _require(self.shot_rope_offset >= 0,
+                 f"shot_rope_offset must be >= 0 (got {self.shot_rope_offset})")
+        _require(self.guidance_scale >= 0,
+                 f"guidance_scale must be >= 0, 1.0 disables guidance (got {self.guidance_scale})")
+        # The cache must hold the protected prefix plus one new chunk, or rolling would have
+        # nothing to keep; a pinned shot sink adds up to one more chunk to the prefix.
+        needed = self.sink_frames + self.frames_per_block
+        if self.pins_shot_sink:
+            needed += min(self.sink_frames, self.frames_per_block)
+        _require(self.local_window_frames >= needed,
+                 f"local_window_frames must be >= {needed} (sink_frames + frames_per_block"
+                 f"{' + shot sink' if self.pins_shot_sink else ''}) (got {self.local_window_frames})")
+
+    @property
+    def pins_shot_sink(self) -> bool:
+        """Scene cuts pin the cut chunk as a shot sink (needs multi_shot_sink and a sink)."""
+        return self.multi_shot_sink and self.sink_frames > 0
+
+    @property
+    def global_sink_frames(self) -> int:
+        return self.sink_frames if self.multi_shot_sink else 0
+
+    @property
+    def uses_guidance(self) -> bool:
+        # guidance_scale == 1 means no negative pass at all (not "CFG with weight 1").
+        return self.guidance_scale != 1.0
+
+
+@dataclass
+class VideoConfig:
+    """What to generate: pixel size and length in latent frames (24 fps output)."""
+
+    height: int = 704
+    width: int = 1280
+    latent_frames: int = 128
+
+    def __post_init__(self) -> None:
+        multiple = VAE_SPATIAL_STRIDE * 2
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0 and value % multiple == 0,
+                     f"{name} must be a positive multiple of {multiple} (VAE stride "
+                     f"{VAE_SPATIAL_STRIDE} x patch 2) (got {value!r})")
+        _require(isinstance(self.latent_frames, int) and self.latent_frames > 0,
+                 f"latent_frames must be a positive integer (got {self.latent_frames!r})")
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // VAE_SPATIAL_STRIDE
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // VAE_SPATIAL_STRIDE
+
+    @property
+    def pixel_frames(self) -> int:
+        return VAE_TEMPORAL_STRIDE * (self.latent_frames - 1) + 1
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run: device, dtype, seed, attention kernel, compilation."""
+
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    seed: int = 0
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
+                 or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+                 f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+
+
+@dataclass
+class Recipe:
+    """A complete run description. `preset` names the model preset the `model` section edits."""
+
+    preset: str = "wan2.2-ti2v-5b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def preset_recipe(cls, name: str) -> Recipe:
+        """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official) or `tiny` (CPU)."""
+        model = ModelConfig.preset(name)
+        if name == "tiny":
+            return cls(preset=name, model=model, video=VideoConfig(height=128, width=128,
+                                                                   latent_frames=24))
+        return cls(preset=name, model=model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe loading: YAML (OmegaConf) -> plain dict -> checked overlay onto the preset's dataclasses.
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"bad value for '{key}': {value!r} "
+                             f"(allowed: {', '.join(str(a) for a in allowed)})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"union types are not supported in configs ({key})")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"bad value for '{key}': expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        item_hint = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"bad value for '{key}': expected {len(args)} items, "
+                                 f"got {len(value)}")
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"bad value for '{key}': expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"bad value for '{key}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"bad value for '{key}': expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"bad value for '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for '{key}'")
+
+
+def overlay(instance: Any, updates: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass `instance` with `updates` applied, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ValueError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(instance))
+    names = [f.name for f in fields(instance)]
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown key '{full}' (allowed: {', '.join(names)})")
+        current = getattr(instance, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = overlay(current, value, f"{full}.")
+        else:
+            changes[key] = _coerce(value, hints[key], full)
+    try:
+        return dataclasses.replace(instance, **changes)
+    except ValueError as err:  # __post_init__ names the field; add the section path
+        raise ValueError(f"{prefix}{err}" if prefix else str(err)) from None
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a bundled recipe (`recipes/NAME.yaml`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    bundled = Path(__file__).resolve().parent.parent / "recipes" / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and path.parent == Path(".") and bundled.exists():
+        return bundled
+    raise FileNotFoundError(
+        f"recipe {name_or_path!r} not found: give a .yaml path or a bundled recipe name "
+        f"({', '.join(sorted(p.stem for p in bundled.parent.glob('*.yaml')))})")
+
+
+def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                preset: str | None = None) -> Recipe:
+    """Load a recipe: `preset` (or the file's `preset:` key) first, then the file, then
+    `--set key=value` overrides. Raises ValueError/FileNotFoundError with one-line messages."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    data: dict[str, Any] = {}
+    origin = "recipe"
+    if source is not None:
+        path = find_recipe(str(source))
+        origin = str(path)
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except (OmegaConfBaseException, OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"cannot read recipe {path}: {first}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"recipe {path} must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        for item in overrides:
+            if "=" not in item or not item.split("=", 1)[0].strip():
+                raise ValueError(f"bad --set {item!r}: use key=value, e.g. stream.sampling_steps=2")
+        try:
+            extra = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
+            data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data),
+                                                          OmegaConf.create(extra)), resolve=True)
+        except OmegaConfBaseException as err:
+            raise ValueError(f"bad --set override: {str(err).splitlines()[0]}") from None
+    preset_name = preset or data.pop("preset", None) or Recipe.preset
+    if preset and "preset" in data:
+        data.pop("preset")
+    if not isinstance(preset_name, str) or preset_name not in MODEL_PRESETS:
+        raise ValueError(f"bad value for 'preset': {preset_name!r} "
+                         f"(allowed: {', '.join(MODEL_PRESETS)})")
+    try:
+        return overlay(Recipe.preset_recipe(preset_name), data)
+    except ValueError as err:
+        raise ValueError(f"{origin}: {err}") if source is not None else err from None

@@ -1,0 +1,190 @@
+"""Sink-aware self-attention KV cache of the streaming DiT.
+
+One preallocated buffer pair per layer, `[B, capacity, N, d]`, keys stored after RoPE. The
+buffer fills from the left; what it holds is always attended whole (`[0, local_end)`), so a
+chunk sees: the global sink (the video's first frames), a pinned shot sink (the first chunk of
+the current shot), the recent history, and itself.
+
+The bookkeeping is the official one, token for token (reference-model.md §5), kept as plain
+Python ints so that no forward ever waits on the GPU:
+
+* every forward of a chunk writes the chunk's slot; only the first forward of a *new* chunk that
+  does not fit rolls: it evicts the oldest unprotected tokens by sliding the rest left;
+* the protected prefix is the global sink, plus the pinned shot sink once it sits right after
+  the global sink; a pinned chunk elsewhere ("floating") drifts left with the rolling data;
+* all layers share one set of indices: a forward plans its write from the indices before the
+  call (`plan`), every layer applies the same plan, and `commit` publishes the new indices.
+
+Legend: B batch, K capacity (tokens), N heads, d head size, n new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from core.attention import sdpa
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Sizes in tokens, derived from the stream settings and the tokens per latent frame."""
+
+    capacity: int  # local_window_frames * tokens_per_frame
+    sink_tokens: int  # sink_frames * tokens_per_frame
+    global_sink_tokens: int  # sink tokens when multi-shot sink is on, else 0
+    tokens_per_frame: int
+
+    @classmethod
+    def from_stream(cls, stream, tokens_per_frame: int) -> CacheLayout:
+        return cls(capacity=stream.local_window_frames * tokens_per_frame,
+                   sink_tokens=stream.sink_frames * tokens_per_frame,
+                   global_sink_tokens=stream.global_sink_frames * tokens_per_frame,
+                   tokens_per_frame=tokens_per_frame)
+
+
+@dataclass(frozen=True)
+class CacheState:
+    global_end: int = 0  # stream token index where the last written chunk ends
+    local_end: int = 0  # buffer position where the last written chunk ends
+    pinned_start: int = -1  # buffer position of the pinned shot sink (-1: none)
+    pinned_len: int = 0
+
+    @property
+    def has_pinned(self) -> bool:
+        return self.pinned_start >= 0 and self.pinned_len > 0
+
+
+@dataclass(frozen=True)
+class Roll:
+    """Slide buffer range [src, src + length) to [dst, ...), dst < src."""
+
+    dst: int
+    src: int
+    length: int
+
+
+@dataclass(frozen=True)
+class WritePlan:
+    """What one forward does to every layer's buffers, and the indices after it."""
+
+    roll: Roll | None
+    write_start: int
+    write_end: int  # == the attended window's end
+    after: CacheState
+
+
+def protected_prefix(layout: CacheLayout, state: CacheState) -> int:
+    """Tokens at the buffer start that rolling must keep."""
+    if state.has_pinned and state.pinned_start == layout.global_sink_tokens:
+        return layout.global_sink_tokens + state.pinned_len
+    if state.has_pinned:  # floating shot sink: only the global sink is protected for now
+        return layout.global_sink_tokens
+    return max(layout.global_sink_tokens, layout.sink_tokens)
+
+
+def plan_write(layout: CacheLayout, state: CacheState, start_token: int,
+               num_tokens: int) -> WritePlan:
+    """Plan the write of tokens [start_token, start_token + num_tokens) of the stream."""
+    end_token = start_token + num_tokens
+    advance = end_token - state.global_end
+    pinned_start = state.pinned_start
+    roll = None
+    if advance > 0 and state.local_end + num_tokens > layout.capacity:
+        prefix = protected_prefix(layout, state)
+        evict = state.local_end + num_tokens - layout.capacity
+        keep = state.local_end - evict - prefix
+        assert keep >= 0, "stream config leaves no room to roll (checked by StreamConfig)"
+        roll = Roll(dst=prefix, src=prefix + evict, length=keep)
+        local_end = state.local_end + advance - evict
+        if state.has_pinned and state.pinned_start >= prefix:
+            pinned_start -= evict  # the floating shot sink moves with the data it marks
+    else:
+        local_end = state.local_end + advance
+    assert num_tokens <= local_end <= layout.capacity
+    after = CacheState(global_end=end_token, local_end=local_end, pinned_start=pinned_start,
+                       pinned_len=state.pinned_len)
+    return WritePlan(roll=roll, write_start=local_end - num_tokens, write_end=local_end,
+                     after=after)
+
+
+def _slide_left(buffer: Tensor, roll: Roll) -> None:
+    """In-place `buffer[:, dst:dst+len] = buffer[:, src:src+len]` without a full-range copy.
+
+    Copying left to right in pieces no longer than the shift never reads a token that was
+    already overwritten; when the shift is tiny we fall back to one temporary copy."""
+    shift = roll.src - roll.dst
+    if roll.length == 0:
+        return
+    pieces = -(-roll.length // shift)
+    if pieces > 8:
+        buffer[:, roll.dst:roll.dst + roll.length] = buffer[:, roll.src:roll.src + roll.length].clone()
+        return
+    for offset in range(0, roll.length, shift):
+        size = min(shift, roll.length - offset)
+        buffer[:, roll.dst + offset:roll.dst + offset + size] = \
+            buffer[:, roll.src + offset:roll.src + offset + size]
+
+
+class LayerKV:
+    """The key/value buffers of one layer."""
+
+    def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, capacity, heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update_and_attend(self, plan: WritePlan, q_BnND: Tensor, k_BnND: Tensor,
+                          v_BnND: Tensor) -> Tensor:
+        """Apply `plan` (roll, write the new keys/values), then attend over the filled window."""
+        if plan.roll is not None:
+            _slide_left(self.k, plan.roll)
+            _slide_left(self.v, plan.roll)
+        self.k[:, plan.write_start:plan.write_end] = k_BnND
+        self.v[:, plan.write_start:plan.write_end] = v_BnND
+        return sdpa(q_BnND, self.k[:, :plan.write_end], self.v[:, :plan.write_end])
+
+
+class KVCache:
+    """Self-attention cache of all layers of one guidance branch."""
+
+    def __init__(self, layout: CacheLayout, num_layers: int, batch: int, heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        self.layout = layout
+        self.layers = [LayerKV(batch, layout.capacity, heads, head_dim, dtype, device)
+                       for _ in range(num_layers)]
+        self.state = CacheState()
+        self._pending: WritePlan | None = None
+
+    def reset(self) -> None:
+        """Forget the stream (buffers are overwritten before they are read again)."""
+        self.state = CacheState()
+        self._pending = None
+
+    def begin(self, start_token: int, num_tokens: int) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+        """Start a forward over stream tokens [start, start + n): one attention function per layer,
+        each applying the same plan to its own buffers."""
+        assert self._pending is None, "previous forward was not committed"
+        plan = plan_write(self.layout, self.state, start_token, num_tokens)
+        self._pending = plan
+        return [lambda q, k, v, layer=layer: layer.update_and_attend(plan, q, k, v)
+                for layer in self.layers]
+
+    def commit(self) -> None:
+        assert self._pending is not None, "commit without begin"
+        self.state = self._pending.after
+        self._pending = None
+
+    def pin_last_chunk(self, chunk_tokens: int, sink_tokens: int) -> None:
+        """Mark the chunk just written as the shot sink (no data moves)."""
+        self.state = replace(self.state, pinned_start=self.state.local_end - chunk_tokens,
+                             pinned_len=min(sink_tokens, chunk_tokens))
+
+    def drop_history(self, start_token: int) -> None:
+        """Shot-clean recache: keep only the global sink; the next write lands right after it."""
+        self.state = CacheState(global_end=start_token, local_end=self.layout.global_sink_tokens)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))

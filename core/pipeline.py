@@ -1,0 +1,217 @@
+"""Streaming generation of latents, chunk by chunk (the official LongLive 2.0 inference loop).
+
+Stages: validate and plan the chunks -> allocate the KV caches -> for each chunk: prepare its
+prompt, denoise it with a fresh few-step sampler, rewrite its cache slots from the clean result
+(the t = 0 recache pass), pin it as a shot sink at a scene cut -> hand it to the consumer.
+
+`stream_latents` yields each finished chunk (a decoder consumes them while later chunks are
+still denoising); `generate_latents` collects them. Latents are `[B, F, C, H, W]` here, in the
+normalized latent space; the DiT itself takes `[B, C, F, H, W]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.config import StreamConfig
+from core.dit import CausalWanDiT, TextConditioning
+from core.kv_cache import CacheLayout, KVCache
+from core.sampler import FlowUniPCSampler
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    index: int
+    start_frame: int
+    num_frames: int
+    context: Tensor  # [B, <=T, text_dim]
+    rope_offset: float  # shot_index * shot_rope_offset
+    scene_cut: bool  # first chunk of a new shot (never chunk 0)
+    pin_shot_sink: bool  # scene cut with a multi-shot sink: pin this chunk after its recache
+
+
+@dataclass(frozen=True)
+class LatentChunk:
+    index: int
+    start_frame: int
+    latents: Tensor  # [B, f, C, H, W]
+
+
+# -- stage 1: validate and plan ---------------------------------------------------------------
+
+
+def plan_chunks(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
+                stream: StreamConfig, scene_cuts: Sequence[bool] | None = None,
+                image_latent: Tensor | None = None,
+                negative_context: Tensor | None = None) -> list[ChunkPlan]:
+    cfg = model.config
+    if noise.dim() != 5 or noise.shape[2] != cfg.in_channels:
+        raise ValueError(f"noise must be [B, F, {cfg.in_channels}, H, W] (got {tuple(noise.shape)})")
+    batch, frames = noise.shape[:2]
+    fpb = stream.frames_per_block
+    if frames % fpb:
+        raise ValueError(f"noise has {frames} latent frames, not a multiple of "
+                         f"frames_per_block={fpb}: use {max(fpb, frames - frames % fpb)} or "
+                         f"{frames - frames % fpb + fpb}")
+    if noise.dtype != model.dtype:
+        raise ValueError(f"noise dtype {noise.dtype} differs from the model dtype {model.dtype}")
+    num_chunks = frames // fpb
+    if len(chunk_contexts) != num_chunks:
+        raise ValueError(f"got {len(chunk_contexts)} chunk contexts for {num_chunks} chunks "
+                         f"({frames} frames / {fpb} per block): give one per chunk")
+    for i, context in enumerate(chunk_contexts):
+        if context.dim() != 3 or context.shape[0] != batch or context.shape[-1] != cfg.text_dim \
+                or context.shape[1] > cfg.text_len:
+            raise ValueError(f"chunk context {i} must be [{batch}, <={cfg.text_len}, "
+                             f"{cfg.text_dim}] (got {tuple(context.shape)})")
+    if scene_cuts is None:
+        scene_cuts = [False] * num_chunks
+    if len(scene_cuts) != num_chunks:
+        raise ValueError(f"got {len(scene_cuts)} scene-cut flags for {num_chunks} chunks")
+    if image_latent is not None and tuple(image_latent.shape) != (batch, 1, *noise.shape[2:]):
+        raise ValueError(f"image latent must be [{batch}, 1, {', '.join(map(str, noise.shape[2:]))}] "
+                         f"(got {tuple(image_latent.shape)})")
+    if stream.uses_guidance and negative_context is None:
+        raise ValueError(f"guidance_scale={stream.guidance_scale} needs a negative prompt "
+                         f"context (or set guidance_scale to 1.0 to disable guidance)")
+
+    plans = []
+    shot_index = 0
+    for i, context in enumerate(chunk_contexts):
+        cut = bool(scene_cuts[i]) and i > 0  # a cut before the first chunk means nothing
+        if cut and stream.shot_rope_offset != 0:
+            shot_index += 1
+        plans.append(ChunkPlan(index=i, start_frame=i * fpb, num_frames=fpb, context=context,
+                               rope_offset=shot_index * stream.shot_rope_offset, scene_cut=cut,
+                               pin_shot_sink=cut and stream.pins_shot_sink))
+    return plans
+
+
+# -- stage 2: caches --------------------------------------------------------------------------
+
+
+def allocate_cache(model: CausalWanDiT, stream: StreamConfig, batch: int, tokens_per_frame: int,
+                   device: torch.device | str) -> KVCache:
+    cfg = model.config
+    layout = CacheLayout.from_stream(stream, tokens_per_frame)
+    return KVCache(layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, model.dtype, device)
+
+
+def tokens_per_frame(model: CausalWanDiT, height: int, width: int) -> int:
+    _, ph, pw = model.config.patch_size
+    return (height // ph) * (width // pw)
+
+
+@dataclass
+class Branch:
+    """One guidance branch: its cache and its text (positive prompt or negative prompt)."""
+
+    cache: KVCache
+    text: TextConditioning | None = None
+
+
+# -- stage 3: one chunk -----------------------------------------------------------------------
+
+
+def _model_call(model: CausalWanDiT, latents_BfCHW: Tensor, t_Bf: Tensor, branch: Branch,
+                plan: ChunkPlan) -> Tensor:
+    flow = model.forward_chunk(latents_BfCHW.permute(0, 2, 1, 3, 4), t_Bf, branch.text,
+                               cache=branch.cache, start_frame=plan.start_frame,
+                               rope_offset=plan.rope_offset)
+    return flow.permute(0, 2, 1, 3, 4)
+
+
+def _condition_image(latents: Tensor, image_latent: Tensor | None) -> Tensor:
+    """I2V: the conditioning latent replaces frame 0 (not an extra frame)."""
+    if image_latent is None:
+        return latents
+    latents = latents.clone()
+    latents[:, :1] = image_latent.to(latents.dtype)
+    return latents
+
+
+def denoise_chunk(model: CausalWanDiT, noise_BfCHW: Tensor, plan: ChunkPlan,
+                  stream: StreamConfig, branches: Sequence[Branch],
+                  image_latent: Tensor | None = None) -> Tensor:
+    """Run the sampler over one chunk. `branches` is (positive,) or (positive, negative)."""
+    batch = noise_BfCHW.shape[0]
+    sampler = FlowUniPCSampler(stream.sampling_steps, stream.timestep_shift,
+                               stream.num_train_timesteps)
+    latents = noise_BfCHW
+    for t in sampler.timesteps:
+        timestep = torch.full((batch, plan.num_frames), float(t), device=latents.device,
+                              dtype=torch.float32)
+        latents = _condition_image(latents, image_latent)
+        if image_latent is not None:
+            timestep[:, 0] = 0  # the conditioning frame is clean
+        flow = _model_call(model, latents, timestep, branches[0], plan)
+        if len(branches) == 2:
+            flow_uncond = _model_call(model, latents, timestep, branches[1], plan)
+            flow = flow_uncond + stream.guidance_scale * (flow - flow_uncond)
+        latents = _condition_image(sampler.step(flow, latents), image_latent)
+    return latents
+
+
+def recache_chunk(model: CausalWanDiT, latents_BfCHW: Tensor, plan: ChunkPlan,
+                  stream: StreamConfig, branches: Sequence[Branch]) -> None:
+    """Rewrite the chunk's K/V from its clean latents (t = 0); pin it at a scene cut."""
+    if plan.pin_shot_sink and stream.shot_clean_recache:
+        for branch in branches:
+            branch.cache.drop_history(plan.start_frame * branch.cache.layout.tokens_per_frame)
+    zeros = torch.zeros(latents_BfCHW.shape[:2], device=latents_BfCHW.device, dtype=torch.float32)
+    for branch in branches:
+        _model_call(model, latents_BfCHW, zeros, branch, plan)
+    if plan.pin_shot_sink:
+        for branch in branches:
+            layout = branch.cache.layout
+            branch.cache.pin_last_chunk(plan.num_frames * layout.tokens_per_frame,
+                                        layout.sink_tokens)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
+                   stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
+                   image_latent: Tensor | None = None,
+                   negative_context: Tensor | None = None) -> Iterator[LatentChunk]:
+    """Yield every finished latent chunk in order (see `generate_latents`)."""
+    plans = plan_chunks(model, noise, chunk_contexts, stream, scene_cuts, image_latent,
+                        negative_context)
+    batch, _, _, height, width = noise.shape
+    tokens = tokens_per_frame(model, height, width)
+    branches = [Branch(allocate_cache(model, stream, batch, tokens, noise.device))]
+    if stream.uses_guidance:
+        branches.append(Branch(allocate_cache(model, stream, batch, tokens, noise.device),
+                               text=model.prepare_text(negative_context)))
+    for plan in plans:
+        branches[0].text = model.prepare_text(plan.context)
+        noise_chunk = noise[:, plan.start_frame:plan.start_frame + plan.num_frames]
+        first_image = image_latent if plan.index == 0 else None
+        latents = denoise_chunk(model, noise_chunk, plan, stream, branches, first_image)
+        recache_chunk(model, latents, plan, stream, branches)
+        yield LatentChunk(plan.index, plan.start_frame, latents)
+
+
+def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
+                     stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
+                     image_latent: Tensor | None = None,
+                     negative_context: Tensor | None = None) -> Tensor:
+    """Denoise `noise [B, F, C, H, W]` chunk by chunk; returns the final latents (same shape).
+
+    `chunk_contexts`: one text-encoder output `[B, <=text_len, text_dim]` per chunk of
+    `stream.frames_per_block` frames. `scene_cuts`: per chunk, True where a new shot starts
+    (RoPE shot offset, and a pinned shot sink when `stream.multi_shot_sink`). `image_latent`
+    `[B, 1, C, H, W]`: image-to-video conditioning of frame 0. `negative_context`: the
+    negative prompt, required when `stream.guidance_scale != 1`.
+    """
+    output = torch.empty_like(noise)
+    for chunk in stream_latents(model, noise, chunk_contexts, stream, scene_cuts,
+                                image_latent=image_latent, negative_context=negative_context):
+        output[:, chunk.start_frame:chunk.start_frame + chunk.latents.shape[1]] = chunk.latents
+    return output

@@ -1,0 +1,1 @@
+"""Bundled YAML recipes; `longlive ... --recipe NAME` finds them by name."""

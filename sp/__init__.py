@@ -1,0 +1,1 @@
+"""Sequence parallelism applied to a built model from outside (process groups passed in)."""
