@@ -298,6 +298,7 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
                 preset: str | None = None) -> Recipe:
     """Load a recipe: `preset` (or the file's `preset:` key) first, then the file, then
     `--set key=value` overrides. Raises ValueError/FileNotFoundError with one-line messages."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -308,7 +309,11 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
         origin = str(path)
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except (OmegaConfBaseException, OSError, ValueError) as err:
+        except yaml.MarkedYAMLError as err:
+            where = f" at line {err.problem_mark.line + 1}" if err.problem_mark else ""
+            raise ValueError(f"cannot read recipe {path}: {err.problem or err.context}{where}: "
+                             f"fix the YAML syntax") from None
+        except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot read recipe {path}: {first}") from None
         if loaded is None:

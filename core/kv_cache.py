@@ -130,15 +130,20 @@ def _slide_left(buffer: Tensor, roll: Roll) -> None:
 
 
 class LayerKV:
-    """The key/value buffers of one layer."""
+    """The key/value buffers of one layer; `plan` is set by `KVCache.begin` for each forward."""
 
     def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, dtype, device):
         self.k = torch.zeros(batch, capacity, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.plan: WritePlan | None = None
 
-    def update_and_attend(self, plan: WritePlan, q_BnND: Tensor, k_BnND: Tensor,
-                          v_BnND: Tensor) -> Tensor:
-        """Apply `plan` (roll, write the new keys/values), then attend over the filled window."""
+    # Index arithmetic and in-place writes stay eager under torch.compile (one graph break per
+    # layer) so compiled blocks never specialise on cache positions.
+    @torch.compiler.disable
+    def update_and_attend(self, q_BnND: Tensor, k_BnND: Tensor, v_BnND: Tensor) -> Tensor:
+        """Apply the plan (roll, write the new keys/values), then attend over the filled window."""
+        plan = self.plan
+        assert plan is not None, "KVCache.begin() was not called"
         if plan.roll is not None:
             _slide_left(self.k, plan.roll)
             _slide_left(self.v, plan.roll)
@@ -162,6 +167,8 @@ class KVCache:
         """Forget the stream (buffers are overwritten before they are read again)."""
         self.state = CacheState()
         self._pending = None
+        for layer in self.layers:
+            layer.plan = None
 
     def begin(self, start_token: int, num_tokens: int) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """Start a forward over stream tokens [start, start + n): one attention function per layer,
@@ -169,13 +176,16 @@ class KVCache:
         assert self._pending is None, "previous forward was not committed"
         plan = plan_write(self.layout, self.state, start_token, num_tokens)
         self._pending = plan
-        return [lambda q, k, v, layer=layer: layer.update_and_attend(plan, q, k, v)
-                for layer in self.layers]
+        for layer in self.layers:
+            layer.plan = plan
+        return [layer.update_and_attend for layer in self.layers]
 
     def commit(self) -> None:
         assert self._pending is not None, "commit without begin"
         self.state = self._pending.after
         self._pending = None
+        for layer in self.layers:
+            layer.plan = None
 
     def pin_last_chunk(self, chunk_tokens: int, sink_tokens: int) -> None:
         """Mark the chunk just written as the shot sink (no data moves)."""

@@ -1,0 +1,405 @@
+"""Checkpoint files: read, check, load, merge LoRA, save.
+
+Formats (reference-model.md §7):
+  * generator `.pt` pickles in the official layouts `{"generator": ..., "generator_ema": ...}`,
+    `{"model": ...}` or a bare state dict, with `model.`-prefixed keys (the official wrapper
+    holds the DiT as `model`) and, in training checkpoints, FSDP / checkpoint / compile wrapper
+    tokens inside the keys;
+  * `.safetensors` files (one file, or a folder of shards) with bare or `model.` keys;
+  * LoRA files `{"generator_lora": {...}, "critic_lora": {...}, "step": n}` or a bare PEFT dict
+    with keys `base_model.model.blocks.{i}.{linear}.lora_{A,B}.weight`.
+
+Our `CausalWanDiT` uses the official bare names, so `normalize_keys` / `to_official_keys` are
+the only name mapping. Pickles are read with `weights_only=True` (no code runs) and `mmap=True`;
+models are built on `meta` and loaded with `assign=True`, so no weights are allocated twice.
+Every bad file is a one-line `UserError` naming the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from core.config import ModelConfig
+from core.dit import CausalWanDiT, random_init_
+from core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+# Tokens that FSDP, activation checkpointing and torch.compile insert into parameter names.
+WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# Leading prefixes of wrapped models: the official wrapper (`model.`) and DDP (`module.`).
+OUTER_PREFIXES = ("model.", "module.")
+OFFICIAL_PREFIX = "model."
+LORA_PREFIX = "base_model.model."  # PEFT wraps the bare DiT
+BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                 "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+SHOW_NAMES = 3  # names quoted in an error message before "..."
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<target>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: the one adapter between official and bare parameter names.
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Official / wrapped names -> our bare names; non-tensor entries are dropped.
+
+    Strips the wrapper tokens wherever they occur, then leading `model.` / `module.` prefixes
+    (no bare name starts with either, so stripping is unambiguous).
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            continue
+        name = str(key)
+        for token in WRAPPER_TOKENS:
+            name = name.replace(token, "")
+        while name.startswith(OUTER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise UserError(f"two checkpoint entries map to the parameter {name!r} (one of them "
+                            f"is {key!r}): the file mixes wrapped and bare names; save it again")
+        out[name] = value
+    return out
+
+
+def to_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Bare names -> the official wrapper names (`model.` + bare)."""
+    return {OFFICIAL_PREFIX + key: value for key, value in state_dict.items()}
+
+
+def block_linear_names(num_layers: int) -> list[str]:
+    """The official LoRA / quantization targets: every nn.Linear inside the blocks (10 per
+    block, 300 for the 5B)."""
+    return [f"blocks.{i}.{name}" for i in range(num_layers) for name in BLOCK_LINEARS]
+
+
+def _first_names(names: list[str]) -> str:
+    shown = ", ".join(names[:SHOW_NAMES])
+    return f"{shown}, ..." if len(names) > SHOW_NAMES else shown
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files.
+
+_CORRUPT_FIX = "the file is truncated or corrupt: download or save it again"
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _load_pickle(path: Path) -> Any:
+    """`torch.load` that never runs code from the file."""
+    # mmap needs the zip format (torch >= 1.6 default); legacy pickles are read without it.
+    mmap = _is_zip(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        # weights_only names the refused class or function as a "GLOBAL".
+        if "GLOBAL" in str(err):
+            refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+            what = refused.group(1) if refused else "a Python object"
+            raise UserError(
+                f"{path} holds Python objects other than tensors ({what}); we refuse to unpickle "
+                f"code: convert it to .safetensors (or a plain tensor dict) on a trusted machine"
+            ) from err
+        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
+        # Torch reports truncated zips as OSError/RuntimeError, bad legacy magic as KeyError.
+        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (safetensors.SafetensorError, OSError) as err:
+        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+
+
+def _load_shards(folder: Path) -> dict[str, Tensor]:
+    """A folder of `*.safetensors` shards (the Wan base weights) as one state dict."""
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"{folder} is a folder without .safetensors files: give a checkpoint "
+                        f"file or a folder of safetensors shards")
+    merged: dict[str, Tensor] = {}
+    for shard in shards:
+        tensors = _load_safetensors(shard)
+        repeated = sorted(merged.keys() & tensors.keys())
+        if repeated:
+            raise UserError(f"{shard} repeats tensors of another shard in {folder} "
+                            f"({_first_names(repeated)}): remove the stray file")
+        merged.update(tensors)
+    return merged
+
+
+def _load_file(path: PathLike) -> Any:
+    """The raw object stored in a checkpoint file or shard folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} not found: check the path "
+                        f"(`longlive download` fetches the released weights)")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied: fix its permissions")
+    if path.is_dir():
+        return _load_shards(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    return _load_pickle(path)
+
+
+def _tensor_dict(obj: Any, path: PathLike, what: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise UserError(f"{path} does not hold a {what} (found {type(obj).__name__}, expected a "
+                        f"dict of tensors): check the file")
+    return obj
+
+
+def _generator_entry(checkpoint: Mapping[str, Any], path: PathLike, use_ema: bool) -> Any:
+    """Pick the generator weights from an outer layout (reference §7.2 priority)."""
+    if "generator" in checkpoint or "generator_ema" in checkpoint:
+        if use_ema and "generator_ema" in checkpoint:
+            return checkpoint["generator_ema"]
+        if "generator" not in checkpoint:
+            raise UserError(f"{path} holds only EMA weights (generator_ema): load it with "
+                            f"--use-ema")
+        if use_ema:
+            log.warning("%s has no generator_ema; loading the generator weights", path)
+        return checkpoint["generator"]
+    if isinstance(checkpoint.get("model"), Mapping):
+        return checkpoint["model"]
+    if "generator_lora" in checkpoint:
+        raise UserError(f"{path} is a LoRA-only checkpoint (generator_lora): pass it as the LoRA "
+                        f"(--lora) and give the base generator weights as the checkpoint")
+    return checkpoint
+
+
+def read_state_dict(path: PathLike, *, use_ema: bool = False) -> dict[str, Tensor]:
+    """The generator's state dict in a checkpoint, with bare names (tensors on CPU)."""
+    checkpoint = _tensor_dict(_load_file(path), path, "state dict")
+    state_dict = _tensor_dict(_generator_entry(checkpoint, path, use_ema), path, "state dict")
+    return normalize_keys(state_dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into a model.
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise a UserError unless names and shapes equal the model's exactly."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    wrong = [f"{name} {tuple(state_dict[name].shape)} != {shape}"
+             for name, shape in expected.items()
+             if name in state_dict and tuple(state_dict[name].shape) != shape]
+    if not (missing or unexpected or wrong):
+        return
+    if any(name.endswith("quantized_weight_values") for name in unexpected):
+        raise UserError(f"{source} is a packed NVFP4 checkpoint: load it into the NVFP4 model "
+                        f"(quant/), not as a plain generator")
+    problems = [f"{len(names)} {kind} ({_first_names(names)})"
+                for kind, names in (("missing", missing), ("unexpected", unexpected),
+                                    ("with the wrong shape", wrong)) if names]
+    raise UserError(f"checkpoint {source} does not match the model: {', '.join(problems)}: "
+                    f"check --preset / the file")
+
+
+def load_generator(model: nn.Module, path: PathLike, *, use_ema: bool = False) -> nn.Module:
+    """Load a generator checkpoint strictly into `model` (which may live on `meta`)."""
+    state_dict = read_state_dict(path, use_ema=use_ema)
+    check_state_dict(model, state_dict, str(path))
+    # A meta model takes the file's tensors as they are (no copy); a materialised model keeps
+    # its device and dtype and copies the values in.
+    assign = any(p.is_meta for p in model.parameters())
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+    return model
+
+
+def build_generator(config: ModelConfig, checkpoint: PathLike | None = None,
+                    lora: PathLike | None = None, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, use_ema: bool = False,
+                    lora_alpha: float | None = None, seed: int = 0) -> CausalWanDiT:
+    """A ready `CausalWanDiT` in eval mode: checkpoint weights (or seeded random weights),
+    optionally with a LoRA merged in, on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    if checkpoint is not None:
+        load_generator(model, checkpoint, use_ema=use_ema)
+    else:
+        model.to_empty(device=device)
+        random_init_(model, seed)
+    if lora is not None:
+        # Merge from fp32 weights like the official inference (it merges before the bf16 cast),
+        # so W' is rounded to `dtype` once; on the target device, so the 5B's fp32 copy lands in
+        # GPU memory rather than host memory.
+        model = merge_lora(model.to(device=device, dtype=torch.float32),
+                           read_lora_state_dict(lora), alpha=lora_alpha, source=str(lora))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA.
+
+
+def _lora_key(key: str) -> str:
+    """PEFT key with the `base_model.model.` prefix, without wrapper tokens or adapter name."""
+    for token in WRAPPER_TOKENS:
+        key = key.replace(token, "")
+    key = re.sub(r"\.(lora_[AB])\.default\.weight$", r".\1.weight", key)
+    return key if key.startswith(LORA_PREFIX) else LORA_PREFIX + key
+
+
+def read_lora_state_dict(path: PathLike) -> dict[str, Tensor]:
+    """The generator LoRA of a file (official `generator_lora` layout or a bare PEFT dict)."""
+    checkpoint = _tensor_dict(_load_file(path), path, "LoRA state dict")
+    if "generator_lora" in checkpoint:
+        checkpoint = _tensor_dict(checkpoint["generator_lora"], path, "LoRA state dict")
+    elif any(key in checkpoint for key in ("generator", "generator_ema", "model")):
+        raise UserError(f"{path} is a generator checkpoint, not a LoRA: pass it as the "
+                        f"checkpoint, or give the LoRA file (generator_lora)")
+    lora = {_lora_key(str(key)): value for key, value in checkpoint.items()
+            if isinstance(value, Tensor)}
+    if not lora:
+        raise UserError(f"{path} holds no LoRA tensors: give the LoRA file (generator_lora)")
+    return lora
+
+
+def _lora_pairs(model: nn.Module, lora: Mapping[str, Tensor],
+                source: str) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
+    """Check a LoRA against the model's block linears; returns {target: (A, B)} and the rank."""
+    allowed = set(block_linear_names(len(model.blocks)))
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in lora.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise UserError(f"LoRA {source} has an unknown key {key!r} (expected "
+                            f"{LORA_PREFIX}blocks.N.LINEAR.lora_A/B.weight): check the file")
+        if match["target"] not in allowed:
+            raise UserError(f"LoRA {source} targets {match['target']!r}, which is not a block "
+                            f"linear of this model: check --preset / the file")
+        parts.setdefault(match["target"], {})[match["part"]] = value
+    incomplete = [target for target, ab in parts.items() if len(ab) != 2]
+    if incomplete:
+        raise UserError(f"LoRA {source} lacks lora_A or lora_B for {len(incomplete)} layers "
+                        f"({_first_names(incomplete)}): the file is incomplete")
+    pairs = {target: (ab["A"], ab["B"]) for target, ab in parts.items()}
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if len(ranks) != 1:
+        raise UserError(f"LoRA {source} mixes ranks {sorted(ranks)}: all layers need one rank; "
+                        f"check the file")
+    rank = ranks.pop()
+    for target, (a, b) in pairs.items():
+        linear = model.get_submodule(target)
+        if a.shape != (rank, linear.in_features) or b.shape != (linear.out_features, rank):
+            raise UserError(f"LoRA {source} has the wrong shapes for {target} (A "
+                            f"{tuple(a.shape)}, B {tuple(b.shape)}; the layer is "
+                            f"{linear.in_features} -> {linear.out_features}): check --preset")
+    return pairs, rank
+
+
+def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
+               alpha: float | None = None, *, source: str = "state dict") -> CausalWanDiT:
+    """Fold a LoRA into the block linears: W' = W + (alpha / rank) B @ A, computed in fp32
+    (through PEFT, like the official merge) and rounded to each weight's dtype once.
+    Returns the plain model (no PEFT wrappers left)."""
+    import peft  # slow import (transformers); only LoRA users pay for it
+
+    lora = {_lora_key(key): value for key, value in lora_state_dict.items()}
+    pairs, rank = _lora_pairs(model, lora, source)
+    if alpha is None:
+        alpha = rank  # the official adapters use alpha = rank (scale 1)
+    assert not any(p.is_meta for p in model.parameters()), "merge_lora needs materialised weights"
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    training = model.training
+    model = model.float()
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                             target_modules=sorted(pairs))
+    wrapped = peft.get_peft_model(model, config)
+    result = peft.set_peft_model_state_dict(wrapped, lora)
+    not_loaded = [key for key in result.missing_keys if ".lora_" in key]
+    if result.unexpected_keys or not_loaded:
+        raise UserError(f"LoRA {source} did not load cleanly ({len(result.unexpected_keys)} "
+                        f"unused keys, {len(not_loaded)} adapter weights not set: "
+                        f"{_first_names(result.unexpected_keys + not_loaded)}): check the file")
+    merged = wrapped.merge_and_unload(safe_merge=True)
+    assert type(merged) is type(model), type(merged)
+
+    with torch.no_grad():  # back to the caller's dtypes and flags (PEFT freezes base weights)
+        for name, param in merged.named_parameters():
+            if param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+            param.requires_grad_(requires_grad[name])
+    return merged.train(training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving.
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run `write(temp_path)` on a temp file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_name = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+    # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide the
+    # final permissions, as for a normally created file (some writers recreate it as 0o600).
+    os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = os.stat(temp_name).st_mode & 0o777
+        write(temp_name)
+        os.chmod(temp_name, mode)
+        with open(temp_name, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_generator(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: PathLike, *,
+                   metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write generator weights atomically.
+
+    `.safetensors`: bare names, metadata as strings (non-strings JSON-encoded).
+    Anything else (`.pt`): the official layout `{"generator": {"model." + name: tensor},
+    **metadata}`, loadable by the official code and by `read_state_dict`.
+    """
+    path = Path(path)
+    source = model_or_state_dict
+    state_dict = source.state_dict() if isinstance(source, nn.Module) else source
+    tensors = {name: t.detach().contiguous() for name, t in normalize_keys(state_dict).items()}
+    metadata = dict(metadata or {})
+    if path.suffix == ".safetensors":
+        text = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        _atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, temp, text))
+    else:
+        if "generator" in metadata:
+            raise ValueError("metadata may not use the key 'generator' (it holds the weights)")
+        payload = {"generator": to_official_keys(tensors), **metadata}
+        _atomic_write(path, lambda temp: torch.save(payload, temp))
+    return path

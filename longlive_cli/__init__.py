@@ -1,0 +1,1 @@
+"""The `longlive` command line: one thin module per subcommand."""

@@ -1,0 +1,62 @@
+"""The Typer app and its error policy: user errors are one red line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from core.errors import UserError
+
+app = typer.Typer(
+    name="longlive",
+    help="Real-time, multi-shot long video generation (LongLive 2.0, Wan2.2-TI2V-5B).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Real-time, multi-shot long video generation (LongLive 2.0, Wan2.2-TI2V-5B)."""
+
+
+# Subcommands register themselves on `app` when imported; only commands that work are listed.
+from longlive_cli import bench as _bench  # noqa: E402,F401
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Recent Typer vendors its own click; take click's exception classes from Typer itself.
+_CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+UsageError = _CLICK_ERRORS["UsageError"]
+ClickException = _CLICK_ERRORS["ClickException"]
+
+
+def fail(message: str) -> int:
+    err_console.print(f"[bold red]error:[/] {message}", markup=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="longlive", standalone_mode=False)
+    except UsageError as err:
+        ctx = getattr(err, "ctx", None)
+        where = ctx.command_path if ctx is not None else "longlive"
+        return fail(f"{err.format_message()} (see '{where} --help')")
+    except ClickException as err:
+        return fail(err.format_message())
+    except UserError as err:
+        return fail(str(err))
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

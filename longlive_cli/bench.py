@@ -1,0 +1,92 @@
+"""`longlive bench`: steady-state seconds per block, video fps and peak GPU memory of the
+streaming engine on random weights (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import UserError
+from longlive_cli.app import app
+
+
+@app.command()
+def bench(
+    preset: Annotated[str | None, typer.Option(help="Model preset: wan2.2-ti2v-5b (default) or tiny.")] = None,
+    recipe: Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")] = None,
+    height: Annotated[int | None, typer.Option(help="Video height in pixels (multiple of 32).")] = None,
+    width: Annotated[int | None, typer.Option(help="Video width in pixels (multiple of 32).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps per chunk.")] = None,
+    window: Annotated[int | None, typer.Option(help="Local attention window, latent frames.")] = None,
+    sink: Annotated[int | None, typer.Option(help="Sink frames.")] = None,
+    frames_per_block: Annotated[int | None, typer.Option(help="Latent frames per chunk.")] = None,
+    chunks: Annotated[int | None, typer.Option(help="Chunks to generate (default: window fill + 6).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
+    attention: Annotated[str | None, typer.Option(help="SDPA kernel: auto, cudnn, flash, efficient, math.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the blocks.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
+) -> None:
+    """Measure the engine: s/block, fps and peak memory at a resolution, steps and window."""
+    from core.benchmark import resolve_device, run_benchmark
+    from longlive_cli.options import resolve_recipe
+    from longlive_cli.progress import chunk_progress
+
+    chosen = resolve_recipe(preset, recipe, set_ or [], {
+        "video.height": height, "video.width": width, "stream.sampling_steps": steps,
+        "stream.local_window_frames": window, "stream.sink_frames": sink,
+        "stream.frames_per_block": frames_per_block, "runtime.device": device,
+        "runtime.dtype": dtype, "runtime.attention": attention, "runtime.compile": compile,
+        "runtime.seed": seed,
+    })
+    if chosen.preset != "tiny" and resolve_device(chosen.runtime.device).type != "cuda":
+        raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
+                        f"use --preset tiny on a CPU")
+    console = Console(stderr=json_output)
+    progress = chunk_progress(4 * chosen.stream.frames_per_block, console)
+    with progress:
+        task = progress.add_task(f"bench {chosen.preset}", total=None)
+
+        def on_chunk(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            result = run_benchmark(chosen, chunks, on_chunk)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    if json_output:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        Console().print(result_table(result))
+
+
+def result_table(r) -> Table:
+    table = Table(title="longlive bench", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    gib = (lambda v: "n/a (CPU)" if v is None else f"{v:.2f} GiB")
+    rows = [
+        ("model", f"{r.preset} ({r.parameters / 1e9:.3f} B params, {r.dtype})"),
+        ("device", f"{r.device} ({r.device_name})"),
+        ("resolution", f"{r.height}x{r.width} px, latent {r.latent_height}x{r.latent_width}, "
+                       f"{r.tokens_per_frame} tokens/frame"),
+        ("stream", f"{r.frames_per_block} frames/block, window {r.local_window_frames}, "
+                   f"sink {r.sink_frames}, {r.sampling_steps} steps"),
+        ("attention", f"{r.attention}{', compiled blocks' if r.compiled else ''}"),
+        ("chunks", f"{r.chunks} ({r.steady_chunks} at steady state)"),
+        ("s / block", f"{r.seconds_per_block:.3f} (median; mean {r.seconds_per_block_mean:.3f}, "
+                      f"min {r.seconds_per_block_min:.3f}, max {r.seconds_per_block_max:.3f})"),
+        ("video fps", f"{r.fps:.1f}"),
+        ("first chunk", f"{r.first_chunk_seconds:.3f} s"),
+        ("peak GPU memory", gib(r.peak_memory_gib)),
+        ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

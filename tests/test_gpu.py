@@ -1,0 +1,72 @@
+"""GPU checks (skipped without CUDA; results recorded in docs/BENCHMARKS.md): FlexAttention
+masks == dense masks, GPU streaming == CPU streaming, SDPA kernels and compiled blocks agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.attention import (
+    BlockCausalMask,
+    TeacherForcingMask,
+    dense_mask,
+    masked_attention,
+    sdpa,
+    sdpa_backend,
+)
+from core.config import StreamConfig
+from core.optimize import compile_blocks
+from core.pipeline import generate_latents
+from tests.conftest import SMALL_STREAM, text_context, tiny_model
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("mask", [BlockCausalMask(12, 40, 4), TeacherForcingMask(8, 40, 2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_flex_equals_dense(mask, dtype, tol):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, mask.length, 4, 64, device="cuda", dtype=dtype, generator=g)
+               for _ in range(3))
+    flex = masked_attention(q, k, v, mask, use_flex=True)
+    ref = sdpa(q.double(), k.double(), v.double(), dense_mask(mask, "cuda"))
+    assert (flex.double() - ref).abs().max().item() < tol
+
+
+def streaming_inputs(device, dtype):
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 16, 48, 8, 8, generator=g)
+    contexts = [text_context(1, 10 + int(c >= 4)) for c in range(8)]
+    cuts = [c == 4 for c in range(8)]
+    return noise.to(device, dtype), [c.to(device, dtype) for c in contexts], cuts
+
+
+def test_gpu_streaming_matches_cpu_fp32():
+    stream = StreamConfig(**SMALL_STREAM)
+    cpu_out = generate_latents(tiny_model(), *streaming_inputs("cpu", torch.float32)[:2], stream,
+                               streaming_inputs("cpu", torch.float32)[2])
+    noise, contexts, cuts = streaming_inputs("cuda", torch.float32)
+    with sdpa_backend("math"):
+        gpu_out = generate_latents(tiny_model().cuda(), noise, contexts, stream, cuts)
+    assert (gpu_out.cpu() - cpu_out).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "efficient"])
+def test_sdpa_kernels_agree_in_bf16(backend):
+    stream = StreamConfig(**SMALL_STREAM)
+    model = tiny_model(dtype=torch.bfloat16).cuda()
+    noise, contexts, cuts = streaming_inputs("cuda", torch.bfloat16)
+    with sdpa_backend("math"):
+        ref = generate_latents(model, noise, contexts, stream, cuts).float()
+    with sdpa_backend(backend):
+        out = generate_latents(model, noise, contexts, stream, cuts).float()
+    assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def test_compiled_blocks_match_eager():
+    stream = StreamConfig(**SMALL_STREAM)
+    noise, contexts, cuts = streaming_inputs("cuda", torch.float32)
+    eager = generate_latents(tiny_model().cuda(), noise, contexts, stream, cuts)
+    compiled = generate_latents(compile_blocks(tiny_model().cuda()), noise, contexts, stream, cuts)
+    assert (compiled - eager).abs().max().item() < 1e-3
