@@ -118,7 +118,10 @@ def dense_mask(mask: AttentionMask, device: torch.device | str = "cpu") -> Tenso
 def _flex_block_mask(mask: AttentionMask, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(mask.mask_mod, None, None, mask.length, mask.length, device=device)
+    def mask_mod(b, h, q_idx, kv_idx):  # create_block_mask wants a plain function
+        return mask.mask_mod(b, h, q_idx, kv_idx)
+
+    return create_block_mask(mask_mod, None, None, mask.length, mask.length, device=device)
 
 
 @functools.cache

@@ -61,9 +61,13 @@ class BenchResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` -> the current CUDA device or the CPU; `cuda` gets its index."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -128,12 +132,12 @@ def run_benchmark(recipe: Recipe, chunks: int | None = None,
                 on_chunk(chunk.index + 1, chunks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(stamps, stamps[1:])]
+        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         reserved = torch.cuda.max_memory_reserved(device) / 2**30
         name = torch.cuda.get_device_name(device)
     else:
-        seconds = [b - a for a, b in zip(stamps, stamps[1:])]
+        seconds = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
         peak = reserved = None
         name = "cpu"
     steady = seconds[window_chunks:]

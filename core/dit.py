@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.attention import AttentionMask, BlockCausalMask, TeacherForcingMask, masked_attention, sdpa
+from core.attention import (
+    AttentionMask,
+    BlockCausalMask,
+    TeacherForcingMask,
+    masked_attention,
+    sdpa,
+)
 from core.config import ModelConfig
 from core.rope import Rope3D, RotaryTable, frame_positions
 

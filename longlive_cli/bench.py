@@ -66,11 +66,14 @@ def bench(
         Console().print(result_table(result))
 
 
+def _gib(value: float | None) -> str:
+    return "n/a (CPU)" if value is None else f"{value:.2f} GiB"
+
+
 def result_table(r) -> Table:
     table = Table(title="longlive bench", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    gib = (lambda v: "n/a (CPU)" if v is None else f"{v:.2f} GiB")
     rows = [
         ("model", f"{r.preset} ({r.parameters / 1e9:.3f} B params, {r.dtype})"),
         ("device", f"{r.device} ({r.device_name})"),
@@ -84,7 +87,7 @@ def result_table(r) -> Table:
                       f"min {r.seconds_per_block_min:.3f}, max {r.seconds_per_block_max:.3f})"),
         ("video fps", f"{r.fps:.1f}"),
         ("first chunk", f"{r.first_chunk_seconds:.3f} s"),
-        ("peak GPU memory", gib(r.peak_memory_gib)),
+        ("peak GPU memory", _gib(r.peak_memory_gib)),
         ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
     ]
     for key, value in rows:

@@ -67,7 +67,7 @@ def test_rope_axis_split_and_bases():
     assert axis_pairs(128) == (22, 21, 21)
     assert axis_pairs(32) == (6, 5, 5)
     rope = Rope3D(128)
-    for pairs, inv in zip((22, 21, 21), rope.inv_freq):
+    for pairs, inv in zip((22, 21, 21), rope.inv_freq, strict=True):
         j = torch.arange(pairs, dtype=torch.float64)
         assert torch.allclose(inv, 10000.0 ** (-2 * j / (2 * pairs)), rtol=0, atol=1e-15)
 

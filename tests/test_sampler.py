@@ -2,7 +2,7 @@
 
 `reference_sample` below is written from the closed form of §6.3 alone (predict-x0, bh2, order 2
 with lower order at the first and last steps, a corrector of the previous predictor's order, the
-model evaluated on the uncorrected sample, result = last x0 estimate); it does not use diffusers.
+model evaluated on the uncorrected sample, result = last x0 estimate); it does not use the sampler's code.
 Its scalar coefficients are computed in float64 from the float32 solver sigmas and rounded to
 float32; every tensor product, sum and quotient is evaluated in float32 (float64 for float64 data)
 and rounded to the data dtype, in the order the doc writes the update.
@@ -271,7 +271,7 @@ def test_reference_reproduces_doc_coefficients():
 # --------------------------------------------------------------------------------------------
 
 # Max |ours - reference| / max |reference|. Both use float32 coefficients, computed in float32 by
-# diffusers and in float64-then-rounded by the reference, so float64 data agree to float32
+# the sampler and in float64-then-rounded by the reference, so float64 data agree to float32
 # coefficient precision; on the dense 300-step schedule h = lambda_{k+1} - lambda_k taken from
 # float32 lambdas keeps only ~4 digits, hence the looser bound there (observed 4e-6).
 def tolerance(steps: int, dtype: torch.dtype) -> float:
@@ -341,12 +341,10 @@ def test_bf16_close_to_float32_coefficient_arithmetic(steps, rounded):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="diffusers moves the sigmas to the sample's device, so CUDA rounds the "
-                          "sigma ratio, alpha*phi and r to bf16; the official scheduler keeps "
-                          "them on the CPU (float32)")
 @pytest.mark.parametrize("steps", [2, 4, 8])
 def test_bf16_cuda_bit_exact_with_official_arithmetic(steps):
+    """On CUDA the official scheduler's 0-d CPU float32 coefficients are read at float32 (only
+    rho is cast to bf16); diffusers' UniPC, which moves them to the GPU, failed this."""
     x = random_latents(30 + steps, torch.bfloat16, "cuda")
     model = random_flows(steps, 3000 + steps, torch.bfloat16, "cuda")
     out = run_sampler(model, x, steps)
