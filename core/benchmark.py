@@ -19,7 +19,7 @@ import torch
 from core.attention import sdpa_backend
 from core.config import VAE_TEMPORAL_STRIDE, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
-from core.optimize import compile_blocks
+from core.optimize import compile_blocks, wants_compile
 from core.pipeline import stream_latents, tokens_per_frame
 
 
@@ -84,28 +84,45 @@ def build_random_model(recipe: Recipe, device: torch.device, dtype: torch.dtype)
     return random_init_(model, recipe.runtime.seed).eval()
 
 
-def run_benchmark(recipe: Recipe, chunks: int | None = None,
-                  on_chunk: Callable[[int, int], None] | None = None) -> BenchResult:
-    """Stream `chunks` chunks (default: cache fill + 6) and report steady-state timings."""
+def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype,
+                checkpoint: str | None = None, lora: str | None = None) -> CausalWanDiT:
+    if checkpoint is None and lora is None:
+        return build_random_model(recipe, device, dtype)
+    from core.checkpoint import build_generator
+
+    return build_generator(recipe.model, checkpoint, lora, device=device, dtype=dtype,
+                           seed=recipe.runtime.seed)
+
+
+def run_benchmark(recipe: Recipe, frames: int | None = None,
+                  on_chunk: Callable[[int, int], None] | None = None,
+                  checkpoint: str | None = None, lora: str | None = None) -> BenchResult:
+    """Stream `frames` latent frames (default: the window fill + 6 chunks) and report the
+    steady-state timings. Random weights unless a checkpoint (and LoRA) is given."""
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
     window_chunks = -(-stream.local_window_frames // stream.frames_per_block)
-    chunks = window_chunks + 6 if chunks is None else chunks
+    if frames is None:
+        frames = (window_chunks + 6) * stream.frames_per_block
+    fpb = stream.frames_per_block
+    if frames <= 0 or frames % fpb:
+        raise ValueError(f"frames={frames} cannot be cut into blocks of frames_per_block={fpb}: "
+                         f"use a multiple of {fpb}, e.g. {max(fpb, frames - frames % fpb + fpb)}")
+    chunks = frames // fpb
     if chunks <= window_chunks:
-        raise ValueError(f"chunks must be > {window_chunks} (the chunks that fill the "
-                         f"{stream.local_window_frames}-frame window) to reach steady state "
-                         f"(got {chunks})")
+        raise ValueError(f"frames must exceed the {window_chunks * fpb} frames that fill the "
+                         f"window, to reach steady state (got {frames})")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
 
-    model = build_random_model(recipe, device, dtype)
-    if runtime.compile:
+    model = build_model(recipe, device, dtype, checkpoint, lora)
+    compiled = wants_compile(runtime.compile, device)
+    if compiled:
         compile_blocks(model)
     cfg = model.config
     generator = torch.Generator(device=device).manual_seed(runtime.seed)
-    frames = chunks * stream.frames_per_block
     noise = torch.randn(1, frames, cfg.in_channels, video.latent_height, video.latent_width,
                         generator=generator, device=device, dtype=dtype)
     context = torch.zeros(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype)
@@ -148,7 +165,7 @@ def run_benchmark(recipe: Recipe, chunks: int | None = None,
     kv_bytes = branches * cfg.num_layers * 2 * stream.local_window_frames * tokens * cfg.dim * itemsize
     return BenchResult(
         preset=recipe.preset, device=str(device), device_name=name, dtype=str(dtype).split(".")[-1],
-        attention=runtime.attention, compiled=runtime.compile, height=video.height,
+        attention=runtime.attention, compiled=compiled, height=video.height,
         width=video.width, latent_height=video.latent_height, latent_width=video.latent_width,
         tokens_per_frame=tokens, frames_per_block=stream.frames_per_block,
         local_window_frames=stream.local_window_frames, sink_frames=stream.sink_frames,

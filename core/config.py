@@ -54,9 +54,9 @@ class ModelConfig:
                  f"patch_size must be three positive integers (t, h, w) (got {self.patch_size})")
         _require(self.dim % self.num_heads == 0,
                  f"dim must be divisible by num_heads={self.num_heads} (got dim={self.dim})")
-        _require(self.head_dim % 2 == 0 and self.head_dim >= 6,
-                 f"dim / num_heads must be an even head size >= 6 for 3-D RoPE "
-                 f"(got {self.head_dim})")
+        # RoPE rotates pairs; below 6 the height/width axes simply get no pairs (as upstream).
+        _require(self.head_dim % 2 == 0,
+                 f"dim / num_heads must be an even head size for RoPE pairs (got {self.head_dim})")
         _require(self.freq_dim % 2 == 0, f"freq_dim must be even (got {self.freq_dim})")
         _require(self.eps > 0, f"eps must be > 0 (got {self.eps})")
         _require(self.rope_theta > 0, f"rope_theta must be > 0 (got {self.rope_theta})")
@@ -182,7 +182,9 @@ class RuntimeConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     seed: int = 0
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
-    compile: bool = False
+    # torch.compile the transformer blocks: "auto" = on a GPU (measured 1.25x there,
+    # docs/BENCHMARKS.md), off on a CPU where compiling costs more than it saves.
+    compile: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda"

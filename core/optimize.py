@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import torch
+
 from core.dit import CausalWanDiT
+
+
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """RuntimeConfig.compile ("auto" | "always" | "never") on a device."""
+    return setting == "always" or (setting == "auto" and device.type == "cuda")
 
 
 def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT:

@@ -24,11 +24,15 @@ def bench(
     window: Annotated[int | None, typer.Option(help="Local attention window, latent frames.")] = None,
     sink: Annotated[int | None, typer.Option(help="Sink frames.")] = None,
     frames_per_block: Annotated[int | None, typer.Option(help="Latent frames per chunk.")] = None,
-    chunks: Annotated[int | None, typer.Option(help="Chunks to generate (default: window fill + 6).")] = None,
+    frames: Annotated[int | None, typer.Option(
+        help="Latent frames to generate, a multiple of frames per block (default: window fill + 6 blocks).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Generator weights to load (default: random).")] = None,
+    lora: Annotated[str | None, typer.Option(help="LoRA file to merge (official layout).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     attention: Annotated[str | None, typer.Option(help="SDPA kernel: auto, cudnn, flash, efficient, math.")] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the blocks.")] = None,
+    compile: Annotated[bool | None, typer.Option(
+        "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
@@ -42,7 +46,8 @@ def bench(
         "video.height": height, "video.width": width, "stream.sampling_steps": steps,
         "stream.local_window_frames": window, "stream.sink_frames": sink,
         "stream.frames_per_block": frames_per_block, "runtime.device": device,
-        "runtime.dtype": dtype, "runtime.attention": attention, "runtime.compile": compile,
+        "runtime.dtype": dtype, "runtime.attention": attention,
+        "runtime.compile": None if compile is None else ("always" if compile else "never"),
         "runtime.seed": seed,
     })
     if chosen.preset != "tiny" and resolve_device(chosen.runtime.device).type != "cuda":
@@ -57,7 +62,7 @@ def bench(
             progress.update(task, completed=done, total=total)
 
         try:
-            result = run_benchmark(chosen, chunks, on_chunk)
+            result = run_benchmark(chosen, frames, on_chunk, checkpoint=checkpoint, lora=lora)
         except ValueError as err:
             raise UserError(str(err)) from None
     if json_output:

@@ -14,7 +14,7 @@ from longlive_cli.app import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--preset", "tiny", "--frames-per-block", "2", "--window", "6", "--sink", "2",
-        "--chunks", "5", "--device", "cpu"]
+        "--frames", "10", "--device", "cpu"]
 
 
 def test_module_entry_point_lists_only_working_commands():
@@ -48,7 +48,8 @@ def test_bench_table(capsys):
     (["bench", "--preset", "tiny", "--steps", "0"], "stream.sampling_steps must be a positive integer"),
     (["bench", "--preset", "tiny", "--height", "100"], "video.height must be a positive multiple of 32"),
     (["bench", "--recipe", "missing.yaml"], "recipe 'missing.yaml' not found"),
-    (["bench", "--preset", "tiny", "--chunks", "2"], "chunks must be > 4"),
+    (["bench", "--preset", "tiny", "--frames", "16"], "frames must exceed the 32 frames"),
+    (["bench", *FAST[:-4], "--frames", "13"], "frames=13 cannot be cut into blocks of frames_per_block=2"),
     (["bench", "--preset", "tiny", "--attention", "fast"], "bad value for 'runtime.attention'"),
     (["bench", "--nope"], "No such option: --nope"),
     (["bench", "--preset", "wan2.2-ti2v-5b", "--device", "cpu"], "needs a CUDA GPU"),
@@ -64,3 +65,53 @@ def test_bad_input_is_one_line_exit_2(capsys, args, needle):
 def test_gpu_only_option_without_gpu(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cuda"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+class _RunsCode:
+    """A pickle payload that would create a marker file if it were ever unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _official_checkpoint(path: Path) -> None:
+    from core.checkpoint import to_official_keys
+    from tests.conftest import tiny_model
+
+    torch.save({"generator": to_official_keys(tiny_model(3).state_dict()),
+                "checkpoint_format": "longlive_generator_merged_lora"}, path)
+
+
+def test_bench_loads_official_checkpoint_and_lora(tmp_path, capsys):
+    ckpt = tmp_path / "model_bf16.pt"
+    _official_checkpoint(ckpt)
+    g = torch.Generator().manual_seed(0)
+    lora = {f"base_model.model.blocks.0.ffn.0.lora_{part}.weight":
+            torch.randn(shape, generator=g) for part, shape in (("A", (4, 128)), ("B", (256, 4)))}
+    torch.save({"generator_lora": lora, "step": 1}, tmp_path / "lora.pt")
+    assert main(["bench", *FAST, "--checkpoint", str(ckpt), "--lora", str(tmp_path / "lora.pt"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"] == 622144
+
+
+@pytest.mark.parametrize("kind", ["truncated", "pickled_code", "wrong_model"])
+def test_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, kind):
+    path = tmp_path / "generator.pt"
+    marker = tmp_path / "executed"
+    if kind == "truncated":
+        _official_checkpoint(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "pickled_code":
+        torch.save({"generator": {"model.x": torch.zeros(1)}, "hook": _RunsCode(marker)}, path)
+    else:
+        torch.save({"generator": {"model.blocks.0.bogus": torch.zeros(3)}}, path)
+    assert main(["bench", *FAST, "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and err.strip().count("\n") == 0 and "Traceback" not in err
+    assert not marker.exists()
+    expected = {"truncated": "truncated or corrupt", "pickled_code": "refuse to unpickle",
+                "wrong_model": "does not match the model"}[kind]
+    assert expected in err

@@ -29,7 +29,7 @@ def test_tiny_has_the_same_structure():
 
 
 @pytest.mark.parametrize("cls,kwargs,needle", [
-    (ModelConfig, dict(dim=96, num_heads=24), "dim / num_heads must be an even head size >= 6"),
+    (ModelConfig, dict(dim=120, num_heads=24), "dim / num_heads must be an even head size"),
     (ModelConfig, dict(num_heads=5), "divisible by num_heads"),
     (StreamConfig, dict(frames_per_block=0), "frames_per_block must be a positive integer"),
     (StreamConfig, dict(local_window_frames=16), "local_window_frames must be >= 24"),
