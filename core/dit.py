@@ -64,7 +64,9 @@ def per_frame(x_BLD: Tensor, num_frames: int) -> Tensor:
     return x_BLD.unflatten(1, (num_frames, -1))  # [B, F, S, D]
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """q/k/v/o projections with q/k RMSNorm over the full width (official names and order)."""
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -75,6 +77,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+
+class SelfAttention(Projections):
     def forward(self, x_BLD: Tensor, rope: RotaryTable, attend: Attend) -> Tensor:
         heads = (self.num_heads, -1)
         q = rope.rotate(self.norm_q(self.q(x_BLD)).unflatten(-1, heads))
@@ -91,17 +95,7 @@ class TextKV:
     v: Tensor
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
-
+class CrossAttention(Projections):
     def text_kv(self, text_BTD: Tensor) -> TextKV:
         heads = (self.num_heads, -1)
         return TextKV(self.norm_k(self.k(text_BTD)).unflatten(-1, heads),

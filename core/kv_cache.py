@@ -115,12 +115,12 @@ def _slide_left(buffer: Tensor, roll: Roll) -> None:
     """In-place `buffer[:, dst:dst+len] = buffer[:, src:src+len]` without a full-range copy.
 
     Copying left to right in pieces no longer than the shift never reads a token that was
-    already overwritten; when the shift is tiny we fall back to one temporary copy."""
+    already overwritten; only a pathologically small shift falls back to a temporary copy."""
     shift = roll.src - roll.dst
     if roll.length == 0:
         return
     pieces = -(-roll.length // shift)
-    if pieces > 8:
+    if pieces > 64:
         buffer[:, roll.dst:roll.dst + roll.length] = buffer[:, roll.src:roll.src + roll.length].clone()
         return
     for offset in range(0, roll.length, shift):
@@ -195,6 +195,3 @@ class KVCache:
     def drop_history(self, start_token: int) -> None:
         """Shot-clean recache: keep only the global sink; the next write lands right after it."""
         self.state = CacheState(global_end=start_token, local_end=self.layout.global_sink_tokens)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.k, layer.v))
