@@ -4,15 +4,20 @@ Builds the preset's DiT with random weights directly in the target dtype on the 
 streams `chunks` chunks of random noise with a random text context through the real pipeline,
 and times every chunk: CUDA events recorded at chunk boundaries on a GPU (no host sync until the
 end), wall clock on a CPU. "Steady state" is every chunk generated with a full cache, i.e. after
-`local_window_frames / frames_per_block` chunks, when each new chunk rolls the cache.
+`local_window_frames / frames_per_block` chunks, when each new chunk rolls the cache. A chunk's
+time runs from the previous chunk's hand-off to the decoder to its own end of denoising, so it
+is the DiT alone even when decoding runs in line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -55,6 +60,12 @@ class BenchResult:
     peak_reserved_gib: float | None
     torch_version: str
     cudnn_version: int | None
+    # with --decode: frames decoded and written to an mp4 while denoising
+    decode: str | None = None
+    e2e_seconds_per_block: float | None = None  # median interval between delivered chunks
+    e2e_fps: float | None = None
+    e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
+    vae_peak_memory_gib: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,11 +105,20 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype,
                            seed=recipe.runtime.seed)
 
 
+def vae_config_for(recipe: Recipe):
+    from core.vae import VAEConfig
+
+    return VAEConfig.preset("tiny" if recipe.preset == "tiny" else "wan2.2")
+
+
 def run_benchmark(recipe: Recipe, frames: int | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
-                  checkpoint: str | None = None, lora: str | None = None) -> BenchResult:
+                  checkpoint: str | None = None, lora: str | None = None,
+                  decode: str | None = None) -> BenchResult:
     """Stream `frames` latent frames (default: the window fill + 6 chunks) and report the
-    steady-state timings. Random weights unless a checkpoint (and LoRA) is given."""
+    steady-state timings. Random weights unless a checkpoint (and LoRA) is given. With `decode`
+    (sync | stream | device:N) every chunk is also decoded by a random-weight VAE and written to
+    a throwaway mp4, and the delivery rate of finished frames is reported as end-to-end fps."""
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
@@ -140,21 +160,31 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         else:
             stamps.append(time.perf_counter())
 
-    stamp()
-    with sdpa_backend(runtime.attention):
-        for chunk in stream_latents(model, noise, [context] * chunks, stream,
-                                    negative_context=negative):
-            stamp()
-            if on_chunk is not None:
-                on_chunk(chunk.index + 1, chunks)
+    deliveries: list[float] = []
+    with contextlib.ExitStack() as scope:
+        decoder = None
+        if decode is not None:
+            decoder = _decode_to_throwaway_video(scope, recipe, decode, device, dtype, deliveries)
+        stamp()
+        with sdpa_backend(runtime.attention):
+            for chunk in stream_latents(model, noise, [context] * chunks, stream,
+                                        negative_context=negative):
+                stamp()  # the chunk is denoised
+                if decoder is not None:
+                    decoder.submit(chunk.latents)
+                stamp()  # handed to the decoder (in sync mode: decoded)
+                if on_chunk is not None:
+                    on_chunk(chunk.index + 1, chunks)
+        if decoder is not None:
+            decoder.finish()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(stamps[0:-1:2], stamps[1::2], strict=True)]
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         reserved = torch.cuda.max_memory_reserved(device) / 2**30
         name = torch.cuda.get_device_name(device)
     else:
-        seconds = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        seconds = [b - a for a, b in zip(stamps[0:-1:2], stamps[1::2], strict=True)]
         peak = reserved = None
         name = "cpu"
     steady = seconds[window_chunks:]
@@ -163,7 +193,17 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
     itemsize = torch.empty((), dtype=dtype).element_size()
     branches = 2 if stream.uses_guidance else 1
     kv_bytes = branches * cfg.num_layers * 2 * stream.local_window_frames * tokens * cfg.dim * itemsize
+    e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
+                                                   strict=True)]) if decode is not None else None
+    dit_fps = VAE_TEMPORAL_STRIDE * fpb / median
+    vae_peak = None
+    if decode is not None and decode.startswith("device:"):
+        vae_peak = torch.cuda.max_memory_allocated(int(decode.split(":")[1])) / 2**30
     return BenchResult(
+        decode=decode, e2e_seconds_per_block=e2e,
+        e2e_fps=None if e2e is None else VAE_TEMPORAL_STRIDE * fpb / e2e,
+        e2e_over_dit=None if e2e is None else (VAE_TEMPORAL_STRIDE * fpb / e2e) / dit_fps,
+        vae_peak_memory_gib=vae_peak,
         preset=recipe.preset, device=str(device), device_name=name, dtype=str(dtype).split(".")[-1],
         attention=runtime.attention, compiled=compiled, height=video.height,
         width=video.width, latent_height=video.latent_height, latent_width=video.latent_width,
@@ -179,3 +219,81 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         kv_cache_gib=kv_bytes / 2**30, peak_memory_gib=peak, peak_reserved_gib=reserved,
         torch_version=torch.__version__,
         cudnn_version=torch.backends.cudnn.version() if device.type == "cuda" else None)
+
+
+def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, decode: str,
+                               device: torch.device, dtype: torch.dtype, deliveries: list[float]):
+    """A random-weight VAE decoder feeding an mp4 in a temp folder; records delivery times."""
+    from core.decode import VideoWriter, check_decode_mode, make_decoder
+    from core.vae import random_vae
+
+    vae_device = check_decode_mode(decode, device)
+    if vae_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(vae_device)
+    vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=vae_device, dtype=dtype)
+    folder = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="longlive-bench-")))
+    writer = scope.enter_context(VideoWriter(folder / "bench.mp4", recipe.video.width,
+                                             recipe.video.height))
+
+    def sink(frames) -> None:
+        deliveries.append(time.perf_counter())
+        writer.write(frames)
+
+    decoder = make_decoder(decode, vae, sink)
+    if hasattr(decoder, "close"):
+        scope.callback(decoder.close)
+    return decoder
+
+
+@dataclass
+class VaeBenchResult:
+    device_name: str
+    dtype: str
+    height: int
+    width: int
+    latents_per_chunk: int
+    frames_per_chunk: int
+    first_chunk_seconds: float
+    seconds_per_chunk: float  # median over the chunks after the first
+    peak_memory_gib: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_vae_benchmark(recipe: Recipe, chunks: int = 5) -> VaeBenchResult:
+    """Streaming VAE decode of `chunks` chunks of frames_per_block random latents."""
+    from core.vae import random_vae
+
+    device = resolve_device(recipe.runtime.device)
+    dtype = resolve_dtype(recipe.runtime.dtype, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=device, dtype=dtype)
+    video, fpb = recipe.video, recipe.stream.frames_per_block
+    generator = torch.Generator(device=device).manual_seed(recipe.runtime.seed)
+    latents = torch.randn(1, 48, fpb * chunks, video.latent_height, video.latent_width,
+                          generator=generator, device=device, dtype=dtype)
+    decoder = vae.streaming_decoder()
+    seconds = []
+    with torch.no_grad():
+        for c in range(chunks):
+            started = time.perf_counter()
+            start = end = None
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            frames = decoder.decode(latents[:, :, c * fpb:(c + 1) * fpb]).shape[2]
+            if device.type == "cuda":
+                end.record()
+                end.synchronize()
+                seconds.append(start.elapsed_time(end) / 1000)
+            else:
+                seconds.append(time.perf_counter() - started)
+    return VaeBenchResult(
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        dtype=str(dtype).split(".")[-1], height=video.height, width=video.width,
+        latents_per_chunk=fpb, frames_per_chunk=frames, first_chunk_seconds=seconds[0],
+        seconds_per_chunk=statistics.median(seconds[1:]) if chunks > 1 else seconds[0],
+        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)

@@ -321,9 +321,11 @@ class CausalWanDiT(nn.Module):
         return self.unpatchify(self.head(out, e), grid)
 
     def forward_chunk(self, x: Tensor, t: Tensor, context: Tensor | TextConditioning, *,
-                      cache, start_frame: int, rope_offset: float = 0.0) -> Tensor:
+                      cache, start_frame: int, rope_offset: float | Tensor = 0.0,
+                      rewrite_at: int | None = None) -> Tensor:
         """Velocity of one streamed chunk `[B, C, f, H, W]` starting at absolute latent frame
-        `start_frame`; reads and writes `cache` (a `core.kv_cache.KVCache`)."""
+        `start_frame`; reads and writes `cache` (a `core.kv_cache.KVCache`). `rewrite_at`
+        re-encodes frames the cache already holds at that buffer position (window recache)."""
         tokens, grid = self.patchify(x)
         frames = grid[0]
         tokens_per_frame = grid[1] * grid[2]
@@ -333,7 +335,7 @@ class CausalWanDiT(nn.Module):
         positions = frame_positions(frames, start_frame, rope_offset, device=x.device)
         rope = self.rope_table(grid, positions)
         e, e0 = self.time_embed(t)
-        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1])
+        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)
         cache.commit()
         return self.unpatchify(self.head(out, e), grid)

@@ -47,11 +47,38 @@ class CacheLayout:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Buffer tokens [buffer_start, +length) hold stream tokens [stream_start, +length)."""
+
+    buffer_start: int
+    stream_start: int
+    length: int
+
+
+def _remove_range(segments: tuple[Segment, ...], lo: int, hi: int) -> list[Segment]:
+    """Segments with buffer range [lo, hi) cut out (partly covered segments are trimmed)."""
+    kept = []
+    for seg in segments:
+        end = seg.buffer_start + seg.length
+        if end <= lo or seg.buffer_start >= hi:
+            kept.append(seg)
+            continue
+        if seg.buffer_start < lo:
+            kept.append(Segment(seg.buffer_start, seg.stream_start, lo - seg.buffer_start))
+        if end > hi:
+            cut = hi - seg.buffer_start
+            kept.append(Segment(hi, seg.stream_start + cut, end - hi))
+    return kept
+
+
+@dataclass(frozen=True)
 class CacheState:
     global_end: int = 0  # stream token index where the last written chunk ends
     local_end: int = 0  # buffer position where the last written chunk ends
     pinned_start: int = -1  # buffer position of the pinned shot sink (-1: none)
     pinned_len: int = 0
+    # What the buffer holds, in buffer order (bookkeeping only: used to re-encode the window).
+    segments: tuple[Segment, ...] = ()
 
     @property
     def has_pinned(self) -> bool:
@@ -92,6 +119,7 @@ def plan_write(layout: CacheLayout, state: CacheState, start_token: int,
     end_token = start_token + num_tokens
     advance = end_token - state.global_end
     pinned_start = state.pinned_start
+    segments = state.segments
     roll = None
     if advance > 0 and state.local_end + num_tokens > layout.capacity:
         prefix = protected_prefix(layout, state)
@@ -102,13 +130,19 @@ def plan_write(layout: CacheLayout, state: CacheState, start_token: int,
         local_end = state.local_end + advance - evict
         if state.has_pinned and state.pinned_start >= prefix:
             pinned_start -= evict  # the floating shot sink moves with the data it marks
+        segments = tuple(
+            replace(seg, buffer_start=seg.buffer_start - evict) if seg.buffer_start >= roll.src else seg
+            for seg in _remove_range(segments, roll.dst, roll.src))
     else:
         local_end = state.local_end + advance
     assert num_tokens <= local_end <= layout.capacity
+    write_start = local_end - num_tokens
+    segments = tuple(sorted(_remove_range(segments, write_start, local_end)
+                            + [Segment(write_start, start_token, num_tokens)],
+                            key=lambda seg: seg.buffer_start))
     after = CacheState(global_end=end_token, local_end=local_end, pinned_start=pinned_start,
-                       pinned_len=state.pinned_len)
-    return WritePlan(roll=roll, write_start=local_end - num_tokens, write_end=local_end,
-                     after=after)
+                       pinned_len=state.pinned_len, segments=segments)
+    return WritePlan(roll=roll, write_start=write_start, write_end=local_end, after=after)
 
 
 def _slide_left(buffer: Tensor, roll: Roll) -> None:
@@ -170,11 +204,21 @@ class KVCache:
         for layer in self.layers:
             layer.plan = None
 
-    def begin(self, start_token: int, num_tokens: int) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    def begin(self, start_token: int, num_tokens: int,
+              rewrite_at: int | None = None) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """Start a forward over stream tokens [start, start + n): one attention function per layer,
-        each applying the same plan to its own buffers."""
+        each applying the same plan to its own buffers.
+
+        `rewrite_at` re-encodes tokens the buffer already holds at that buffer position instead
+        (no roll, no index change): they attend to the buffer up to their own end."""
         assert self._pending is None, "previous forward was not committed"
-        plan = plan_write(self.layout, self.state, start_token, num_tokens)
+        if rewrite_at is None:
+            plan = plan_write(self.layout, self.state, start_token, num_tokens)
+        else:
+            assert Segment(rewrite_at, start_token, num_tokens) in self.state.segments, \
+                "rewrite must target a segment the cache holds"
+            plan = WritePlan(roll=None, write_start=rewrite_at, write_end=rewrite_at + num_tokens,
+                             after=self.state)
         self._pending = plan
         for layer in self.layers:
             layer.plan = plan
@@ -194,4 +238,10 @@ class KVCache:
 
     def drop_history(self, start_token: int) -> None:
         """Shot-clean recache: keep only the global sink; the next write lands right after it."""
-        self.state = CacheState(global_end=start_token, local_end=self.layout.global_sink_tokens)
+        sink = self.layout.global_sink_tokens
+        self.state = CacheState(global_end=start_token, local_end=sink,
+                                segments=tuple(_remove_range(self.state.segments, sink, self.layout.capacity)))
+
+    def held_segments(self) -> tuple[Segment, ...]:
+        """The stream ranges the buffer holds, in buffer order."""
+        return self.state.segments

@@ -11,7 +11,7 @@ normalized latent space; the DiT itself takes `[B, C, F, H, W]`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,15 +172,37 @@ def recache_chunk(model: CausalWanDiT, latents_BfCHW: Tensor, plan: ChunkPlan,
                                         layout.sink_tokens)
 
 
+def recache_window(model: CausalWanDiT, clean_BFCHW: Tensor, frame_offsets: Tensor,
+                   branch: Branch) -> None:
+    """Re-encode everything the cache holds with `branch.text` (an interactive prompt switch,
+    as LongLive 1.0 does): clean latents at t = 0, each held range at its own buffer position and
+    RoPE position, attending to the ranges before it, in buffer order."""
+    cache = branch.cache
+    per_frame = cache.layout.tokens_per_frame
+    for seg in cache.held_segments():
+        first, count = seg.stream_start // per_frame, seg.length // per_frame
+        latents = clean_BFCHW[:, first:first + count]
+        zeros = torch.zeros(latents.shape[:2], device=latents.device, dtype=torch.float32)
+        model.forward_chunk(latents.permute(0, 2, 1, 3, 4), zeros, branch.text, cache=cache,
+                            start_frame=first, rope_offset=frame_offsets[first:first + count],
+                            rewrite_at=seg.buffer_start)
+
+
 # -- the loop ---------------------------------------------------------------------------------
+
+PromptSwitch = Callable[[int], Tensor | None]
 
 
 @torch.no_grad()
 def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
                    stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
-                   image_latent: Tensor | None = None,
-                   negative_context: Tensor | None = None) -> Iterator[LatentChunk]:
-    """Yield every finished latent chunk in order (see `generate_latents`)."""
+                   image_latent: Tensor | None = None, negative_context: Tensor | None = None,
+                   prompt_switch: PromptSwitch | None = None) -> Iterator[LatentChunk]:
+    """Yield every finished latent chunk in order (see `generate_latents`).
+
+    `prompt_switch(chunk_index)` is asked before every chunk after the first; a returned context
+    replaces the prompt from that chunk on (until the schedule's next scene cut) and the cached
+    window is re-encoded with it first."""
     plans = plan_chunks(model, noise, chunk_contexts, stream, scene_cuts, image_latent,
                         negative_context)
     batch, _, _, height, width = noise.shape
@@ -189,12 +211,28 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
     if stream.uses_guidance:
         branches.append(Branch(allocate_cache(model, stream, batch, tokens, noise.device),
                                text=model.prepare_text(negative_context)))
+    clean = torch.empty_like(noise) if prompt_switch is not None else None
+    frame_offsets = torch.zeros(noise.shape[1], dtype=torch.float64)
+    override: Tensor | None = None
+    text_source: Tensor | None = None  # the context branches[0].text was prepared from
     for plan in plans:
-        branches[0].text = model.prepare_text(plan.context)
-        noise_chunk = noise[:, plan.start_frame:plan.start_frame + plan.num_frames]
+        if plan.scene_cut:
+            override = None  # the schedule's next shot takes over again
+        switched = prompt_switch(plan.index) if prompt_switch is not None and plan.index else None
+        if switched is not None:
+            override = switched
+        source = override if override is not None else plan.context
+        if source is not text_source:
+            branches[0].text, text_source = model.prepare_text(source), source
+        if switched is not None:
+            recache_window(model, clean, frame_offsets, branches[0])
+        frames = slice(plan.start_frame, plan.start_frame + plan.num_frames)
+        frame_offsets[frames] = plan.rope_offset
         first_image = image_latent if plan.index == 0 else None
-        latents = denoise_chunk(model, noise_chunk, plan, stream, branches, first_image)
+        latents = denoise_chunk(model, noise[:, frames], plan, stream, branches, first_image)
         recache_chunk(model, latents, plan, stream, branches)
+        if clean is not None:
+            clean[:, frames] = latents
         yield LatentChunk(plan.index, plan.start_frame, latents)
 
 

@@ -34,11 +34,14 @@ def bench(
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
+    decode: Annotated[str | None, typer.Option(
+        help="Also decode and write every chunk: sync, stream or device:N (end-to-end fps).")] = None,
+    vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
 ) -> None:
     """Measure the engine: s/block, fps and peak memory at a resolution, steps and window."""
-    from core.benchmark import resolve_device, run_benchmark
+    from core.benchmark import resolve_device, run_benchmark, run_vae_benchmark
     from longlive_cli.options import resolve_recipe
     from longlive_cli.progress import chunk_progress
 
@@ -53,6 +56,20 @@ def bench(
     if chosen.preset != "tiny" and resolve_device(chosen.runtime.device).type != "cuda":
         raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
                         f"use --preset tiny on a CPU")
+    if vae:
+        result = run_vae_benchmark(chosen)
+        if json_output:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            Console().print(f"VAE streaming decode {result.height}x{result.width} ({result.dtype}, "
+                            f"{result.device_name}): {result.seconds_per_chunk:.3f} s per "
+                            f"{result.latents_per_chunk}-latent chunk of {result.frames_per_chunk} frames "
+                            f"(first chunk {result.first_chunk_seconds:.3f} s)", highlight=False)
+        return
+    if decode is not None:
+        from core.decode import check_decode_mode
+
+        check_decode_mode(decode, resolve_device(chosen.runtime.device))
     console = Console(stderr=json_output)
     progress = chunk_progress(4 * chosen.stream.frames_per_block, console)
     with progress:
@@ -62,7 +79,8 @@ def bench(
             progress.update(task, completed=done, total=total)
 
         try:
-            result = run_benchmark(chosen, frames, on_chunk, checkpoint=checkpoint, lora=lora)
+            result = run_benchmark(chosen, frames, on_chunk, checkpoint=checkpoint, lora=lora,
+                                   decode=decode)
         except ValueError as err:
             raise UserError(str(err)) from None
     if json_output:
@@ -93,6 +111,8 @@ def result_table(r) -> Table:
         ("video fps", f"{r.fps:.1f}"),
         ("first chunk", f"{r.first_chunk_seconds:.3f} s"),
         ("peak GPU memory", _gib(r.peak_memory_gib)),
+        *([("end-to-end", f"{r.e2e_seconds_per_block:.3f} s / block, {r.e2e_fps:.1f} fps with --decode "
+                          f"{r.decode} ({r.e2e_over_dit:.2f} x the DiT alone)")] if r.decode else []),
         ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
     ]
     for key, value in rows:

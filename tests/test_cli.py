@@ -24,7 +24,7 @@ def test_module_entry_point_lists_only_working_commands():
     # Rows of the rich help panels: "│ name  description"; wrapped lines start with spaces.
     commands = [line[2:].split()[0] for line in out.stdout.splitlines()
                 if line.startswith("│ ") and line[2] not in " -"]
-    assert commands == ["bench"]
+    assert commands == ["bench", "download", "generate", "multishot"]
 
 
 def test_bench_tiny_json(capsys):
@@ -115,3 +115,14 @@ def test_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, kind):
     expected = {"truncated": "truncated or corrupt", "pickled_code": "refuse to unpickle",
                 "wrong_model": "does not match the model"}[kind]
     assert expected in err
+
+
+def test_bench_end_to_end_and_vae_modes(capsys):
+    assert main(["bench", *FAST, "--height", "64", "--width", "64", "--decode", "sync", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["decode"] == "sync" and result["e2e_fps"] > 0
+    # the DiT time excludes the in-line decode, so end-to-end is slower than the DiT alone
+    assert result["e2e_over_dit"] < 1.0
+    assert main(["bench", "--preset", "tiny", "--height", "64", "--width", "64", "--vae", "--json"]) == 0
+    vae = json.loads(capsys.readouterr().out)
+    assert vae["frames_per_chunk"] == 32 and vae["seconds_per_chunk"] > 0

@@ -72,3 +72,31 @@ def test_compiled_blocks_match_eager():
     eager = generate_latents(tiny_model().cuda(), noise, contexts, stream, cuts)
     compiled = generate_latents(compile_blocks(tiny_model().cuda()), noise, contexts, stream, cuts)
     assert (compiled - eager).abs().max().item() < 1e-3
+
+
+def _decoded_frames(mode: str, vae, chunks) -> list:
+    from core.decode import make_decoder
+
+    got = []
+    decoder = make_decoder(mode, vae, lambda frames: got.append(frames.copy()))
+    for latents in chunks:
+        decoder.submit(latents)
+    decoder.finish()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["stream", "device:0"] + (["device:1"] if torch.cuda.device_count() > 1 else []))
+def test_async_decoders_equal_sync(mode):
+    import numpy as np
+
+    from core.vae import VAEConfig, random_vae
+
+    target = "cuda:1" if mode == "device:1" else "cuda:0"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    chunks = [torch.randn(1, 2, 48, 8, 8, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    vae_main = random_vae(VAEConfig.preset("tiny"), 1, device="cuda:0", dtype=torch.bfloat16)
+    vae_target = random_vae(VAEConfig.preset("tiny"), 1, device=target, dtype=torch.bfloat16)
+    reference = _decoded_frames("sync", vae_main, chunks)
+    other = _decoded_frames(mode, vae_target, chunks)
+    assert len(other) == len(reference) == 4
+    assert all(np.array_equal(a, b) for a, b in zip(reference, other, strict=True))

@@ -119,6 +119,11 @@ def test_token_arithmetic_matches_chunk_model(seed):
     for c in range(num_chunks):
         cache.chunk(c, cut=c in cuts)
         assert cache.contents() == expected[c], f"chunk {c}: {stream}, cuts {sorted(cuts)}"
+        # the segment bookkeeping names the same chunks, in buffer order, each whole
+        segments = cache.cache.held_segments()
+        assert [seg.stream_start // cache.chunk_tokens for seg in segments] == expected[c]
+        assert all(seg.length == cache.chunk_tokens and seg.buffer_start == i * cache.chunk_tokens
+                   for i, seg in enumerate(segments))
 
 
 def test_only_first_forward_of_a_chunk_rolls_and_every_forward_writes():

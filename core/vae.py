@@ -1,0 +1,601 @@
+"""Wan2.2 VAE (the TI2V-5B VAE) with an exact streaming decoder.
+
+Shapes (reference-systems.md §1): B batch, C channels, T frames (pixels or features), F latent
+frames, H W pixel height/width, h w latent height/width (H/16, W/16).
+  video    [B, 3, T, H, W] in [-1, 1], T = 1 + 4k, H and W multiples of 16
+  latents  [B, 48, F, h, w], F = 1 + k  (pixel frames = 4F - 3)
+Inside, `patchify` turns the video into [B, 12, T, H/2, W/2] (2x2 space-to-depth).
+
+Both halves are causal in time and run in steps, carrying a few frames of state from one step to
+the next in a `CausalCache`:
+  * encode: frame 0 alone, then groups of 4 frames; each step yields one latent frame;
+  * decode: one latent frame per step; latent 0 yields 1 frame, every later latent 4 frames.
+The first step of a video follows its own rules (the temporal resample convolutions are skipped;
+the decoder's shortcut drops a frame), copied from the official model, not "fixed".
+
+`WanVAE.decode` is a fresh `StreamingDecoder` fed the whole sequence, so decoding a video in
+pieces runs the same computation step for step and concatenates bit for bit to the one-shot
+result. Parameter names and shapes equal the official `Wan2.2_VAE.pth` (196 tensors).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.checkpoint import check_state_dict, read_state_dict
+
+PATCH = 2  # patchify cell (2x2 pixels -> 12 channels)
+TEMPORAL_STRIDE = 4  # pixel frames per latent frame (two temporal down stages)
+
+# Per-channel statistics of the posterior mean (official wrapper): z = (mu - mean) / std.
+LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class VAEConfig:
+    """VAE architecture. Defaults are the official Wan2.2 (TI2V-5B) VAE."""
+
+    base_dim: int = 160  # encoder widths base_dim * (1, *dim_mult)
+    decoder_base_dim: int = 256  # decoder widths decoder_base_dim * (dim_mult[-1], *reversed(dim_mult))
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2  # per encoder stage; decoder stages have one more
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # per resampling encoder stage
+
+    def __post_init__(self) -> None:
+        self.dim_mult = tuple(self.dim_mult)
+        self.temporal_downsample = tuple(self.temporal_downsample)
+        for name in ("base_dim", "decoder_base_dim", "num_res_blocks"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                     f"{name} must be a positive integer (got {value!r})")
+        _require(self.z_dim == len(LATENT_MEAN),
+                 f"z_dim must be {len(LATENT_MEAN)}, the channels of the latent normalisation "
+                 f"constants (got {self.z_dim!r})")
+        _require(len(self.dim_mult) >= 2 and all(isinstance(m, int) and m > 0 for m in self.dim_mult),
+                 f"dim_mult must be at least two positive integers (got {self.dim_mult})")
+        _require(len(self.temporal_downsample) == len(self.dim_mult) - 1
+                 and all(isinstance(t, bool) for t in self.temporal_downsample),
+                 f"temporal_downsample must be {len(self.dim_mult) - 1} booleans, one per resampling "
+                 f"stage (got {self.temporal_downsample})")
+        _require(sum(self.temporal_downsample) == 2,
+                 f"temporal_downsample must hold exactly two True values (the 4x temporal stride) "
+                 f"(got {self.temporal_downsample})")
+        # The parameter-free stage shortcuts regroup channels: the widths must divide evenly.
+        for stage, (c_in, c_out) in enumerate(zip(self.encoder_widths[:-1], self.encoder_widths[1:], strict=True)):
+            _require((c_in * self._cells(stage, self.temporal_downsample)) % c_out == 0,
+                     f"encoder stage {stage} widths {c_in} -> {c_out} (base_dim x dim_mult) cannot be "
+                     f"regrouped by its shortcut: use dim_mult entries that divide each other")
+        for stage, (c_in, c_out) in enumerate(zip(self.decoder_widths[:-2], self.decoder_widths[1:-1], strict=True)):
+            _require((c_out * self._cells(stage, self.temporal_downsample[::-1])) % c_in == 0,
+                     f"decoder stage {stage} widths {c_in} -> {c_out} (decoder_base_dim x dim_mult) "
+                     f"cannot be regrouped by its shortcut: use dim_mult entries that divide each other")
+
+    @staticmethod
+    def _cells(stage: int, temporal: tuple[bool, ...]) -> int:
+        """Voxels a resampling stage folds into one (t x 2 x 2); 1 for the last stage."""
+        return (2 if temporal[stage] else 1) * 4 if stage < len(temporal) else 1
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        return [self.base_dim * m for m in (1, *self.dim_mult)]
+
+    @property
+    def decoder_widths(self) -> list[int]:
+        return [self.decoder_base_dim * m for m in (self.dim_mult[-1], *reversed(self.dim_mult))]
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent along H and W: patchify times one 2x per resampling stage (16)."""
+        return PATCH * 2 ** len(self.temporal_downsample)
+
+    @classmethod
+    def preset(cls, name: str) -> VAEConfig:
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {name!r} (allowed: {', '.join(VAE_PRESETS)})")
+        return replace(VAE_PRESETS[name])
+
+
+VAE_PRESETS: dict[str, VAEConfig] = {
+    "wan2.2": VAEConfig(),
+    # Same structure (every tensor kind, 48 latent channels for the tiny DiT), small widths.
+    "tiny": VAEConfig(base_dim=16, decoder_base_dim=32),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Patchify: 2x2 space-to-depth, channel index c*4 + r*2 + q (c colour, r column offset, q row
+# offset). Swapping r and q still "works" but gives a different image.
+
+
+def patchify(video: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B, 4C, T, H/2, W/2]."""
+    B, C, T, H, W = video.shape
+    x = video.reshape(B, C, T, H // PATCH, PATCH, W // PATCH, PATCH)  # B C T h q w r
+    return x.permute(0, 1, 6, 4, 2, 3, 5).reshape(B, C * PATCH * PATCH, T, H // PATCH, W // PATCH)
+
+
+def unpatchify(x: Tensor) -> Tensor:
+    """[B, 4C, T, h, w] -> [B, C, T, 2h, 2w] (inverse of `patchify`)."""
+    B, C4, T, h, w = x.shape
+    x = x.reshape(B, C4 // (PATCH * PATCH), PATCH, PATCH, T, h, w)  # B C r q T h w
+    return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(B, C4 // (PATCH * PATCH), T, h * PATCH, w * PATCH)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks. All take 5-D tensors [B, C, T, H, W].
+
+
+class CausalCache:
+    """What the causal layers of one encoder or decoder pass carry from one step to the next.
+
+    For each temporal convolution, the last input frames it needs as past context; and whether
+    the current step is the first of the video (it follows special rules). One object per video:
+    independent streams never share state.
+    """
+
+    def __init__(self) -> None:
+        self.first_step = True
+        self._frames: dict[nn.Module, Tensor] = {}
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self._frames.get(layer)
+
+    def put(self, layer: nn.Module, frames: Tensor) -> None:
+        self._frames[layer] = frames
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d that sees the current frame and `kernel_t - 1` past frames ("same" in H and W).
+
+    The past comes from the cache (the previous step's last input frames) or, at the start of
+    the video, from zero frames, so stepping through a video in pieces equals one causal
+    convolution over the whole of it. Without a cache the input is one whole clip.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]) -> None:
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
+        self.context = kt - 1
+
+    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        if self.context == 0:
+            return super().forward(x)
+        past = cache.get(self) if cache is not None else None
+        if past is None:
+            B, C, _, H, W = x.shape
+            past = x.new_zeros(B, C, self.context, H, W)
+        x = torch.cat([past, x], dim=2)
+        if cache is not None:
+            # clone: a view would keep the whole input alive until the next step
+            cache.put(self, x[:, :, -self.context:].clone())
+        return super().forward(x)
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2-D convolution applied to every frame, run as a 1 x kh x kw 3-D convolution so that
+    frames need not be folded into the batch (which would copy the tensor twice)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, stride=(1, *self.stride),
+                        padding=(0, *self.padding))
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels, times sqrt(C) and a learned per-channel gain (no bias).
+    The gain's shape is [C, 1, 1, 1], or [C, 1, 1] in the attention block (checkpoint layout)."""
+
+    def __init__(self, channels: int, gain_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = channels**0.5
+        self.gamma = nn.Parameter(torch.ones(channels, *(1,) * gain_dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=1) * (self.scale * self.gamma.view(-1, 1, 1, 1))
+
+
+def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
+    """Apply a Sequential, handing the cache to its causal convolutions."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+    return x
+
+
+class ResidualBlock(nn.Module):
+    """(RMS -> SiLU -> conv3) x 2 plus a 1x1x1 shortcut when the width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        # Index 5 held a dropout (p = 0) in the official model; kept so the parameters sit at
+        # the checkpoint's indices 0, 2, 3, 6.
+        self.residual = nn.Sequential(
+            RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3),
+            RMSNorm(out_channels), nn.SiLU(), nn.Identity(), CausalConv3d(out_channels, out_channels, 3))
+        self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        return _run(self.residual, x, cache) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions of each frame, plus the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(channels, gain_dims=2)
+        self.to_qkv = FrameConv2d(channels, 3 * channels, 1)
+        self.proj = FrameConv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, T, H, W = x.shape
+        qkv = self.to_qkv(self.norm(x))  # [B, 3C, T, H, W]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(B * T, 1, H * W, 3 * C)  # (frames, head, tokens, 3C)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, H*W, C]
+        out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+        return x + self.proj(out)
+
+
+class Downsample(nn.Module):
+    """Halve H and W (pad right/bottom, 3x3 stride 2), then optionally T (kernel 3, stride 2).
+
+    Temporal rule: the first step passes its frames through; every later step is convolved
+    after the previous step's last frame (4 frames -> 2, 2 -> 1).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad3d((0, 1, 0, 1, 0, 0)), FrameConv2d(channels, channels, 3, stride=2))
+        self.time_conv = nn.Conv3d(channels, channels, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.resample(x)
+        if self.time_conv is None:
+            return x
+        previous = cache.get(self.time_conv)
+        cache.put(self.time_conv, x[:, :, -1:].clone())
+        if cache.first_step:
+            return x
+        return self.time_conv(torch.cat([previous, x], dim=2))
+
+
+class Upsample(nn.Module):
+    """Optionally double T (a causal conv emits two frames per frame), then double H and W
+    (nearest, 3x3 conv).
+
+    Temporal rule: the first step passes its frames through and they never enter the temporal
+    conv's past, so the second step sees zero padding (pitfall 2).
+    """
+
+    def __init__(self, channels: int, temporal: bool) -> None:
+        super().__init__()
+        # nearest is an exact copy in any dtype, so no fp32 round trip is needed
+        self.resample = nn.Sequential(nn.Upsample(scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact"),
+                                      FrameConv2d(channels, channels, 3, padding=1))
+        self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        if self.time_conv is not None and not cache.first_step:
+            pair = self.time_conv(x, cache)  # [B, 2C, T, H, W]: frames 2t and 2t+1 side by side
+            C = x.shape[1]
+            x = torch.stack((pair[:, :C], pair[:, C:]), dim=3).flatten(2, 3)
+        return self.resample(x)
+
+
+class AvgDown3D(nn.Module):
+    """Parameter-free shortcut of a down stage: zero-pad T in front to a multiple of `factor_t`,
+    fold each (factor_t, factor_s, factor_s) cell into channels, average channel groups down to
+    `out_channels`."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        cells = factor_t * factor_s * factor_s
+        assert (in_channels * cells) % out_channels == 0
+        self.group_size = in_channels * cells // out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        pad_t = -x.shape[2] % ft
+        if pad_t:
+            x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+        B, C, T, H, W = x.shape
+        x = x.reshape(B, C, T // ft, ft, H // fs, fs, W // fs, fs).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return x.reshape(B, self.out_channels, self.group_size, T // ft, H // fs, W // fs).mean(dim=2)
+
+
+class DupUp3D(nn.Module):
+    """Parameter-free shortcut of an up stage: repeat channels, unfold them into (factor_t,
+    factor_s, factor_s) cells; the first step drops its first `factor_t - 1` frames."""
+
+    def __init__(self, in_channels: int, out_channels: int, factor_t: int, factor_s: int) -> None:
+        super().__init__()
+        self.out_channels, self.factor_t, self.factor_s = out_channels, factor_t, factor_s
+        cells = factor_t * factor_s * factor_s
+        assert (out_channels * cells) % in_channels == 0
+        self.repeats = out_channels * cells // in_channels
+
+    def forward(self, x: Tensor, first_step: bool) -> Tensor:
+        ft, fs = self.factor_t, self.factor_s
+        B, _, T, H, W = x.shape
+        x = x.repeat_interleave(self.repeats, dim=1)
+        x = x.reshape(B, self.out_channels, ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(B, self.out_channels, T * ft, H * fs, W * fs)
+        return x[:, :, ft - 1:] if first_step else x
+
+
+class DownStage(nn.Module):
+    """Residual blocks (+ Downsample) plus the AvgDown3D shortcut of the stage input."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, temporal: bool, spatial: bool) -> None:
+        super().__init__()
+        self.shortcut = AvgDown3D(in_channels, out_channels, 2 if temporal else 1, 2 if spatial else 1)
+        blocks: list[nn.Module] = [ResidualBlock(in_channels if i == 0 else out_channels, out_channels)
+                                   for i in range(num_blocks)]
+        if spatial:
+            blocks.append(Downsample(out_channels, temporal))
+        self.downsamples = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        out = x
+        for block in self.downsamples:
+            out = block(out, cache)
+        return out + self.shortcut(x)
+
+
+class UpStage(nn.Module):
+    """Residual blocks (+ Upsample) plus, when the stage resamples, the DupUp3D shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, temporal: bool, spatial: bool) -> None:
+        super().__init__()
+        self.shortcut = DupUp3D(in_channels, out_channels, 2 if temporal else 1, 2) if spatial else None
+        blocks: list[nn.Module] = [ResidualBlock(in_channels if i == 0 else out_channels, out_channels)
+                                   for i in range(num_blocks)]
+        if spatial:
+            blocks.append(Upsample(out_channels, temporal))
+        self.upsamples = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        out = x
+        for block in self.upsamples:
+            out = block(out, cache)
+        return out if self.shortcut is None else out + self.shortcut(x, cache.first_step)
+
+
+class Encoder(nn.Module):
+    """One call is one step: patchified frames [B, 12, 1 or 4, H/2, W/2] -> [B, 2*z_dim, 1, h, w]
+    (mean ‖ log-variance)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        widths = config.encoder_widths
+        num_stages = len(config.dim_mult)
+        self.conv1 = CausalConv3d(3 * PATCH * PATCH, widths[0], 3)
+        self.downsamples = nn.Sequential(*(
+            DownStage(widths[i], widths[i + 1], config.num_res_blocks,
+                      temporal=i < num_stages - 1 and config.temporal_downsample[i], spatial=i < num_stages - 1)
+            for i in range(num_stages)))
+        width = widths[-1]
+        self.middle = nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width))
+        self.head = nn.Sequential(RMSNorm(width), nn.SiLU(), CausalConv3d(width, 2 * config.z_dim, 3))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        for stage in self.downsamples:
+            x = stage(x, cache)
+        first_block, attention, second_block = self.middle
+        x = second_block(attention(first_block(x, cache)), cache)
+        x = _run(self.head, x, cache)
+        cache.first_step = False
+        return x
+
+
+class Decoder(nn.Module):
+    """One call is one step: latent features [B, z_dim, 1, h, w] -> [B, 12, 1 or 4, H/2, W/2]."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        widths = config.decoder_widths
+        num_stages = len(config.dim_mult)
+        temporal_upsample = config.temporal_downsample[::-1]
+        self.conv1 = CausalConv3d(config.z_dim, widths[0], 3)
+        width = widths[0]
+        self.middle = nn.Sequential(ResidualBlock(width, width), AttentionBlock(width), ResidualBlock(width, width))
+        self.upsamples = nn.Sequential(*(
+            UpStage(widths[i], widths[i + 1], config.num_res_blocks + 1,
+                    temporal=i < num_stages - 1 and temporal_upsample[i], spatial=i < num_stages - 1)
+            for i in range(num_stages)))
+        self.head = nn.Sequential(RMSNorm(widths[-1]), nn.SiLU(), CausalConv3d(widths[-1], 3 * PATCH * PATCH, 3))
+
+    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+        x = self.conv1(x, cache)
+        first_block, attention, second_block = self.middle
+        x = second_block(attention(first_block(x, cache)), cache)
+        for stage in self.upsamples:
+            x = stage(x, cache)
+        x = _run(self.head, x, cache)
+        cache.first_step = False
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The VAE.
+
+
+class WanVAE(nn.Module):
+    """Encoder, the two 1x1x1 latent convolutions, decoder (registration order = checkpoint order)."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.conv1 = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)  # encoder output -> mean ‖ log-var
+        self.conv2 = nn.Conv3d(config.z_dim, config.z_dim, 1)  # latents -> decoder input
+        self.decoder = Decoder(config)
+        # fp32, outside the state dict and untouched by .to(dtype); cast at use (as LongLive).
+        # Explicitly on the CPU so that building on `meta` keeps the values.
+        self.latent_mean = torch.tensor(LATENT_MEAN, dtype=torch.float32, device="cpu")
+        self.latent_std = torch.tensor(LATENT_STD, dtype=torch.float32, device="cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
+    def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, 1 / std) as [1, z, 1, 1, 1] in `like`'s dtype. The reciprocal is taken in that
+        dtype and multiplied / divided by, as the official wrapper does (same rounding)."""
+        if self.latent_mean.device != like.device:  # follow the data once, stay fp32
+            self.latent_mean = self.latent_mean.to(like.device)
+            self.latent_std = self.latent_std.to(like.device)
+        shape = (1, -1, 1, 1, 1)
+        mean = self.latent_mean.to(like.dtype).view(shape)
+        return mean, 1.0 / self.latent_std.to(like.dtype).view(shape)
+
+    def normalize(self, mu: Tensor) -> Tensor:
+        mean, inv_std = self._latent_stats(mu)
+        return (mu - mean) * inv_std
+
+    def denormalize(self, latents: Tensor) -> Tensor:
+        mean, inv_std = self._latent_stats(latents)
+        return latents / inv_std + mean
+
+    def _check_video(self, video: Tensor) -> None:
+        stride = self.config.spatial_stride
+        _require(video.dim() == 5 and video.shape[1] == 3,
+                 f"video must be [B, 3, T, H, W] (got shape {tuple(video.shape)})")
+        T, H, W = video.shape[2:]
+        _require(T % TEMPORAL_STRIDE == 1,
+                 f"video frames must be 1 + {TEMPORAL_STRIDE}k (1, 5, 9, ...) (got T={T}): trim the clip")
+        _require(H % stride == 0 and W % stride == 0 and H > 0 and W > 0,
+                 f"video height and width must be positive multiples of {stride} (got {H}x{W})")
+
+    def encode(self, video: Tensor, normalize: bool = True) -> Tensor:
+        """[B, 3, 1 + 4k, H, W] in [-1, 1] -> posterior mean [B, z, 1 + k, H/16, W/16],
+        normalised per channel unless `normalize=False`. In the weights' dtype."""
+        self._check_video(video)
+        x = patchify(video.to(self.dtype))
+        cache = CausalCache()
+        means = []
+        # frame 0 alone, then groups of 4; the 1x1x1 conv per step keeps prefixes bit-exact
+        for start in (0, *range(1, x.shape[2], TEMPORAL_STRIDE)):
+            stop = 1 if start == 0 else start + TEMPORAL_STRIDE
+            features = self.encoder(x[:, :, start:stop], cache)
+            means.append(self.conv1(features)[:, :self.config.z_dim])
+        mu = torch.cat(means, dim=2)
+        return self.normalize(mu) if normalize else mu
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, z, F, h, w] normalised latents -> pixels [B, 3, 4F - 3, 16h, 16w], not clamped, in the
+        weights' dtype."""
+        return self.streaming_decoder().decode(latents)
+
+    def streaming_decoder(self) -> StreamingDecoder:
+        """A decoder for one video fed in consecutive latent chunks (owns its cache)."""
+        return StreamingDecoder(self)
+
+    def decode_step(self, latent: Tensor, cache: CausalCache) -> Tensor:
+        """One un-normalised latent frame [B, z, 1, h, w] -> patchified pixels [B, 12, 1 or 4, ...]."""
+        return self.decoder(self.conv2(latent), cache)
+
+
+class StreamingDecoder:
+    """Decodes one video's latents chunk by chunk; the pieces concatenate bit for bit to
+    `WanVAE.decode` of the whole sequence. The first chunk of n latents gives 1 + 4(n - 1)
+    frames, every later one 4n. `reset()` starts a new video."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = CausalCache()
+        self._chunk_shape: tuple[int, int, int] | None = None  # (B, h, w) of this video
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """[B, z, n, h, w] (n >= 1, the next latents of the video) -> [B, 3, frames, 16h, 16w]."""
+        z_dim = self.vae.config.z_dim
+        _require(latents.dim() == 5 and latents.shape[1] == z_dim and latents.shape[2] >= 1,
+                 f"latents must be [B, {z_dim}, F, h, w] with F >= 1 (got shape {tuple(latents.shape)})")
+        B, _, n, h, w = latents.shape
+        if self._chunk_shape is None:
+            self._chunk_shape = (B, h, w)
+        _require(self._chunk_shape == (B, h, w),
+                 f"latent chunk of batch {B} and size {h}x{w} continues a video of batch "
+                 f"{self._chunk_shape[0]} and size {self._chunk_shape[1]}x{self._chunk_shape[2]}: "
+                 f"call reset() (or use a new streaming_decoder()) for a new video")
+        x = self.vae.denormalize(latents).to(self.vae.dtype)
+        frames = [self.vae.decode_step(x[:, :, i:i + 1], self.cache) for i in range(n)]
+        return unpatchify(frames[0] if n == 1 else torch.cat(frames, dim=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights.
+
+
+def load_vae(path: str | os.PathLike, config: VAEConfig | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> WanVAE:
+    """Load `Wan2.2_VAE.pth` (or a .safetensors with the same names) strictly, frozen, in eval."""
+    config = config or VAEConfig.preset("wan2.2")
+    with torch.device("meta"):
+        model = WanVAE(config)
+    state_dict = read_state_dict(path)
+    check_state_dict(model, state_dict, str(path))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def random_vae(config: VAEConfig, seed: int = 0, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> WanVAE:
+    """Deterministic random weights for tests and benchmarks, frozen, in eval.
+
+    Weights N(0, 0.5^2 / fan_in) (halved so the residual streams of the 5B-size decoder stay
+    well inside bf16/fp32 range), biases N(0, 0.05^2), norm gains 1 + N(0, 0.1^2). Built on
+    `meta` and materialised on `device`, so the same seed gives the same values anywhere.
+    """
+    with torch.device("meta"):
+        model = WanVAE(config)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for index, (name, param) in enumerate(model.named_parameters()):
+            generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index)
+            values = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
+            if name.endswith("gamma"):
+                values = 1 + 0.1 * values
+            elif param.dim() > 1:
+                values = values * (0.5 / math.sqrt(param[0].numel()))
+            else:
+                values = 0.05 * values
+            param.copy_(values)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+__all__ = [
+    "LATENT_MEAN", "LATENT_STD", "VAE_PRESETS", "CausalCache", "StreamingDecoder", "VAEConfig", "WanVAE",
+    "load_vae", "patchify", "random_vae", "unpatchify",
+]

@@ -1,0 +1,58 @@
+"""`longlive download`: fetch LongLive-2.0-5B and the Wan2.2-TI2V-5B VAE / umt5 / tokenizer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import UserError
+from longlive_cli.app import app
+
+
+def _size(num: int | None) -> str:
+    if num is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if num < 1000 or unit == "GB":
+            return f"{num:.1f} {unit}" if unit != "B" else f"{num} B"
+        num /= 1000
+    return f"{num:.1f} GB"
+
+
+@app.command()
+def download(
+    local_dir: Annotated[str | None, typer.Option(
+        help="Model folder to fill (default ~/.cache/longlive/models; generate reads the same).")] = None,
+    what: Annotated[list[str] | None, typer.Option(
+        help="Which files: generator (LongLive-2.0-5B), wan (VAE, umt5, tokenizer). Default both.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="Hub endpoint or mirror (default: HF_ENDPOINT or huggingface.co).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and sizes only.")] = False,
+) -> None:
+    """Download the 5B model files (resumable, by allow-list), showing sizes first."""
+    from core.hub import REPOS, plan_download, resolve_model_dir
+    from core.hub import download as fetch
+
+    which = list(dict.fromkeys(what or list(REPOS)))
+    unknown = [w for w in which if w not in REPOS]
+    if unknown:
+        raise UserError(f"--what {unknown[0]}: choose from {', '.join(REPOS)}")
+    target = resolve_model_dir(local_dir)
+    console = Console()
+    planned = plan_download(which, revision, endpoint, target)
+    table = Table(title=f"files for {target}", title_justify="left")
+    for column in ("repository", "file", "size"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for item in planned:
+        table.add_row(item.repo.repo_id, f"{item.repo.folder}/{item.path}", _size(item.size))
+    total = sum(item.size or 0 for item in planned)
+    table.add_row("", "total", _size(total))
+    console.print(table)
+    if dry_run:
+        return
+    fetch(planned, target, revision, endpoint)
+    console.print(f"[green]done:[/] {target} (use --model-dir {target} if it is not the default)")

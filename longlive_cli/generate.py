@@ -1,0 +1,183 @@
+"""`longlive generate PROMPT` and `longlive multishot SHOTS_FILE`: prompt(s) to an mp4."""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from core.errors import UserError
+from longlive_cli.app import app
+
+PresetOpt = Annotated[str | None, typer.Option(help="wan2.2-ti2v-5b (default) or tiny (offline, CPU).")]
+RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
+ModelDirOpt = Annotated[str | None, typer.Option(
+    help="Model folder from `longlive download` (default ~/.cache/longlive/models).")]
+CheckpointOpt = Annotated[str | None, typer.Option(
+    help="Generator weights (default: <model-dir>/LongLive-2.0-5B/model_bf16.pt).")]
+LoraOpt = Annotated[str | None, typer.Option(help="LoRA file to merge (official generator_lora layout).")]
+SecondsOpt = Annotated[float | None, typer.Option(help="Video length in seconds (rounded to whole chunks).")]
+FramesOpt = Annotated[int | None, typer.Option(
+    help="Video length in latent frames (a multiple of 8): 4N-3 video frames.")]
+HeightOpt = Annotated[int | None, typer.Option(help="Height in pixels, a multiple of 32 (default 704).")]
+WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels, a multiple of 32 (default 1280).")]
+StepsOpt = Annotated[int | None, typer.Option(help="Sampling steps: 4 or 2.")]
+ImageOpt = Annotated[str | None, typer.Option(help="Image-to-video: condition the first frame on this image.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Noise seed.")]
+DecodeOpt = Annotated[str, typer.Option(help="sync, stream (side CUDA stream) or device:N (VAE on GPU N).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (written atomically).")]
+LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
+CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")]
+
+
+def _recipe(preset, recipe, sets, height, width, steps, seed, device):
+    from longlive_cli.options import resolve_recipe
+
+    if steps is not None and steps not in (2, 4):
+        raise UserError(f"--steps {steps}: the LongLive sampler runs 4 or 2 steps "
+                        f"(other counts: --set stream.sampling_steps=N)")
+    return resolve_recipe(preset, recipe, sets or [], {
+        "video.height": height, "video.width": width, "stream.sampling_steps": steps,
+        "runtime.seed": seed, "runtime.device": device})
+
+
+def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
+    """Length options -> whole chunks (None: not given)."""
+    from core.shots import durations_to_chunks
+
+    fpb = recipe.stream.frames_per_block
+    if seconds is not None and frames is not None:
+        raise UserError("give --seconds or --frames, not both")
+    if frames is not None:
+        if frames <= 0 or frames % fpb:
+            raise UserError(f"--frames {frames}: the video is made of blocks of {fpb} latent frames; "
+                            f"use a multiple of {fpb}, e.g. {max(fpb, frames - frames % fpb + fpb)}")
+        return frames // fpb
+    if seconds is not None:
+        if seconds <= 0:
+            raise UserError(f"--seconds {seconds}: the length must be positive")
+        return durations_to_chunks([round(seconds * 24)], fpb)[0]
+    return None
+
+
+def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
+         interactive: bool = False) -> None:
+    from core.generate import GenerateRequest, check_request, generate_video
+    from longlive_cli.progress import chunk_progress
+
+    console = Console(stderr=True)
+    request = GenerateRequest(
+        recipe=recipe, schedule=schedule, output=Path(output),
+        model_dir=Path(model_dir) if model_dir else None,
+        checkpoint=Path(checkpoint) if checkpoint else None, lora=Path(lora) if lora else None,
+        image=Path(image) if image else None, decode=decode, crf=crf,
+        latents_out=Path(latents_out) if latents_out else None)
+    check_request(request)  # every cheap check before any output
+    for span in schedule.spans:
+        console.print(f"shot {span.index + 1}: chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}, "
+                      f"frame {span.start_frame} ({span.start_seconds:.2f} s), "
+                      f"{'cut' if span.scene_cut else 'same scene'}: {span.prompt[:70]!r}", highlight=False)
+    prompts = _stdin_prompts(console) if interactive else None
+    progress = chunk_progress(4 * recipe.stream.frames_per_block, console)
+    with progress:
+        task = progress.add_task("generate", total=schedule.num_chunks)
+        try:
+            report = generate_video(request, lambda done, total: progress.update(task, completed=done),
+                                    prompts, log=lambda text: progress.console.print(text, highlight=False))
+        except ValueError as err:  # config / shape validation from the engine
+            raise UserError(str(err)) from None
+    out = Console()
+    out.print(_summary(report))
+    out.print(f"wrote {report.output}", soft_wrap=True, highlight=False)
+
+
+def _stdin_prompts(console: Console):
+    """Lines typed on the terminal, read by a thread; each switches at the next chunk."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                lines.put(line.strip())
+
+    threading.Thread(target=read, name="longlive-prompts", daemon=True).start()
+    console.print("[bold]interactive:[/] type a prompt and press Enter to switch at the next chunk")
+
+    def next_prompt() -> str | None:
+        try:
+            return lines.get_nowait()
+        except queue.Empty:
+            return None
+
+    return next_prompt
+
+
+def _summary(report) -> Table:
+    table = Table(title="longlive generate", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    peak = "n/a (CPU)" if report.peak_gpu_memory_gib is None else f"{report.peak_gpu_memory_gib:.2f} GiB"
+    for key, value in (
+        ("video", f"{report.video_frames} frames, {report.video_frames / 24:.2f} s at 24 fps, "
+                  f"{report.width}x{report.height}"),
+        ("steps / precision", f"{report.steps} / {report.precision} on {report.device}, decode {report.decode}"),
+        ("denoise fps", f"{report.denoise_fps:.1f} ({report.denoise_seconds:.2f} s)"),
+        ("end-to-end fps", f"{report.end_to_end_fps:.1f} ({report.end_to_end_seconds:.2f} s)"),
+        ("peak GPU memory", peak),
+        ("prompt switches", str(len(report.switches))),
+    ):
+        table.add_row(key, value)
+    return table
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
+    checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
+    frames: FramesOpt = None, height: HeightOpt = None, width: WidthOpt = None, steps: StepsOpt = None,
+    image: ImageOpt = None, seed: SeedOpt = None, decode: DecodeOpt = "sync", device: DeviceOpt = None,
+    output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
+    set_: SetOpt = None,
+) -> None:
+    """Generate one video from a prompt (text-to-video, or image-to-video with --image)."""
+    from core.shots import single_prompt_schedule
+
+    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device)
+    chunks = _chunks(chosen, seconds, frames)
+    if chunks is None:  # the recipe's length
+        chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
+    schedule = single_prompt_schedule(prompt, chunks, chosen.stream.frames_per_block)
+    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf)
+
+
+@app.command()
+def multishot(
+    shots_file: Annotated[str, typer.Argument(help="Shot list: .txt (a prompt per line), .yaml or .json.")],
+    preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
+    checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
+    frames: FramesOpt = None, height: HeightOpt = None, width: WidthOpt = None, steps: StepsOpt = None,
+    image: ImageOpt = None, seed: SeedOpt = None, decode: DecodeOpt = "sync", device: DeviceOpt = None,
+    output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
+    interactive: Annotated[bool, typer.Option(
+        "--interactive", help="Read new prompts from the terminal while generating.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Generate one multi-shot video from a shot list (scene cuts between shots)."""
+    from core.shots import load_schedule
+
+    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device)
+    chunks = _chunks(chosen, seconds, frames)
+    if chunks is None and Path(shots_file).suffix.lower() == ".txt":  # the recipe's length
+        chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
+    schedule = load_schedule(shots_file, chosen.stream.frames_per_block, chunks)
+    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
+         interactive)

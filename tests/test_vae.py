@@ -1,0 +1,454 @@
+"""Wan2.2 VAE: checkpoint layout, building blocks against slow references, the first-step rules,
+streaming decode == one-shot decode bit for bit, encode causality, loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import UserError
+from core.vae import (
+    LATENT_MEAN,
+    LATENT_STD,
+    AttentionBlock,
+    AvgDown3D,
+    CausalCache,
+    CausalConv3d,
+    Downsample,
+    DupUp3D,
+    RMSNorm,
+    Upsample,
+    VAEConfig,
+    WanVAE,
+    load_vae,
+    patchify,
+    random_vae,
+    unpatchify,
+)
+
+TINY = VAEConfig.preset("tiny")
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            fan_in = param[0].numel() if param.dim() > 1 else 1
+            param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(fan_in))
+    return module
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    return random_vae(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def latents() -> torch.Tensor:
+    return randn(2, 48, 8, 2, 3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def full_pixels(vae: WanVAE, latents: torch.Tensor) -> torch.Tensor:
+    return vae.decode(latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and checkpoint layout (reference-systems.md §1.1, §1.4).
+
+
+def test_presets() -> None:
+    wan = VAEConfig.preset("wan2.2")
+    assert (wan.base_dim, wan.decoder_base_dim, wan.z_dim, wan.dim_mult, wan.num_res_blocks,
+            wan.temporal_downsample) == (160, 256, 48, (1, 2, 4, 4), 2, (False, True, True))
+    assert wan.spatial_stride == 16
+    assert (TINY.z_dim, TINY.dim_mult, TINY.temporal_downsample) == (48, wan.dim_mult, wan.temporal_downsample)
+    assert VAEConfig.preset("tiny") is not VAEConfig.preset("tiny")  # presets are copies
+    with pytest.raises(ValueError, match="allowed: wan2.2, tiny"):
+        VAEConfig.preset("wan2.1")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("base_dim", 0, "base_dim must be a positive integer"),
+    ("num_res_blocks", 1.5, "num_res_blocks must be a positive integer"),
+    ("z_dim", 16, "z_dim must be 48"),
+    ("dim_mult", (4,), "dim_mult must be at least two"),
+    ("temporal_downsample", (True, True), "temporal_downsample must be 3 booleans"),
+    ("temporal_downsample", (True, True, True), "exactly two True"),
+    ("dim_mult", (1, 3, 4, 4), "cannot be regrouped"),
+])
+def test_config_rejects(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        VAEConfig(**{field: value})
+
+
+def _residual(prefix: str, c_in: int, c_out: int) -> list[tuple[str, tuple[int, ...]]]:
+    rows = [(f"{prefix}.residual.0.gamma", (c_in, 1, 1, 1)), (f"{prefix}.residual.2.weight", (c_out, c_in, 3, 3, 3)),
+            (f"{prefix}.residual.2.bias", (c_out,)), (f"{prefix}.residual.3.gamma", (c_out, 1, 1, 1)),
+            (f"{prefix}.residual.6.weight", (c_out, c_out, 3, 3, 3)), (f"{prefix}.residual.6.bias", (c_out,))]
+    if c_in != c_out:
+        rows += [(f"{prefix}.shortcut.weight", (c_out, c_in, 1, 1, 1)), (f"{prefix}.shortcut.bias", (c_out,))]
+    return rows
+
+
+def _attention(prefix: str, c: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.norm.gamma", (c, 1, 1)), (f"{prefix}.to_qkv.weight", (3 * c, c, 1, 1)),
+            (f"{prefix}.to_qkv.bias", (3 * c,)), (f"{prefix}.proj.weight", (c, c, 1, 1)), (f"{prefix}.proj.bias", (c,))]
+
+
+def _conv(prefix: str, *shape: int) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{prefix}.weight", tuple(shape)), (f"{prefix}.bias", (shape[0],))]
+
+
+def _wan22_layout() -> list[tuple[str, tuple[int, ...]]]:
+    """Every row of reference-systems.md §1.4, in the official registration order."""
+    rows = _conv("encoder.conv1", 160, 12, 3, 3, 3)
+    enc = "encoder.downsamples"
+    rows += _residual(f"{enc}.0.downsamples.0", 160, 160) + _residual(f"{enc}.0.downsamples.1", 160, 160)
+    rows += _conv(f"{enc}.0.downsamples.2.resample.1", 160, 160, 3, 3)
+    rows += _residual(f"{enc}.1.downsamples.0", 160, 320) + _residual(f"{enc}.1.downsamples.1", 320, 320)
+    rows += _conv(f"{enc}.1.downsamples.2.resample.1", 320, 320, 3, 3)
+    rows += _conv(f"{enc}.1.downsamples.2.time_conv", 320, 320, 3, 1, 1)
+    rows += _residual(f"{enc}.2.downsamples.0", 320, 640) + _residual(f"{enc}.2.downsamples.1", 640, 640)
+    rows += _conv(f"{enc}.2.downsamples.2.resample.1", 640, 640, 3, 3)
+    rows += _conv(f"{enc}.2.downsamples.2.time_conv", 640, 640, 3, 1, 1)
+    rows += _residual(f"{enc}.3.downsamples.0", 640, 640) + _residual(f"{enc}.3.downsamples.1", 640, 640)
+    rows += _residual("encoder.middle.0", 640, 640) + _attention("encoder.middle.1", 640)
+    rows += _residual("encoder.middle.2", 640, 640)
+    rows += [("encoder.head.0.gamma", (640, 1, 1, 1))] + _conv("encoder.head.2", 96, 640, 3, 3, 3)
+    rows += _conv("conv1", 96, 96, 1, 1, 1) + _conv("conv2", 48, 48, 1, 1, 1)
+    rows += _conv("decoder.conv1", 1024, 48, 3, 3, 3)
+    rows += _residual("decoder.middle.0", 1024, 1024) + _attention("decoder.middle.1", 1024)
+    rows += _residual("decoder.middle.2", 1024, 1024)
+    dec = "decoder.upsamples"
+    for stage in (0, 1):
+        for block in (0, 1, 2):
+            rows += _residual(f"{dec}.{stage}.upsamples.{block}", 1024, 1024)
+        rows += _conv(f"{dec}.{stage}.upsamples.3.resample.1", 1024, 1024, 3, 3)
+        rows += _conv(f"{dec}.{stage}.upsamples.3.time_conv", 2048, 1024, 3, 1, 1)
+    rows += _residual(f"{dec}.2.upsamples.0", 1024, 512)
+    rows += _residual(f"{dec}.2.upsamples.1", 512, 512) + _residual(f"{dec}.2.upsamples.2", 512, 512)
+    rows += _conv(f"{dec}.2.upsamples.3.resample.1", 512, 512, 3, 3)
+    rows += _residual(f"{dec}.3.upsamples.0", 512, 256)
+    rows += _residual(f"{dec}.3.upsamples.1", 256, 256) + _residual(f"{dec}.3.upsamples.2", 256, 256)
+    rows += [("decoder.head.0.gamma", (256, 1, 1, 1))] + _conv("decoder.head.2", 12, 256, 3, 3, 3)
+    return rows
+
+
+def test_wan22_state_dict_layout() -> None:
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig.preset("wan2.2"))
+    state = model.state_dict()
+    assert [(name, tuple(t.shape)) for name, t in state.items()] == _wan22_layout()
+    assert len(state) == 196
+
+    def count(prefix: str) -> int:
+        return sum(t.numel() for name, t in state.items() if name.startswith(prefix))
+
+    assert count("") == 704_688_668
+    assert count("encoder.") == 149_627_776
+    assert count("decoder.") == 555_049_228
+    assert count("conv1.") + count("conv2.") == 9_312 + 2_352
+    # the normalisation constants are fp32 data, outside the state dict, kept when built on meta
+    assert model.latent_mean.tolist() == torch.tensor(LATENT_MEAN).tolist()
+    assert model.latent_std.dtype == torch.float32 and not model.latent_std.is_meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks against slow references.
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 2, 6, 4), (1, 5, 1, 2, 8)])
+def test_patchify_channel_order(shape: tuple[int, ...]) -> None:
+    x = randn(*shape)
+    B, C, T, H, W = shape
+    expected = torch.empty(B, 4 * C, T, H // 2, W // 2)
+    for c in range(C):
+        for r in range(2):  # column offset
+            for q in range(2):  # row offset
+                for i in range(H // 2):
+                    for j in range(W // 2):
+                        expected[:, c * 4 + r * 2 + q, :, i, j] = x[:, c, :, 2 * i + q, 2 * j + r]
+    assert torch.equal(patchify(x), expected)
+    assert torch.equal(unpatchify(patchify(x)), x)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (1, 3, 3), (1, 1, 1)])
+def test_causal_conv_pads_in_front_only(kernel: tuple[int, int, int]) -> None:
+    conv = randomize_(CausalConv3d(4, 5, kernel), seed=1)
+    x = randn(2, 4, 5, 6, 7, seed=2)
+    kt, kh, kw = kernel
+    padded = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0))  # zero frames in front only
+    expected = F.conv3d(padded, conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    assert conv(x).shape == x.shape[:1] + (5,) + x.shape[2:]
+
+
+@pytest.mark.parametrize("split", [[1, 1, 1, 1, 1, 1], [1, 2, 3], [2, 4], [6]])
+def test_causal_conv_cache_continues_the_stream(split: list[int]) -> None:
+    conv = randomize_(CausalConv3d(3, 4, 3), seed=3)
+    x = randn(1, 3, sum(split), 5, 4, seed=4)
+    cache = CausalCache()
+    stream = F.pad(x, (0, 0, 0, 0, 2, 0))  # the stream with its two zero frames in front
+    outputs, end = [], 2
+    for chunk in x.split(split, dim=2):
+        outputs.append(conv(chunk, cache))
+        end += chunk.shape[2]
+        # the cache holds the last two frames of the stream so far
+        assert torch.equal(cache.get(conv), stream[:, :, end - 2:end])
+    torch.testing.assert_close(torch.cat(outputs, dim=2), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def _cell(index: int, fs: int) -> tuple[int, int, int]:
+    """Channel offset inside a (t, s, s) cell -> (dt, row, column)."""
+    dt, rest = divmod(index, fs * fs)
+    return dt, rest // fs, rest % fs
+
+
+@pytest.mark.parametrize("c_in, c_out, ft, fs, frames", [
+    (4, 8, 2, 2, 1), (4, 8, 2, 2, 4), (4, 16, 2, 2, 3), (4, 4, 1, 2, 3), (6, 6, 1, 1, 2)])
+def test_avg_down(c_in: int, c_out: int, ft: int, fs: int, frames: int) -> None:
+    x = randn(2, c_in, frames, 4, 6, seed=5)
+    x_padded = torch.cat([torch.zeros(2, c_in, -frames % ft, 4, 6), x], dim=2)  # zeros in front
+    cells = ft * fs * fs
+    group = c_in * cells // c_out
+    expected = torch.zeros(2, c_out, x_padded.shape[2] // ft, 4 // fs, 6 // fs)
+    for o in range(c_out):
+        for g in range(group):
+            c, offset = divmod(o * group + g, cells)
+            dt, row, col = _cell(offset, fs)
+            expected[:, o] += x_padded[:, c, dt::ft, row::fs, col::fs] / group
+    torch.testing.assert_close(AvgDown3D(c_in, c_out, ft, fs)(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_step", [True, False])
+@pytest.mark.parametrize("c_in, c_out, ft, fs", [(8, 8, 2, 2), (8, 4, 1, 2), (8, 16, 2, 2), (4, 2, 2, 2)])
+def test_dup_up(c_in: int, c_out: int, ft: int, fs: int, first_step: bool) -> None:
+    x = randn(2, c_in, 2, 3, 2, seed=6)
+    cells = ft * fs * fs
+    repeats = c_out * cells // c_in
+    expected = torch.empty(2, c_out, 2 * ft, 3 * fs, 2 * fs)
+    for o in range(c_out):
+        for offset in range(cells):
+            dt, row, col = _cell(offset, fs)
+            expected[:, o, dt::ft, row::fs, col::fs] = x[:, (o * cells + offset) // repeats]
+    if first_step:  # the first step drops factor_t - 1 leading frames
+        expected = expected[:, :, ft - 1:]
+    assert torch.equal(DupUp3D(c_in, c_out, ft, fs)(x, first_step), expected)
+
+
+def test_rms_norm() -> None:
+    norm = randomize_(RMSNorm(6), seed=7)
+    x = randn(2, 6, 3, 4, 5, seed=8)
+    expected = x / x.pow(2).sum(dim=1, keepdim=True).sqrt() * math.sqrt(6) * norm.gamma
+    torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_per_frame_single_head() -> None:
+    block = randomize_(AttentionBlock(8), seed=9)
+    x = randn(2, 8, 3, 4, 5, seed=10)
+    expected = torch.empty_like(x)
+    for b in range(2):
+        for t in range(3):
+            frame = x[b, :, t]  # [C, H, W]
+            h = frame / frame.pow(2).sum(0, keepdim=True).sqrt() * math.sqrt(8) * block.norm.gamma
+            qkv = torch.einsum("oc,chw->ohw", block.to_qkv.weight[:, :, 0, 0], h) + block.to_qkv.bias[:, None, None]
+            q, k, v = qkv.reshape(24, 20).split(8)  # [C, tokens] each
+            attn = torch.softmax(q.T @ k / math.sqrt(8), dim=-1)  # [tokens, tokens]
+            out = (attn @ v.T).T.reshape(8, 4, 5)
+            out = torch.einsum("oc,chw->ohw", block.proj.weight[:, :, 0, 0], out) + block.proj.bias[:, None, None]
+            expected[b, :, t] = frame + out
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The first-step rules (reference-systems.md §1.3, pitfall 2).
+
+
+def test_downsample_first_step_skips_the_temporal_conv() -> None:
+    down = randomize_(Downsample(4, temporal=True), seed=11)
+    conv2d, time_conv = down.resample[1], down.time_conv
+
+    def spatial(x: torch.Tensor) -> torch.Tensor:  # pad right/bottom, 3x3 stride 2, per frame
+        frames = [F.conv2d(F.pad(x[:, :, t], (0, 1, 0, 1)), conv2d.weight, conv2d.bias, stride=2)
+                  for t in range(x.shape[2])]
+        return torch.stack(frames, dim=2)
+
+    x0, x1, x2 = randn(1, 4, 1, 6, 8, seed=12), randn(1, 4, 4, 6, 8, seed=13), randn(1, 4, 4, 6, 8, seed=14)
+    cache = CausalCache()
+    y0 = down(x0, cache)
+    cache.first_step = False
+    y1, y2 = down(x1, cache), down(x2, cache)
+    torch.testing.assert_close(y0, spatial(x0), rtol=1e-5, atol=1e-5)  # passed through
+    for y, previous, x in ((y1, x0, x1), (y2, x1, x2)):  # previous step's last frame in front, stride 2
+        window = torch.cat([spatial(previous)[:, :, -1:], spatial(x)], dim=2)
+        expected = F.conv3d(window, time_conv.weight, time_conv.bias, stride=(2, 1, 1))
+        assert y.shape[2] == 2
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_first_step_skips_the_temporal_conv() -> None:
+    up = randomize_(Upsample(4, temporal=True), seed=15)
+    conv2d, time_conv = up.resample[1], up.time_conv
+
+    def spatial(x: torch.Tensor) -> torch.Tensor:  # nearest 2x, 3x3 conv, per frame
+        x = x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+        return torch.stack([F.conv2d(x[:, :, t], conv2d.weight, conv2d.bias, padding=1)
+                            for t in range(x.shape[2])], dim=2)
+
+    def doubled(window: torch.Tensor) -> torch.Tensor:  # one frame -> two frames (channel halves)
+        pair = F.conv3d(window, time_conv.weight, time_conv.bias)[:, :, -1]
+        return torch.stack([pair[:, :4], pair[:, 4:]], dim=2)
+
+    x0, x1, x2 = (randn(1, 4, 1, 3, 5, seed=s) for s in (16, 17, 18))
+    zero = torch.zeros_like(x0)
+    cache = CausalCache()
+    y0 = up(x0, cache)
+    cache.first_step = False
+    y1, y2 = up(x1, cache), up(x2, cache)
+    torch.testing.assert_close(y0, spatial(x0), rtol=1e-5, atol=1e-5)
+    # step 2 sees zero padding, not x0; step 3 sees x1 (x0 never enters the temporal conv)
+    torch.testing.assert_close(y1, spatial(doubled(torch.cat([zero, zero, x1], 2))), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, spatial(doubled(torch.cat([zero, x1, x2], 2))), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming decode.
+
+
+@pytest.mark.parametrize("split", [[1] * 8, [2, 2, 2], [3, 1, 4], [8], [5, 2]])
+def test_streaming_decode_equals_full_decode(vae: WanVAE, latents: torch.Tensor, full_pixels: torch.Tensor,
+                                             split: list[int]) -> None:
+    decoder = vae.streaming_decoder()
+    pieces = [decoder.decode(chunk) for chunk in latents[:, :, :sum(split)].split(split, dim=2)]
+    # first chunk of n latents: 1 + 4(n - 1) frames, later chunks 4n
+    assert [p.shape[2] for p in pieces] == [4 * split[0] - 3] + [4 * n for n in split[1:]]
+    # decoding is causal, so a prefix of the latents gives a prefix of the frames
+    assert torch.equal(torch.cat(pieces, dim=2), full_pixels[:, :, :4 * sum(split) - 3])
+
+
+def test_full_decode_shape_and_range(full_pixels: torch.Tensor, latents: torch.Tensor) -> None:
+    B, _, F_, h, w = latents.shape
+    assert full_pixels.shape == (B, 3, 4 * F_ - 3, 16 * h, 16 * w)
+    assert full_pixels.dtype == torch.float32 and torch.isfinite(full_pixels).all()
+    assert 0.05 < full_pixels.std() < 2  # random weights give a non-trivial, unclamped image
+
+
+def test_streaming_decoders_are_independent(vae: WanVAE, latents: torch.Tensor, full_pixels: torch.Tensor) -> None:
+    other = randn(2, 48, 4, 2, 3, seed=20)
+    a, b = vae.streaming_decoder(), vae.streaming_decoder()
+    pieces_a, pieces_b = [], []
+    for chunk_a, chunk_b in zip(latents[:, :, :4].split(2, dim=2), other.split(2, dim=2), strict=True):
+        pieces_a.append(a.decode(chunk_a))
+        pieces_b.append(b.decode(chunk_b))
+    assert torch.equal(torch.cat(pieces_a, dim=2), full_pixels[:, :, :13])
+    assert torch.equal(torch.cat(pieces_b, dim=2), vae.decode(other))
+    # reset() starts a new video
+    a.reset()
+    assert torch.equal(a.decode(latents[:, :, :2]), full_pixels[:, :, :5])
+
+
+def test_streaming_decoder_rejects_a_different_video(vae: WanVAE, latents: torch.Tensor) -> None:
+    decoder = vae.streaming_decoder()
+    decoder.decode(latents[:1, :, :1])
+    with pytest.raises(ValueError, match="reset"):
+        decoder.decode(latents[:, :, 1:2])
+    with pytest.raises(ValueError, match=r"latents must be \[B, 48, F, h, w\]"):
+        vae.decode(latents[:, :16])
+
+
+def test_decode_in_bfloat16(latents: torch.Tensor, full_pixels: torch.Tensor) -> None:
+    vae_bf16 = random_vae(TINY, seed=0, dtype=torch.bfloat16)
+    pixels = vae_bf16.decode(latents[:1, :, :2])  # fp32 latents into a bf16 model
+    assert pixels.dtype == torch.bfloat16 and vae_bf16.latent_mean.dtype == torch.float32
+    torch.testing.assert_close(pixels.float(), full_pixels[:1, :, :5], rtol=0, atol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encode.
+
+
+@pytest.fixture(scope="module")
+def video() -> torch.Tensor:
+    return torch.rand(2, 3, 9, 32, 48, generator=torch.Generator().manual_seed(21)) * 2 - 1
+
+
+def test_encode_is_causal(vae: WanVAE, video: torch.Tensor) -> None:
+    latents = vae.encode(video)
+    assert latents.shape == (2, 48, 3, 2, 3) and latents.dtype == torch.float32
+    for k in (0, 1):  # the first 1 + 4k frames give the first 1 + k latents, bit for bit
+        assert torch.equal(vae.encode(video[:, :, :1 + 4 * k]), latents[:, :, :1 + k])
+    assert latents.std() > 0.05
+
+
+def test_encode_normalisation(vae: WanVAE, video: torch.Tensor) -> None:
+    normalised = vae.encode(video[:, :, :5])
+    raw = vae.encode(video[:, :, :5], normalize=False)
+    mean, std = torch.tensor(LATENT_MEAN).view(1, -1, 1, 1, 1), torch.tensor(LATENT_STD).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(raw, normalised * std + mean, rtol=1e-5, atol=1e-5)
+    # decode un-normalises with the same constants before its first conv
+    torch.testing.assert_close(vae.denormalize(normalised), raw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 3, 4, 32, 32), r"1 \+ 4k"),
+    ((1, 3, 6, 32, 32), r"1 \+ 4k"),
+    ((1, 3, 5, 40, 32), "multiples of 16"),
+    ((1, 3, 5, 32, 24), "multiples of 16"),
+    ((1, 4, 5, 32, 32), r"\[B, 3, T, H, W\]"),
+    ((3, 5, 32, 32), r"\[B, 3, T, H, W\]"),
+])
+def test_encode_rejects_bad_shapes(vae: WanVAE, shape: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        vae.encode(torch.zeros(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights.
+
+
+def test_random_vae_is_deterministic() -> None:
+    a, b, c = random_vae(TINY, seed=4), random_vae(TINY, seed=4), random_vae(TINY, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert not torch.equal(a.decoder.conv1.weight, c.decoder.conv1.weight)
+    assert not any(p.requires_grad for p in a.parameters()) and not a.training
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_load_round_trip(vae: WanVAE, latents: torch.Tensor, full_pixels: torch.Tensor, tmp_path, suffix: str) -> None:
+    path = tmp_path / f"Wan2.2_VAE{suffix}"
+    state = vae.state_dict()
+    if suffix == ".pth":
+        torch.save(state, path)  # the official format: a plain fp32 state dict
+    else:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    loaded = load_vae(path, TINY)
+    assert list(loaded.state_dict()) == list(state)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert torch.equal(loaded.decode(latents[:, :, :2]), full_pixels[:, :, :5])
+    loaded_bf16 = load_vae(path, TINY, dtype=torch.bfloat16)
+    assert loaded_bf16.dtype == torch.bfloat16 and loaded_bf16.latent_std.dtype == torch.float32
+
+
+def test_load_rejects_mismatched_files(vae: WanVAE, tmp_path) -> None:
+    state = dict(vae.state_dict())
+    state["decoder.head.2.bias"] = torch.zeros(13)
+    torch.save(state, tmp_path / "wrong_shape.pth")
+    with pytest.raises(UserError, match=r"wrong shape \(decoder\.head\.2\.bias"):
+        load_vae(tmp_path / "wrong_shape.pth", TINY)
+    del state["decoder.head.2.bias"]
+    torch.save(state, tmp_path / "missing.pth")
+    with pytest.raises(UserError, match=r"missing \(decoder\.head\.2\.bias"):
+        load_vae(tmp_path / "missing.pth", TINY)
+    with pytest.raises(UserError, match="wrong shape"):  # a tiny file is not the default wan2.2 VAE
+        load_vae(tmp_path / "missing.pth")
