@@ -6,20 +6,7 @@
 set -uo pipefail
 out=${1:-/tmp/bench}
 mkdir -p "$out"
-run() {  # name, then bench flags
-  local name=$1; shift
-  echo "== $name: longlive bench $*"
-  python -m longlive_cli bench --json "$@" > "$out/$name.json" 2> "$out/$name.err" \
-    && python - "$out/$name.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-print(f"   s/block {r['seconds_per_block']:.4f} (mean {r['seconds_per_block_mean']:.4f}, "
-      f"min {r['seconds_per_block_min']:.4f}, max {r['seconds_per_block_max']:.4f}, "
-      f"{r['steady_chunks']} steady chunks), fps {r['fps']:.2f}, peak {r['peak_memory_gib']:.2f} GiB, "
-      f"first chunk {r['first_chunk_seconds']:.2f} s, compiled {r['compiled']}")
-PY
-  grep -v '━' "$out/$name.err" | tail -n 3 || true
-}
+source "$(dirname "$0")/common.sh"
 common=(--preset wan2.2-ti2v-5b --height 704 --width 1280 --window 32 --sink 8 --dtype bfloat16)
 run s4_compiled "${common[@]}" --steps 4 --frames 128
 run s2_compiled "${common[@]}" --steps 2 --frames 128
