@@ -24,7 +24,7 @@ import torch
 from core.attention import sdpa_backend
 from core.config import VAE_TEMPORAL_STRIDE, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
-from core.optimize import compile_blocks, wants_compile
+from core.optimize import compile_blocks, compile_vae_decoder, wants_compile, warm_up_vae_decoder
 from core.pipeline import stream_latents, tokens_per_frame
 
 
@@ -231,6 +231,10 @@ def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, deco
     if vae_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(vae_device)
     vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=vae_device, dtype=dtype)
+    if wants_compile(recipe.runtime.compile, vae_device):
+        compile_vae_decoder(vae)  # and compile it now: the steady state must not include that
+        warm_up_vae_decoder(vae, recipe.video.latent_height, recipe.video.latent_width,
+                            recipe.stream.frames_per_block)
     folder = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="longlive-bench-")))
     writer = scope.enter_context(VideoWriter(folder / "bench.mp4", recipe.video.width,
                                              recipe.video.height))
@@ -253,9 +257,10 @@ class VaeBenchResult:
     width: int
     latents_per_chunk: int
     frames_per_chunk: int
-    first_chunk_seconds: float
+    first_chunk_seconds: float  # includes compilation when compiled
     seconds_per_chunk: float  # median over the chunks after the first
     peak_memory_gib: float | None
+    compiled: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -271,6 +276,9 @@ def run_vae_benchmark(recipe: Recipe, chunks: int = 5) -> VaeBenchResult:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=device, dtype=dtype)
+    compiled = wants_compile(recipe.runtime.compile, device)
+    if compiled:
+        compile_vae_decoder(vae)
     video, fpb = recipe.video, recipe.stream.frames_per_block
     generator = torch.Generator(device=device).manual_seed(recipe.runtime.seed)
     latents = torch.randn(1, 48, fpb * chunks, video.latent_height, video.latent_width,
@@ -296,4 +304,5 @@ def run_vae_benchmark(recipe: Recipe, chunks: int = 5) -> VaeBenchResult:
         dtype=str(dtype).split(".")[-1], height=video.height, width=video.width,
         latents_per_chunk=fpb, frames_per_chunk=frames, first_chunk_seconds=seconds[0],
         seconds_per_chunk=statistics.median(seconds[1:]) if chunks > 1 else seconds[0],
-        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        compiled=compiled)
