@@ -102,8 +102,11 @@ def test_async_decoders_equal_sync(mode):
     assert all(np.array_equal(a, b) for a, b in zip(reference, other, strict=True))
 
 
-def test_compiled_vae_decoder_matches_eager_and_streams_exactly():
+def test_compiled_vae_decoder_matches_eager_and_streams_exactly(monkeypatch):
     from core.optimize import compile_vae_decoder
+
+    # fp32 comparison: keep cuDNN off TF32, or the eager and inductor conv paths round differently.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     from core.vae import VAEConfig, random_vae
 
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -116,4 +119,4 @@ def test_compiled_vae_decoder_matches_eager_and_streams_exactly():
         stream = vae.streaming_decoder()
         pieces = torch.cat([stream.decode(latents[:, :, :2]), stream.decode(latents[:, :, 2:])], dim=2)
     assert torch.equal(full, pieces)
-    assert (full - eager).abs().max().item() < 1e-3
+    assert (full - eager).abs().max().item() < 1e-4 * max(1.0, eager.abs().max().item())
