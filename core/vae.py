@@ -22,111 +22,18 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.checkpoint import check_state_dict, read_state_dict
+from core.config import LATENT_MEAN, LATENT_STD, VAE_PRESETS, VAEConfig
+from core.config import require as _require
 
 PATCH = 2  # patchify cell (2x2 pixels -> 12 channels)
 TEMPORAL_STRIDE = 4  # pixel frames per latent frame (two temporal down stages)
 
-# Per-channel statistics of the posterior mean (official wrapper): z = (mu - mean) / std.
-LATENT_MEAN = (
-    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
-    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
-    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
-    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
-)
-LATENT_STD = (
-    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
-    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
-    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
-    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Config.
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-@dataclass
-class VAEConfig:
-    """VAE architecture. Defaults are the official Wan2.2 (TI2V-5B) VAE."""
-
-    base_dim: int = 160  # encoder widths base_dim * (1, *dim_mult)
-    decoder_base_dim: int = 256  # decoder widths decoder_base_dim * (dim_mult[-1], *reversed(dim_mult))
-    z_dim: int = 48
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2  # per encoder stage; decoder stages have one more
-    temporal_downsample: tuple[bool, ...] = (False, True, True)  # per resampling encoder stage
-
-    def __post_init__(self) -> None:
-        self.dim_mult = tuple(self.dim_mult)
-        self.temporal_downsample = tuple(self.temporal_downsample)
-        for name in ("base_dim", "decoder_base_dim", "num_res_blocks"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                     f"{name} must be a positive integer (got {value!r})")
-        _require(self.z_dim == len(LATENT_MEAN),
-                 f"z_dim must be {len(LATENT_MEAN)}, the channels of the latent normalisation "
-                 f"constants (got {self.z_dim!r})")
-        _require(len(self.dim_mult) >= 2 and all(isinstance(m, int) and m > 0 for m in self.dim_mult),
-                 f"dim_mult must be at least two positive integers (got {self.dim_mult})")
-        _require(len(self.temporal_downsample) == len(self.dim_mult) - 1
-                 and all(isinstance(t, bool) for t in self.temporal_downsample),
-                 f"temporal_downsample must be {len(self.dim_mult) - 1} booleans, one per resampling "
-                 f"stage (got {self.temporal_downsample})")
-        _require(sum(self.temporal_downsample) == 2,
-                 f"temporal_downsample must hold exactly two True values (the 4x temporal stride) "
-                 f"(got {self.temporal_downsample})")
-        # The parameter-free stage shortcuts regroup channels: the widths must divide evenly.
-        for stage, (c_in, c_out) in enumerate(zip(self.encoder_widths[:-1], self.encoder_widths[1:], strict=True)):
-            _require((c_in * self._cells(stage, self.temporal_downsample)) % c_out == 0,
-                     f"encoder stage {stage} widths {c_in} -> {c_out} (base_dim x dim_mult) cannot be "
-                     f"regrouped by its shortcut: use dim_mult entries that divide each other")
-        for stage, (c_in, c_out) in enumerate(zip(self.decoder_widths[:-2], self.decoder_widths[1:-1], strict=True)):
-            _require((c_out * self._cells(stage, self.temporal_downsample[::-1])) % c_in == 0,
-                     f"decoder stage {stage} widths {c_in} -> {c_out} (decoder_base_dim x dim_mult) "
-                     f"cannot be regrouped by its shortcut: use dim_mult entries that divide each other")
-
-    @staticmethod
-    def _cells(stage: int, temporal: tuple[bool, ...]) -> int:
-        """Voxels a resampling stage folds into one (t x 2 x 2); 1 for the last stage."""
-        return (2 if temporal[stage] else 1) * 4 if stage < len(temporal) else 1
-
-    @property
-    def encoder_widths(self) -> list[int]:
-        return [self.base_dim * m for m in (1, *self.dim_mult)]
-
-    @property
-    def decoder_widths(self) -> list[int]:
-        return [self.decoder_base_dim * m for m in (self.dim_mult[-1], *reversed(self.dim_mult))]
-
-    @property
-    def spatial_stride(self) -> int:
-        """Pixels per latent along H and W: patchify times one 2x per resampling stage (16)."""
-        return PATCH * 2 ** len(self.temporal_downsample)
-
-    @classmethod
-    def preset(cls, name: str) -> VAEConfig:
-        if name not in VAE_PRESETS:
-            raise ValueError(f"unknown VAE preset {name!r} (allowed: {', '.join(VAE_PRESETS)})")
-        return replace(VAE_PRESETS[name])
-
-
-VAE_PRESETS: dict[str, VAEConfig] = {
-    "wan2.2": VAEConfig(),
-    # Same structure (every tensor kind, 48 latent channels for the tiny DiT), small widths.
-    "tiny": VAEConfig(base_dim=16, decoder_base_dim=32),
-}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,3 +180,21 @@ def test_interrupt_or_crash_leaves_no_video(tmp_path, monkeypatch, failure, code
     else:
         assert main(args) == code
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interactive_cli_switches_on_a_typed_prompt(tmp_path):
+    import subprocess
+    import sys
+
+    shots = tmp_path / "shots.txt"
+    shots.write_text("a calm sea\n")
+    out = tmp_path / "live.mp4"
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "longlive_cli", "multishot", str(shots), "--interactive", *SMALL,
+         "--frames", "32", "-o", str(out)], input="a storm begins\n", capture_output=True, text=True,
+        cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "switch at chunk 1 (frame 29, 1.21 s): 'a storm begins'" in done.stderr
+    assert "prompt switches   │ 1" in done.stdout
+    assert len(read_video(out)[0]) == 125
