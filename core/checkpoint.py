@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from core.config import ModelConfig
 from core.dit import CausalWanDiT, random_init_
-from core.errors import UserError
+from core.errors import UserError, first_line, first_names
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ OFFICIAL_PREFIX = "model."
 LORA_PREFIX = "base_model.model."  # PEFT wraps the bare DiT
 BLOCK_LINEARS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
                  "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
-SHOW_NAMES = 3  # names quoted in an error message before "..."
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<target>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -90,14 +89,6 @@ def block_linear_names(num_layers: int) -> list[str]:
     return [f"blocks.{i}.{name}" for i in range(num_layers) for name in BLOCK_LINEARS]
 
 
-def _first_names(names: list[str]) -> str:
-    shown = ", ".join(names[:SHOW_NAMES])
-    return f"{shown}, ..." if len(names) > SHOW_NAMES else shown
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,17 +117,17 @@ def _load_pickle(path: Path) -> Any:
                 f"{path} holds Python objects other than tensors ({what}); we refuse to unpickle "
                 f"code: convert it to .safetensors (or a plain tensor dict) on a trusted machine"
             ) from err
-        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+        raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
         # Torch reports truncated zips as OSError/RuntimeError, bad legacy magic as KeyError.
-        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+        raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return safetensors.torch.load_file(path, device="cpu")
     except (safetensors.SafetensorError, OSError) as err:
-        raise UserError(f"cannot read {path} ({_first_line(err)}): {_CORRUPT_FIX}") from err
+        raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
 
 
 def _load_shards(folder: Path) -> dict[str, Tensor]:
@@ -151,7 +142,7 @@ def _load_shards(folder: Path) -> dict[str, Tensor]:
         repeated = sorted(merged.keys() & tensors.keys())
         if repeated:
             raise UserError(f"{shard} repeats tensors of another shard in {folder} "
-                            f"({_first_names(repeated)}): remove the stray file")
+                            f"({first_names(repeated)}): remove the stray file")
         merged.update(tensors)
     return merged
 
@@ -221,7 +212,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source:
     if any(name.endswith("quantized_weight_values") for name in unexpected):
         raise UserError(f"{source} is a packed NVFP4 checkpoint: load it into the NVFP4 model "
                         f"(quant/), not as a plain generator")
-    problems = [f"{len(names)} {kind} ({_first_names(names)})"
+    problems = [f"{len(names)} {kind} ({first_names(names)})"
                 for kind, names in (("missing", missing), ("unexpected", unexpected),
                                     ("with the wrong shape", wrong)) if names]
     raise UserError(f"checkpoint {source} does not match the model: {', '.join(problems)}: "
@@ -305,7 +296,7 @@ def _lora_pairs(model: nn.Module, lora: Mapping[str, Tensor],
     incomplete = [target for target, ab in parts.items() if len(ab) != 2]
     if incomplete:
         raise UserError(f"LoRA {source} lacks lora_A or lora_B for {len(incomplete)} layers "
-                        f"({_first_names(incomplete)}): the file is incomplete")
+                        f"({first_names(incomplete)}): the file is incomplete")
     pairs = {target: (ab["A"], ab["B"]) for target, ab in parts.items()}
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if len(ranks) != 1:
@@ -346,7 +337,7 @@ def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
     if result.unexpected_keys or not_loaded:
         raise UserError(f"LoRA {source} did not load cleanly ({len(result.unexpected_keys)} "
                         f"unused keys, {len(not_loaded)} adapter weights not set: "
-                        f"{_first_names(result.unexpected_keys + not_loaded)}): check the file")
+                        f"{first_names(result.unexpected_keys + not_loaded)}): check the file")
     merged = wrapped.merge_and_unload(safe_merge=True)
     assert type(merged) is type(model), type(merged)
 
@@ -362,7 +353,7 @@ def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
 # Saving.
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Run `write(temp_path)` on a temp file beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_name = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
@@ -396,10 +387,10 @@ def save_generator(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: 
     metadata = dict(metadata or {})
     if path.suffix == ".safetensors":
         text = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-        _atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, temp, text))
+        atomic_write(path, lambda temp: safetensors.torch.save_file(tensors, temp, text))
     else:
         if "generator" in metadata:
             raise ValueError("metadata may not use the key 'generator' (it holds the weights)")
         payload = {"generator": to_official_keys(tensors), **metadata}
-        _atomic_write(path, lambda temp: torch.save(payload, temp))
+        atomic_write(path, lambda temp: torch.save(payload, temp))
     return path

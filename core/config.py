@@ -398,6 +398,8 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from core.errors import first_line
+
     data: dict[str, Any] = {}
     origin = "recipe"
     if source is not None:
@@ -410,8 +412,7 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
             raise ValueError(f"cannot read recipe {path}: {err.problem or err.context}{where}: "
                              f"fix the YAML syntax") from None
         except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot read recipe {path}: {first}") from None
+            raise ValueError(f"cannot read recipe {path}: {first_line(err)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -426,7 +427,7 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
             data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data),
                                                           OmegaConf.create(extra)), resolve=True)
         except OmegaConfBaseException as err:
-            raise ValueError(f"bad --set override: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"bad --set override: {first_line(err)}") from None
     preset_name = preset or data.pop("preset", None) or Recipe.preset
     if preset and "preset" in data:
         data.pop("preset")

@@ -164,9 +164,9 @@ def draw_noise(recipe: Recipe, latent_frames: int, device: torch.device, dtype: 
 def save_latents(latents: Tensor, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from core.checkpoint import _atomic_write
+    from core.checkpoint import atomic_write
 
-    _atomic_write(path, lambda temp: save_file({"latents": latents.contiguous().cpu()}, temp, metadata))
+    atomic_write(path, lambda temp: save_file({"latents": latents.contiguous().cpu()}, temp, metadata))
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -224,6 +224,9 @@ def check_request(request: GenerateRequest) -> Placement:
     if recipe.preset != "tiny":
         files = ModelFiles(resolve_model_dir(request.model_dir))
         files.require(files.vae, *([] if request.checkpoint else [files.generator]))
+    if request.latents_out is not None and not request.latents_out.parent.is_dir():
+        raise UserError(f"--latents-out {request.latents_out}: folder {request.latents_out.parent} "
+                        f"does not exist")
     for path, what in ((request.checkpoint, "--checkpoint"), (request.lora, "--lora")):
         if path is not None and not path.exists():
             raise UserError(f"{what} {path} not found: check the path")

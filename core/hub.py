@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, first_line
 
 DEFAULT_MODEL_DIR = Path("~/.cache/longlive/models").expanduser()
 
@@ -96,7 +96,7 @@ def _network_error(err: BaseException, endpoint: str | None, local_dir: Path) ->
     from huggingface_hub import constants
 
     where = endpoint or constants.ENDPOINT
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    detail = first_line(err)
     return UserError(f"cannot reach {where} ({type(err).__name__}: {detail[:120]}): set --endpoint "
                      f"(or HF_ENDPOINT) to a mirror, or copy the files into {local_dir} "
                      f"({', '.join(r.folder for r in REPOS.values())})")

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import read_state_dict
-from core.errors import UserError
+from core.errors import UserError, first_line, first_names
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the encoder's users pay for it
     from transformers import UMT5Config, UMT5EncoderModel
@@ -53,7 +53,6 @@ WAN_TOKENIZER_DIR = "google/umt5-xxl"
 WAN_MODEL_DIR = "Wan2.2-TI2V-5B"  # the folder the official code reads, when given its parent
 HF_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-SHOW_NAMES = 3  # names quoted in an error message before "..."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,14 +238,6 @@ def wan_state_dict_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...
     return shapes
 
 
-def _first_names(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:SHOW_NAMES])
-    return f"{shown}, ..." if len(names) > SHOW_NAMES else shown
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor],
@@ -256,7 +247,7 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[st
     unexpected = [name for name in state_dict if name not in expected]
     wrong = [f"{name} {tuple(state_dict[name].shape)} != {shape}" for name, shape in expected.items()
              if name in state_dict and tuple(state_dict[name].shape) != shape]
-    problems = [f"{len(names)} {kind} ({_first_names(names)})"
+    problems = [f"{len(names)} {kind} ({first_names(names)})"
                 for kind, names in (("missing", missing), ("unexpected", unexpected),
                                     ("with the wrong shape", wrong)) if names]
     if problems:
@@ -397,7 +388,7 @@ class HFTokenizer:
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
         except (OSError, ValueError, ImportError, KeyError, TypeError, json.JSONDecodeError) as err:
-            raise UserError(f"cannot load the tokenizer in {self.folder} ({_first_line(err)}): it "
+            raise UserError(f"cannot load the tokenizer in {self.folder} ({first_line(err)}): it "
                             f"needs tokenizer.json and tokenizer_config.json (google/umt5-xxl "
                             f"layout); download the folder again") from err
         self._tokenizer.padding_side = "right"  # the zeroing after the prompt assumes right padding
@@ -479,11 +470,11 @@ def read_hf_config(path: PathLike, text_len: int = 512) -> TextEncoderConfig:
     try:
         hf_config = UMT5Config.from_json_file(str(path))
     except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path} ({_first_line(err)}): give a valid config.json") from err
+        raise UserError(f"cannot read {path} ({first_line(err)}): give a valid config.json") from err
     try:
         return TextEncoderConfig.from_hf(hf_config, text_len=text_len, source=str(path))
     except ValueError as err:
-        raise UserError(f"{path}: {_first_line(err)}") from err
+        raise UserError(f"{path}: {first_line(err)}") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +650,7 @@ class TextEncoder:
         assert ids.shape == mask.shape == (len(texts), self.config.text_len), ids.shape
         full = [text[:40] for text, row in zip(texts, mask, strict=True) if row[-1] != 0]
         if full:  # longer prompts were cut to fit (the official truncates silently)
-            log.info("prompts filling all %d text slots: %s", self.config.text_len, _first_names(full))
+            log.info("prompts filling all %d text slots: %s", self.config.text_len, first_names(full))
         hidden = self.model(input_ids=ids.to(self.device),
                             attention_mask=mask.to(self.device)).last_hidden_state
         lengths = mask.sum(dim=1).tolist()

@@ -122,6 +122,7 @@ def test_interactive_prompt_switch_is_logged_with_its_frame(tmp_path):
     ("steps", "--steps 3"),
     ("device_decode", "needs a CUDA GPU"),
     ("output", "must be an .mp4"),
+    ("latents_out", "--latents-out"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, capsys, case, needle):
     if case == "device_decode" and torch.cuda.is_available():
@@ -143,6 +144,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, capsys, case, need
         "steps": ["generate", "x", *SMALL, "--steps", "3"],
         "device_decode": ["generate", "x", *SMALL, "--frames", "8", "--decode", "device:1"],
         "output": ["generate", "x", *SMALL, "--frames", "8", "-o", str(tmp_path / "x.avi")],
+        "latents_out": ["generate", "x", *SMALL, "--frames", "8", "--latents-out", str(tmp_path / "no" / "z.st")],
     }[case]
     shots.write_text({
         "bad_yaml": "- prompt: [unclosed\n",
