@@ -276,8 +276,9 @@ class RuntimeConfig:
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     seed: int = 0
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
-    # torch.compile the transformer blocks: "auto" = on a GPU (measured 1.25x there,
-    # docs/BENCHMARKS.md), off on a CPU where compiling costs more than it saves.
+    # torch.compile the DiT blocks and the VAE decoder: "auto" = on a GPU, when the video is long
+    # enough to win back the compile time (core/optimize.py; bench measures steady state and
+    # always compiles under "auto"); never on a CPU, where compiling costs more than it saves.
     compile: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:

@@ -23,7 +23,13 @@ from core.decode import VideoWriter, check_decode_mode, make_decoder
 from core.dit import CausalWanDiT
 from core.errors import UserError
 from core.hub import ModelFiles, resolve_model_dir
-from core.optimize import compile_blocks, compile_vae_decoder, wants_compile
+from core.optimize import (
+    DIT_BREAK_EVEN_CHUNKS,
+    VAE_BREAK_EVEN_CHUNKS,
+    compile_blocks,
+    compile_vae_decoder,
+    wants_compile,
+)
 from core.pipeline import stream_latents
 from core.shots import PromptSchedule
 
@@ -247,9 +253,9 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
         torch.cuda.reset_peak_memory_stats(device)
 
     models = load_models(request, device, dtype, vae_device)
-    if wants_compile(recipe.runtime.compile, device):
+    if wants_compile(recipe.runtime.compile, device, schedule.num_chunks, DIT_BREAK_EVEN_CHUNKS):
         compile_blocks(models.dit)
-    if wants_compile(recipe.runtime.compile, vae_device):
+    if wants_compile(recipe.runtime.compile, vae_device, schedule.num_chunks, VAE_BREAK_EVEN_CHUNKS):
         compile_vae_decoder(models.vae)
     negative = request.negative_prompt if stream.uses_guidance else None
     contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)

@@ -6,10 +6,20 @@ import torch
 
 from core.dit import CausalWanDiT
 
+# Measured on an H200 at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and
+# saves ~0.29 s per chunk; compiling the VAE decoder takes ~55 s and saves ~0.31 s per chunk.
+DIT_BREAK_EVEN_CHUNKS = 40
+VAE_BREAK_EVEN_CHUNKS = 180
 
-def wants_compile(setting: str, device: torch.device) -> bool:
-    """RuntimeConfig.compile ("auto" | "always" | "never") on a device."""
-    return setting == "always" or (setting == "auto" and device.type == "cuda")
+
+def wants_compile(setting: str, device: torch.device, chunks: int | None = None,
+                  break_even_chunks: int = 0) -> bool:
+    """RuntimeConfig.compile ("auto" | "always" | "never") on a device. "auto" compiles on a GPU
+    when the run is long enough to win back the compile time (`chunks` None: steady-state
+    measurements, which exclude it)."""
+    if setting != "auto":
+        return setting == "always"
+    return device.type == "cuda" and (chunks is None or chunks >= break_even_chunks)
 
 
 def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT:

@@ -86,3 +86,14 @@ def test_bundled_recipes_load():
     assert load_recipe("tiny").preset == "tiny"
     with pytest.raises(FileNotFoundError, match="not found"):
         load_recipe("no_such_recipe")
+
+
+@pytest.mark.parametrize("setting,device,chunks,want", [
+    ("auto", "cpu", None, False), ("auto", "cuda", None, True), ("auto", "cuda", 10, False),
+    ("auto", "cuda", 40, True), ("always", "cpu", 1, True), ("never", "cuda", None, False)])
+def test_compile_policy(setting, device, chunks, want):
+    import torch
+
+    from core.optimize import DIT_BREAK_EVEN_CHUNKS, wants_compile
+
+    assert wants_compile(setting, torch.device(device), chunks, DIT_BREAK_EVEN_CHUNKS) is want
