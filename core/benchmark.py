@@ -26,6 +26,7 @@ from core.config import VAE_TEMPORAL_STRIDE, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
 from core.optimize import compile_blocks, compile_vae_decoder, wants_compile, warm_up_vae_decoder
 from core.pipeline import stream_latents, tokens_per_frame
+from core.runtime import SpanTimer, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -71,22 +72,6 @@ class BenchResult:
         return asdict(self)
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> the current CUDA device or the CPU; `cuda` gets its index."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 def build_random_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> CausalWanDiT:
     """The DiT with random weights, allocated once in its final dtype and device."""
     with torch.device("meta"):
@@ -103,12 +88,6 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype,
 
     return build_generator(recipe.model, checkpoint, lora, device=device, dtype=dtype,
                            seed=recipe.runtime.seed)
-
-
-def vae_config_for(recipe: Recipe):
-    from core.vae import VAEConfig
-
-    return VAEConfig.preset("tiny" if recipe.preset == "tiny" else "wan2.2")
 
 
 def run_benchmark(recipe: Recipe, frames: int | None = None,
@@ -150,41 +129,30 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
                                   dtype=dtype)
     negative = torch.randn_like(context) if stream.uses_guidance else None
 
-    stamps: list = []
-
-    def stamp():
-        if device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            stamps.append(event)
-        else:
-            stamps.append(time.perf_counter())
-
+    timer = SpanTimer(device)
     deliveries: list[float] = []
     with contextlib.ExitStack() as scope:
         decoder = None
         if decode is not None:
             decoder = _decode_to_throwaway_video(scope, recipe, decode, device, dtype, deliveries)
-        stamp()
+        timer.start()
         with sdpa_backend(runtime.attention):
             for chunk in stream_latents(model, noise, [context] * chunks, stream,
                                         negative_context=negative):
-                stamp()  # the chunk is denoised
+                timer.stop()  # the chunk is denoised
                 if decoder is not None:
                     decoder.submit(chunk.latents)
-                stamp()  # handed to the decoder (in sync mode: decoded)
+                timer.start()  # handed to the decoder (in sync mode: decoded)
                 if on_chunk is not None:
                     on_chunk(chunk.index + 1, chunks)
         if decoder is not None:
             decoder.finish()
+    seconds = timer.durations()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        seconds = [a.elapsed_time(b) / 1000 for a, b in zip(stamps[0:-1:2], stamps[1::2], strict=True)]
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         reserved = torch.cuda.max_memory_reserved(device) / 2**30
         name = torch.cuda.get_device_name(device)
     else:
-        seconds = [b - a for a, b in zip(stamps[0:-1:2], stamps[1::2], strict=True)]
         peak = reserved = None
         name = "cpu"
     steady = seconds[window_chunks:]
@@ -230,7 +198,7 @@ def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, deco
     vae_device = check_decode_mode(decode, device)
     if vae_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(vae_device)
-    vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=vae_device, dtype=dtype)
+    vae = random_vae(recipe.vae, recipe.runtime.seed, device=vae_device, dtype=dtype)
     if wants_compile(recipe.runtime.compile, vae_device):
         compile_vae_decoder(vae)  # and compile it now: the steady state must not include that
         warm_up_vae_decoder(vae, recipe.video.latent_height, recipe.video.latent_width,
@@ -275,7 +243,7 @@ def run_vae_benchmark(recipe: Recipe, chunks: int = 5) -> VaeBenchResult:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-    vae = random_vae(vae_config_for(recipe), recipe.runtime.seed, device=device, dtype=dtype)
+    vae = random_vae(recipe.vae, recipe.runtime.seed, device=device, dtype=dtype)
     compiled = wants_compile(recipe.runtime.compile, device)
     if compiled:
         compile_vae_decoder(vae)

@@ -199,24 +199,28 @@ def read_state_dict(path: PathLike, *, use_ema: bool = False) -> dict[str, Tenso
 # Loading into a model.
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Raise a UserError unless names and shapes equal the model's exactly."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor],
+                 source: str, target: str, fix: str) -> None:
+    """One-line UserError unless `state_dict` has exactly the expected names and shapes."""
     missing = [name for name in expected if name not in state_dict]
     unexpected = [name for name in state_dict if name not in expected]
     wrong = [f"{name} {tuple(state_dict[name].shape)} != {shape}"
              for name, shape in expected.items()
              if name in state_dict and tuple(state_dict[name].shape) != shape]
-    if not (missing or unexpected or wrong):
-        return
-    if any(name.endswith("quantized_weight_values") for name in unexpected):
-        raise UserError(f"{source} is a packed NVFP4 checkpoint: load it into the NVFP4 model "
-                        f"(quant/), not as a plain generator")
     problems = [f"{len(names)} {kind} ({first_names(names)})"
                 for kind, names in (("missing", missing), ("unexpected", unexpected),
                                     ("with the wrong shape", wrong)) if names]
-    raise UserError(f"checkpoint {source} does not match the model: {', '.join(problems)}: "
-                    f"check --preset / the file")
+    if problems:
+        raise UserError(f"{source} does not match {target}: {', '.join(problems)}: {fix}")
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Raise a UserError unless names and shapes equal the model's exactly."""
+    if any(name.endswith("quantized_weight_values") for name in state_dict):
+        raise UserError(f"{source} is a packed NVFP4 checkpoint: load it into the NVFP4 model "
+                        f"(quant/), not as a plain generator")
+    check_shapes({name: tuple(t.shape) for name, t in model.state_dict().items()}, state_dict,
+                 f"checkpoint {source}", "the model", "check --preset / the file")
 
 
 def load_generator(model: nn.Module, path: PathLike, *, use_ema: bool = False) -> nn.Module:

@@ -297,6 +297,11 @@ class Recipe:
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    @property
+    def vae(self) -> VAEConfig:
+        """The VAE that goes with the model preset (the tiny model gets the tiny VAE)."""
+        return VAEConfig.preset("tiny" if self.preset == "tiny" else "wan2.2")
+
     @classmethod
     def preset_recipe(cls, name: str) -> Recipe:
         """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official) or `tiny` (CPU)."""

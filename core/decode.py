@@ -16,6 +16,7 @@ for any video length, and an interrupted run leaves nothing under the final name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import secrets
@@ -131,7 +132,7 @@ class DeviceDecoder:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-            with torch.no_grad(), (torch.cuda.stream(stream) if stream else _nullcontext()):
+            with torch.no_grad(), (torch.cuda.stream(stream) if stream else contextlib.nullcontext()):
                 decoder = self.vae.streaming_decoder()
                 while (item := self.queue.get()) is not self._STOP:
                     latents, ready = item
@@ -191,14 +192,6 @@ class DeviceDecoder:
         if self.thread.is_alive():
             self.queue.put(self._STOP)
             self.thread.join(timeout=60)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_decode_mode(mode: str) -> tuple[str, int | None]:

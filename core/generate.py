@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.benchmark import resolve_device, resolve_dtype
 from core.config import VIDEO_FPS, Recipe
 from core.decode import VideoWriter, check_decode_mode, make_decoder
 from core.dit import CausalWanDiT
@@ -31,6 +30,7 @@ from core.optimize import (
     wants_compile,
 )
 from core.pipeline import stream_latents
+from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
 
 # Wan's standard negative prompt (used when guidance is on).
@@ -96,21 +96,21 @@ def load_models(request: GenerateRequest, device: torch.device, dtype: torch.dty
     """The tiny preset runs on seeded random weights (offline); the 5B loads the model folder."""
     from core.checkpoint import build_generator
     from core.text import TextEncoder
-    from core.vae import VAEConfig, load_vae, random_vae
+    from core.vae import load_vae, random_vae
 
     recipe = request.recipe
     seed = recipe.runtime.seed
     if recipe.preset == "tiny":
         dit = build_generator(recipe.model, request.checkpoint, request.lora, device=device,
                               dtype=dtype, seed=seed)
-        vae = random_vae(VAEConfig.preset("tiny"), seed, device=vae_device, dtype=dtype)
+        vae = random_vae(recipe.vae, seed, device=vae_device, dtype=dtype)
         text = TextEncoder.tiny(seed=seed, device=device)
         return Models(dit, vae, text)
     files = ModelFiles(resolve_model_dir(request.model_dir))
     checkpoint = request.checkpoint or files.generator
     text = TextEncoder.from_model_dir(files.text_encoder_dir, device=device)
     dit = build_generator(recipe.model, checkpoint, request.lora, device=device, dtype=dtype)
-    vae = load_vae(files.vae, VAEConfig.preset("wan2.2"), device=vae_device, dtype=dtype)
+    vae = load_vae(files.vae, recipe.vae, device=vae_device, dtype=dtype)
     return Models(dit, vae, text)
 
 
@@ -150,12 +150,11 @@ def read_image(path: Path, height: int, width: int) -> Tensor:
     return (pixels * 2 - 1)[:, :, None]
 
 
-def image_latent(vae, path: Path, height: int, width: int, device: torch.device,
-                 dtype: torch.dtype) -> Tensor:
-    """The conditioning latent `[1, 1, 48, h, w]` of the first frame."""
+def image_latent(vae, pixels: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The conditioning latent `[1, 1, 48, h, w]` of a first frame `[1, 3, 1, H, W]`."""
     vae_param = next(vae.parameters())
     with torch.no_grad():
-        latent = vae.encode(read_image(path, height, width).to(vae_param.device, vae_param.dtype))
+        latent = vae.encode(pixels.to(vae_param.device, vae_param.dtype))
     return latent.permute(0, 2, 1, 3, 4).to(device=device, dtype=dtype)
 
 
@@ -178,39 +177,12 @@ def save_latents(latents: Tensor, path: Path, metadata: dict[str, str]) -> None:
 # -- the run --------------------------------------------------------------------------------------
 
 
-class _Clock:
-    """Per-chunk denoising time without host syncs: CUDA events on the generating stream."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.spans: list[tuple] = []
-        self._start = None
-
-    def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def start(self) -> None:
-        self._start = self._now()
-
-    def stop(self) -> None:
-        self.spans.append((self._start, self._now()))
-
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(a.elapsed_time(b) for a, b in self.spans) / 1000
-        return sum(b - a for a, b in self.spans)
-
-
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
     dtype: torch.dtype
     vae_device: torch.device
+    image: Tensor | None  # the decoded conditioning image, [1, 3, 1, H, W]
 
 
 def check_request(request: GenerateRequest) -> Placement:
@@ -236,9 +208,10 @@ def check_request(request: GenerateRequest) -> Placement:
     for path, what in ((request.checkpoint, "--checkpoint"), (request.lora, "--lora")):
         if path is not None and not path.exists():
             raise UserError(f"{what} {path} not found: check the path")
+    image = None
     if request.image is not None:
-        read_image(request.image, recipe.video.height, recipe.video.width)
-    return Placement(device, dtype, vae_device)
+        image = read_image(request.image, recipe.video.height, recipe.video.width)
+    return Placement(device, dtype, vae_device, image)
 
 
 def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None] | None = None,
@@ -260,8 +233,8 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
     negative = request.negative_prompt if stream.uses_guidance else None
     contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
     first_image = None
-    if request.image is not None:
-        first_image = image_latent(models.vae, request.image, video.height, video.width, device, dtype)
+    if placement.image is not None:
+        first_image = image_latent(models.vae, placement.image, device, dtype)
     noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
 
     switches: list[tuple[int, int, str]] = []
@@ -279,24 +252,24 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
         "generator": "longlive", "preset": recipe.preset, "seed": recipe.runtime.seed,
         "steps": stream.sampling_steps, "shot_start_frames": schedule.shot_start_frames,
         "shot_prompts": [shot.prompt for shot in schedule.shots]})}
-    clock = _Clock(device)
+    timer = SpanTimer(device)
     latents_kept = [] if request.latents_out is not None else None
     started = time.perf_counter()
     with VideoWriter(request.output, video.width, video.height, crf=request.crf,
                      metadata=metadata) as writer:
         decoder = make_decoder(request.decode, models.vae, writer.write)
         try:
-            clock.start()
+            timer.start()
             for chunk in stream_latents(models.dit, noise, contexts, stream, schedule.scene_cuts,
                                         image_latent=first_image, negative_context=negative_context,
                                         prompt_switch=prompt_switch if prompt_source else None):
-                clock.stop()
+                timer.stop()
                 decoder.submit(chunk.latents)
                 if latents_kept is not None:
                     latents_kept.append(chunk.latents)
                 if on_chunk is not None:
                     on_chunk(chunk.index + 1, schedule.num_chunks)
-                clock.start()
+                timer.start()
             decoder.finish()
         except BaseException:
             if hasattr(decoder, "close"):
@@ -311,6 +284,6 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
         output=request.output, video_frames=writer.frames_written,
         latent_frames=schedule.num_latent_frames, chunks=schedule.num_chunks, height=video.height,
         width=video.width, steps=stream.sampling_steps, precision=str(dtype).split(".")[-1],
-        device=str(device), decode=request.decode, denoise_seconds=clock.seconds(),
+        device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
         end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
 

@@ -211,8 +211,9 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
     if stream.uses_guidance:
         branches.append(Branch(allocate_cache(model, stream, batch, tokens, noise.device),
                                text=model.prepare_text(negative_context)))
+    # What a window recache needs: the clean latents and RoPE shot offset of every frame so far.
     clean = torch.empty_like(noise) if prompt_switch is not None else None
-    frame_offsets = torch.zeros(noise.shape[1], dtype=torch.float64)
+    frame_offsets = torch.zeros(noise.shape[1], dtype=torch.float64) if prompt_switch is not None else None
     override: Tensor | None = None
     text_source: Tensor | None = None  # the context branches[0].text was prepared from
     for plan in plans:
@@ -227,12 +228,12 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
         if switched is not None:
             recache_window(model, clean, frame_offsets, branches[0])
         frames = slice(plan.start_frame, plan.start_frame + plan.num_frames)
-        frame_offsets[frames] = plan.rope_offset
         first_image = image_latent if plan.index == 0 else None
         latents = denoise_chunk(model, noise[:, frames], plan, stream, branches, first_image)
         recache_chunk(model, latents, plan, stream, branches)
         if clean is not None:
             clean[:, frames] = latents
+            frame_offsets[frames] = plan.rope_offset
         yield LatentChunk(plan.index, plan.start_frame, latents)
 
 

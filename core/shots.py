@@ -344,11 +344,11 @@ class _LineList(list):
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    """A SafeLoader of its own, so the line-recording constructors below stay local."""
 
 
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
-    pass
+    """A mapping repeats a key (PyYAML would silently keep the last one)."""
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
@@ -397,7 +397,7 @@ def _parse_yaml(text: str, path: Path) -> Any:
 
 
 class _DuplicateJSONKey(Exception):
-    pass
+    """A JSON object repeats a key (json would silently keep the last one)."""
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from core.checkpoint import read_state_dict
+from core.checkpoint import check_shapes, read_state_dict
+from core.config import require as _require
 from core.errors import UserError, first_line, first_names
+from core.runtime import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # transformers takes seconds to import: only the encoder's users pay for it
     from transformers import UMT5Config, UMT5EncoderModel
@@ -57,11 +59,6 @@ TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 # ----------------------------------------------------------------------------------------------
 # Config.
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclass
@@ -240,20 +237,6 @@ def wan_state_dict_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...
 
 
 
-def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor],
-                 source: str, fix: str) -> None:
-    """One-line UserError unless `state_dict` has exactly the expected names and shapes."""
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    wrong = [f"{name} {tuple(state_dict[name].shape)} != {shape}" for name, shape in expected.items()
-             if name in state_dict and tuple(state_dict[name].shape) != shape]
-    problems = [f"{len(names)} {kind} ({first_names(names)})"
-                for kind, names in (("missing", missing), ("unexpected", unexpected),
-                                    ("with the wrong shape", wrong)) if names]
-    if problems:
-        raise UserError(f"{source} does not match the text encoder config: {', '.join(problems)}: {fix}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Weights.
 
@@ -277,7 +260,7 @@ def random_wan_state_dict(config: TextEncoderConfig, seed: int = 0) -> dict[str,
 def read_wan_weights(path: PathLike, config: TextEncoderConfig) -> dict[str, Tensor]:
     """The official encoder file (Wan names), checked against `config`, in HF names."""
     wan = read_state_dict(path)
-    check_shapes(wan_state_dict_shapes(config), wan, f"text encoder weights {path}",
+    check_shapes(wan_state_dict_shapes(config), wan, f"text encoder weights {path}", "the text encoder config",
                  "give the umt5 encoder file that matches the config (umt5-xxl for Wan2.2)")
     return wan_to_hf_keys(wan)
 
@@ -292,7 +275,7 @@ def read_hf_weights(path: PathLike, config: TextEncoderConfig) -> dict[str, Tens
     if embedding is not None:
         for name in HF_EMBEDDINGS:
             tensors[name] = embedding
-    check_shapes(_hf_shapes(config), tensors, f"text encoder weights {path}",
+    check_shapes(_hf_shapes(config), tensors, f"text encoder weights {path}", "the text encoder config",
                  "the weights do not belong to the config.json beside them: download the folder again")
     return tensors
 
@@ -481,18 +464,6 @@ def read_hf_config(path: PathLike, text_len: int = 512) -> TextEncoderConfig:
 # The encoder.
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """None -> bf16 on GPUs (what the official runs), fp32 elsewhere."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, str):
-        resolved = getattr(torch, dtype, None)
-        if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype such as 'bfloat16' (got {dtype!r})")
-        return resolved
-    return dtype
-
-
 class TextEncoder:
     """Prompts -> context `[N, text_len, d_model]` (the DiT's `prompt_embeds`).
 
@@ -518,10 +489,8 @@ class TextEncoder:
                             f"has {config.vocab_size} embeddings: pair the weights with their tokenizer")
         self.config = config
         self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # compare equal to p.device
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.device = resolve_device(str(device))  # "cuda" -> "cuda:N": compares equal to p.device
+        self.dtype = resolve_dtype(dtype, self.device)
         self.keep_on_device = keep_on_device
         self.batch_size = batch_size
         self.max_cached_prompts = max_cached_prompts

@@ -41,7 +41,8 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
 ) -> None:
     """Measure the engine: s/block, fps and peak memory at a resolution, steps and window."""
-    from core.benchmark import resolve_device, run_benchmark, run_vae_benchmark
+    from core.benchmark import run_benchmark, run_vae_benchmark
+    from core.runtime import resolve_device
     from longlive_cli.options import resolve_recipe
     from longlive_cli.progress import chunk_progress
 

@@ -264,7 +264,7 @@ class RunsCode:
 
 
 class NotATensor:
-    pass
+    """An arbitrary user class: weights_only loading must refuse it."""
 
 
 @pytest.mark.parametrize("payload", ["code", "object"])
