@@ -166,7 +166,13 @@ class TextConditioning:
 
 
 class CausalWanDiT(nn.Module):
-    """Wan2.2-TI2V causal DiT with the official parameter names (bare, no `model.` prefix)."""
+    """Wan2.2-TI2V causal DiT with the official parameter names (bare, no `model.` prefix).
+
+    `sequence_attention(q, k, v, mask)` is the attention of the full-sequence forwards; a
+    parallel plan (`sp/plan.py`) replaces it on the instance to spread attention over ranks."""
+
+    sequence_attention: Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor] = \
+        staticmethod(masked_attention)
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -312,7 +318,7 @@ class CausalWanDiT(nn.Module):
             mask = TeacherForcingMask(frames, tokens_per_frame, frames_per_block)
 
         def attend(q, k, v):
-            return masked_attention(q, k, v, mask)
+            return self.sequence_attention(q, k, v, mask)
 
         out = self.run_blocks(tokens, e0, self._text(context), rope,
                               [attend] * len(self.blocks), segments)
