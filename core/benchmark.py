@@ -24,6 +24,7 @@ import torch
 from core.attention import sdpa_backend
 from core.config import VAE_TEMPORAL_STRIDE, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
+from core.hooks import ModelHooks, storage_bytes
 from core.optimize import compile_blocks, compile_vae_decoder, wants_compile, warm_up_vae_decoder
 from core.pipeline import stream_latents, tokens_per_frame
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
@@ -55,8 +56,8 @@ class BenchResult:
     first_chunk_seconds: float
     fps: float  # pixel frames per second at the median
     parameters: int
-    weights_gib: float
-    kv_cache_gib: float
+    weights_gib: float  # bytes of the DiT's parameters and buffers as stored
+    kv_cache_gib: float  # bytes of every KV cache allocated (all guidance branches)
     peak_memory_gib: float | None  # max allocated on the GPU over the whole run
     peak_reserved_gib: float | None
     torch_version: str
@@ -67,9 +68,16 @@ class BenchResult:
     e2e_fps: float | None = None
     e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
     vae_peak_memory_gib: float | None = None
+    storage: str = "bf16"  # e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def logical_parameters(recipe: Recipe) -> int:
+    """The model's parameter count whatever its storage (packed layers hold buffers instead)."""
+    with torch.device("meta"):
+        return count_parameters(CausalWanDiT(recipe.model))
 
 
 def build_random_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> CausalWanDiT:
@@ -93,11 +101,14 @@ def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype,
 def run_benchmark(recipe: Recipe, frames: int | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
                   checkpoint: str | None = None, lora: str | None = None,
-                  decode: str | None = None) -> BenchResult:
+                  decode: str | None = None, hooks: ModelHooks | None = None) -> BenchResult:
     """Stream `frames` latent frames (default: the window fill + 6 chunks) and report the
     steady-state timings. Random weights unless a checkpoint (and LoRA) is given. With `decode`
     (sync | stream | device:N) every chunk is also decoded by a random-weight VAE and written to
-    a throwaway mp4, and the delivery rate of finished frames is reported as end-to-end fps."""
+    a throwaway mp4, and the delivery rate of finished frames is reported as end-to-end fps.
+    `hooks` swap in another storage (NVFP4 weights / KV cache); the weight and cache sizes
+    reported are those of the tensors actually allocated."""
+    hooks = hooks or ModelHooks()
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
     device = resolve_device(runtime.device)
     dtype = resolve_dtype(runtime.dtype, device)
@@ -116,7 +127,17 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
 
-    model = build_model(recipe, device, dtype, checkpoint, lora)
+    if hooks.load_dit is not None:
+        model = hooks.load_dit(recipe.model, checkpoint and Path(checkpoint), lora and Path(lora),
+                               device, dtype, runtime.seed).eval()
+    else:
+        model = build_model(recipe, device, dtype, checkpoint, lora)
+    caches: list = []
+
+    def cache_transform(cache):
+        cache = hooks.cache_transform(cache) if hooks.cache_transform is not None else cache
+        caches.append(cache)
+        return cache
     compiled = wants_compile(runtime.compile, device)
     if compiled:
         compile_blocks(model)
@@ -138,7 +159,7 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         timer.start()
         with sdpa_backend(runtime.attention):
             for chunk in stream_latents(model, noise, [context] * chunks, stream,
-                                        negative_context=negative):
+                                        negative_context=negative, cache_transform=cache_transform):
                 timer.stop()  # the chunk is denoised
                 if decoder is not None:
                     decoder.submit(chunk.latents)
@@ -158,9 +179,7 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
     steady = seconds[window_chunks:]
     median = statistics.median(steady)
     tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    branches = 2 if stream.uses_guidance else 1
-    kv_bytes = branches * cfg.num_layers * 2 * stream.local_window_frames * tokens * cfg.dim * itemsize
+    kv_bytes = sum(storage_bytes(cache) for cache in caches)
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
     dit_fps = VAE_TEMPORAL_STRIDE * fpb / median
@@ -182,8 +201,8 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         seconds_per_block_min=min(steady), seconds_per_block_max=max(steady),
         first_chunk_seconds=seconds[0],
         fps=VAE_TEMPORAL_STRIDE * stream.frames_per_block / median,
-        parameters=count_parameters(model),
-        weights_gib=count_parameters(model) * itemsize / 2**30,
+        parameters=logical_parameters(recipe), storage=hooks.label or "bf16",
+        weights_gib=storage_bytes(model) / 2**30,
         kv_cache_gib=kv_bytes / 2**30, peak_memory_gib=peak, peak_reserved_gib=reserved,
         torch_version=torch.__version__,
         cudnn_version=torch.backends.cudnn.version() if device.type == "cuda" else None)

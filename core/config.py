@@ -287,6 +287,35 @@ class RuntimeConfig:
                  f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
 
 
+SCALE_RULES = ("static_6", "static_4", "mse", "mae", "abs_max")
+
+
+@dataclass
+class QuantSettings:
+    """NVFP4 storage of the DiT's 300 block linears and of the KV cache (applied by `quant/`).
+
+    `mode`: w4a16 = packed weights dequantized on the fly for a bf16 GEMM (memory; any GPU),
+    w4a4 = weights and activations with exact NVFP4 numerics (emulated off Blackwell),
+    native = Blackwell FP4 tensor cores."""
+
+    precision: Literal["bf16", "nvfp4"] = "bf16"
+    mode: Literal["w4a16", "w4a4", "native"] = "w4a16"
+    rule: str = "mse"
+    kv_precision: Literal["bf16", "nvfp4"] = "bf16"
+    kv_rule: str = "mse"
+
+    def __post_init__(self) -> None:
+        for key in ("rule", "kv_rule"):
+            _require(getattr(self, key) in SCALE_RULES,
+                     f"{key} must be one of {', '.join(SCALE_RULES)} (got {getattr(self, key)!r})")
+
+    @property
+    def label(self) -> str:
+        weights = f"nvfp4 {self.mode} ({self.rule})" if self.precision == "nvfp4" else ""
+        kv = f"kv nvfp4 ({self.kv_rule})" if self.kv_precision == "nvfp4" else ""
+        return ", ".join(part for part in (weights, kv) if part)
+
+
 @dataclass
 class Recipe:
     """A complete run description. `preset` names the model preset the `model` section edits."""
@@ -296,6 +325,7 @@ class Recipe:
     stream: StreamConfig = field(default_factory=StreamConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    quant: QuantSettings = field(default_factory=QuantSettings)
 
     @property
     def vae(self) -> VAEConfig:
@@ -396,10 +426,9 @@ def find_recipe(name_or_path: str) -> Path:
         f"({', '.join(sorted(p.stem for p in bundled.parent.glob('*.yaml')))})")
 
 
-def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                preset: str | None = None) -> Recipe:
-    """Load a recipe: `preset` (or the file's `preset:` key) first, then the file, then
-    `--set key=value` overrides. Raises ValueError/FileNotFoundError with one-line messages."""
+def read_recipe_data(source: str | Path | None, overrides: typing.Sequence[str]) -> tuple[dict[str, Any], str]:
+    """A recipe file (optional) merged with `--set key=value` overrides, as a plain dict, and
+    where it came from. Raises ValueError/FileNotFoundError with one-line messages."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -434,12 +463,24 @@ def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str
                                                           OmegaConf.create(extra)), resolve=True)
         except OmegaConfBaseException as err:
             raise ValueError(f"bad --set override: {first_line(err)}") from None
-    preset_name = preset or data.pop("preset", None) or Recipe.preset
+    return data, origin
+
+
+def pop_preset(data: dict[str, Any], preset: str | None, default: str) -> str:
+    name = preset or data.pop("preset", None) or default
     if preset and "preset" in data:
         data.pop("preset")
-    if not isinstance(preset_name, str) or preset_name not in MODEL_PRESETS:
-        raise ValueError(f"bad value for 'preset': {preset_name!r} "
-                         f"(allowed: {', '.join(MODEL_PRESETS)})")
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
+        raise ValueError(f"bad value for 'preset': {name!r} (allowed: {', '.join(MODEL_PRESETS)})")
+    return name
+
+
+def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                preset: str | None = None) -> Recipe:
+    """Load a recipe: `preset` (or the file's `preset:` key) first, then the file, then
+    `--set key=value` overrides. Raises ValueError/FileNotFoundError with one-line messages."""
+    data, origin = read_recipe_data(source, overrides)
+    preset_name = pop_preset(data, preset, Recipe.preset)
     try:
         return overlay(Recipe.preset_recipe(preset_name), data)
     except ValueError as err:

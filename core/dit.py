@@ -19,7 +19,7 @@ L tokens, D model width, T text slots.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -348,12 +348,19 @@ class CausalWanDiT(nn.Module):
 
 
 @torch.no_grad()
-def random_init_(model: nn.Module, seed: int = 0) -> nn.Module:
+def random_init_(model: nn.Module, seed: int = 0, *, prefix: str = "",
+                 index_of: Mapping[str, int] | None = None) -> nn.Module:
     """Deterministic, non-degenerate random weights for tests and benchmarks: N(0, 1/fan_in)
     for weights and biases, norm scales 1 + N(0, 0.1^2). Works on any device (also on a model
-    materialised from `meta` with `to_empty`)."""
-    for index, (name, param) in enumerate(model.named_parameters()):
-        generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index)
+    materialised from `meta` with `to_empty`). Each parameter's values depend only on its index
+    in the full model (`index_of`, default: the model's own order), so a model can be
+    materialised and initialised part by part (`prefix`; parameters on `meta` are skipped)."""
+    if index_of is None:
+        index_of = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    for name, param in model.named_parameters():
+        if param.is_meta or not name.startswith(prefix):
+            continue
+        generator = torch.Generator(device=param.device).manual_seed(seed * 100003 + index_of[name])
         values = torch.randn(param.shape, generator=generator, device=param.device,
                              dtype=torch.float32)
         if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):

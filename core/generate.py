@@ -21,6 +21,7 @@ from core.config import VIDEO_FPS, Recipe
 from core.decode import VideoWriter, check_decode_mode, make_decoder
 from core.dit import CausalWanDiT
 from core.errors import UserError
+from core.hooks import ModelHooks
 from core.hub import ModelFiles, resolve_model_dir
 from core.optimize import (
     DIT_BREAK_EVEN_CHUNKS,
@@ -53,6 +54,7 @@ class GenerateRequest:
     crf: int = 18
     latents_out: Path | None = None
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    hooks: ModelHooks = field(default_factory=ModelHooks)  # quantized storage, wired in by the CLI
 
 
 @dataclass
@@ -94,24 +96,29 @@ class Models:
 def load_models(request: GenerateRequest, device: torch.device, dtype: torch.dtype,
                 vae_device: torch.device) -> Models:
     """The tiny preset runs on seeded random weights (offline); the 5B loads the model folder."""
-    from core.checkpoint import build_generator
     from core.text import TextEncoder
     from core.vae import load_vae, random_vae
 
     recipe = request.recipe
     seed = recipe.runtime.seed
+    load_dit = request.hooks.load_dit or _load_bf16
     if recipe.preset == "tiny":
-        dit = build_generator(recipe.model, request.checkpoint, request.lora, device=device,
-                              dtype=dtype, seed=seed)
+        dit = load_dit(recipe.model, request.checkpoint, request.lora, device, dtype, seed)
         vae = random_vae(recipe.vae, seed, device=vae_device, dtype=dtype)
         text = TextEncoder.tiny(seed=seed, device=device)
         return Models(dit, vae, text)
     files = ModelFiles(resolve_model_dir(request.model_dir))
     checkpoint = request.checkpoint or files.generator
     text = TextEncoder.from_model_dir(files.text_encoder_dir, device=device)
-    dit = build_generator(recipe.model, checkpoint, request.lora, device=device, dtype=dtype)
+    dit = load_dit(recipe.model, checkpoint, request.lora, device, dtype, seed)
     vae = load_vae(files.vae, recipe.vae, device=vae_device, dtype=dtype)
     return Models(dit, vae, text)
+
+
+def _load_bf16(config, checkpoint, lora, device, dtype, seed) -> CausalWanDiT:
+    from core.checkpoint import build_generator
+
+    return build_generator(config, checkpoint, lora, device=device, dtype=dtype, seed=seed)
 
 
 # -- stage: inputs --------------------------------------------------------------------------------
@@ -262,7 +269,8 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
             timer.start()
             for chunk in stream_latents(models.dit, noise, contexts, stream, schedule.scene_cuts,
                                         image_latent=first_image, negative_context=negative_context,
-                                        prompt_switch=prompt_switch if prompt_source else None):
+                                        prompt_switch=prompt_switch if prompt_source else None,
+                                        cache_transform=request.hooks.cache_transform):
                 timer.stop()
                 decoder.submit(chunk.latents)
                 if latents_kept is not None:
@@ -283,7 +291,8 @@ def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None
     return GenerateReport(
         output=request.output, video_frames=writer.frames_written,
         latent_frames=schedule.num_latent_frames, chunks=schedule.num_chunks, height=video.height,
-        width=video.width, steps=stream.sampling_steps, precision=str(dtype).split(".")[-1],
+        width=video.width, steps=stream.sampling_steps,
+        precision=", ".join(filter(None, (str(dtype).split(".")[-1], request.hooks.label))),
         device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
         end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
 

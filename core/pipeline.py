@@ -191,14 +191,19 @@ def recache_window(model: CausalWanDiT, clean_BFCHW: Tensor, frame_offsets: Tens
 # -- the loop ---------------------------------------------------------------------------------
 
 PromptSwitch = Callable[[int], Tensor | None]
+CacheTransform = Callable[[KVCache], KVCache]
 
 
 @torch.no_grad()
 def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
                    stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                    image_latent: Tensor | None = None, negative_context: Tensor | None = None,
-                   prompt_switch: PromptSwitch | None = None) -> Iterator[LatentChunk]:
+                   prompt_switch: PromptSwitch | None = None,
+                   cache_transform: CacheTransform | None = None) -> Iterator[LatentChunk]:
     """Yield every finished latent chunk in order (see `generate_latents`).
+
+    `cache_transform(cache)` is applied to every freshly allocated cache: how another storage
+    (e.g. `quant.kv.quantize_kv_cache`) plugs in without the pipeline knowing about it.
 
     `prompt_switch(chunk_index)` is asked before every chunk after the first; a returned context
     replaces the prompt from that chunk on (until the schedule's next scene cut) and the cached
@@ -207,10 +212,13 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
                         negative_context)
     batch, _, _, height, width = noise.shape
     tokens = tokens_per_frame(model, height, width)
-    branches = [Branch(allocate_cache(model, stream, batch, tokens, noise.device))]
+    def new_cache() -> KVCache:
+        cache = allocate_cache(model, stream, batch, tokens, noise.device)
+        return cache_transform(cache) if cache_transform is not None else cache
+
+    branches = [Branch(new_cache())]
     if stream.uses_guidance:
-        branches.append(Branch(allocate_cache(model, stream, batch, tokens, noise.device),
-                               text=model.prepare_text(negative_context)))
+        branches.append(Branch(new_cache(), text=model.prepare_text(negative_context)))
     # What a window recache needs: the clean latents and RoPE shot offset of every frame so far.
     clean = torch.empty_like(noise) if prompt_switch is not None else None
     frame_offsets = torch.zeros(noise.shape[1], dtype=torch.float64) if prompt_switch is not None else None
@@ -240,7 +248,8 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
 def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Tensor],
                      stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                      image_latent: Tensor | None = None,
-                     negative_context: Tensor | None = None) -> Tensor:
+                     negative_context: Tensor | None = None,
+                     cache_transform: CacheTransform | None = None) -> Tensor:
     """Denoise `noise [B, F, C, H, W]` chunk by chunk; returns the final latents (same shape).
 
     `chunk_contexts`: one text-encoder output `[B, <=text_len, text_dim]` per chunk of
@@ -251,6 +260,7 @@ def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequenc
     """
     output = torch.empty_like(noise)
     for chunk in stream_latents(model, noise, chunk_contexts, stream, scene_cuts,
-                                image_latent=image_latent, negative_context=negative_context):
+                                image_latent=image_latent, negative_context=negative_context,
+                                cache_transform=cache_transform):
         output[:, chunk.start_frame:chunk.start_frame + chunk.latents.shape[1]] = chunk.latents
     return output

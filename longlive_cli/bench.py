@@ -36,6 +36,9 @@ def bench(
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
     decode: Annotated[str | None, typer.Option(
         help="Also decode and write every chunk: sync, stream or device:N (end-to-end fps).")] = None,
+    precision: Annotated[str | None, typer.Option(help="DiT block linears: bf16 or nvfp4.")] = None,
+    quant_mode: Annotated[str | None, typer.Option(help="With --precision nvfp4: w4a16, w4a4 or native.")] = None,
+    kv_precision: Annotated[str | None, typer.Option(help="KV cache storage: bf16 or nvfp4.")] = None,
     vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
@@ -44,6 +47,7 @@ def bench(
     from core.benchmark import run_benchmark, run_vae_benchmark
     from core.runtime import resolve_device
     from longlive_cli.options import resolve_recipe
+    from longlive_cli.precision import model_hooks
     from longlive_cli.progress import chunk_progress
 
     chosen = resolve_recipe(preset, recipe, set_ or [], {
@@ -52,7 +56,8 @@ def bench(
         "stream.frames_per_block": frames_per_block, "runtime.device": device,
         "runtime.dtype": dtype, "runtime.attention": attention,
         "runtime.compile": None if compile is None else ("always" if compile else "never"),
-        "runtime.seed": seed,
+        "runtime.seed": seed, "quant.precision": precision, "quant.mode": quant_mode,
+        "quant.kv_precision": kv_precision,
     })
     if chosen.preset != "tiny" and resolve_device(chosen.runtime.device).type != "cuda":
         raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
@@ -81,7 +86,7 @@ def bench(
 
         try:
             result = run_benchmark(chosen, frames, on_chunk, checkpoint=checkpoint, lora=lora,
-                                   decode=decode)
+                                   decode=decode, hooks=model_hooks(chosen))
         except ValueError as err:
             raise UserError(str(err)) from None
     if json_output:
@@ -99,7 +104,8 @@ def result_table(r) -> Table:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("model", f"{r.preset} ({r.parameters / 1e9:.3f} B params, {r.dtype})"),
+        ("model", f"{r.preset} ({r.parameters / 1e9:.3f} B params, {r.dtype}"
+                  f"{'' if r.storage == 'bf16' else ', ' + r.storage})"),
         ("device", f"{r.device} ({r.device_name})"),
         ("resolution", f"{r.height}x{r.width} px, latent {r.latent_height}x{r.latent_width}, "
                        f"{r.tokens_per_frame} tokens/frame"),

@@ -36,9 +36,18 @@ OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (wri
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    help="DiT block linears: bf16 or nvfp4 (a packed --checkpoint from convert-nvfp4 loads as is).")]
+QuantModeOpt = Annotated[str | None, typer.Option(
+    help="With --precision nvfp4: w4a16 (packed weights, bf16 GEMM), w4a4 (NVFP4 numerics) or native (Blackwell).")]
+KvPrecisionOpt = Annotated[str | None, typer.Option(help="KV cache storage: bf16 or nvfp4.")]
 
 
-def _recipe(preset, recipe, sets, height, width, steps, seed, device):
+def quant_flags(precision, quant_mode, kv_precision) -> dict[str, object]:
+    return {"quant.precision": precision, "quant.mode": quant_mode, "quant.kv_precision": kv_precision}
+
+
+def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant):
     from longlive_cli.options import resolve_recipe
 
     if steps is not None and steps not in (2, 4):
@@ -46,7 +55,7 @@ def _recipe(preset, recipe, sets, height, width, steps, seed, device):
                         f"(other counts: --set stream.sampling_steps=N)")
     return resolve_recipe(preset, recipe, sets or [], {
         "video.height": height, "video.width": width, "stream.sampling_steps": steps,
-        "runtime.seed": seed, "runtime.device": device})
+        "runtime.seed": seed, "runtime.device": device, **quant})
 
 
 def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
@@ -71,6 +80,7 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
 def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
          interactive: bool = False) -> None:
     from core.generate import GenerateRequest, check_request, generate_video
+    from longlive_cli.precision import model_hooks
     from longlive_cli.progress import chunk_progress
 
     console = Console(stderr=True)
@@ -79,7 +89,7 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
         model_dir=Path(model_dir) if model_dir else None,
         checkpoint=Path(checkpoint) if checkpoint else None, lora=Path(lora) if lora else None,
         image=Path(image) if image else None, decode=decode, crf=crf,
-        latents_out=Path(latents_out) if latents_out else None)
+        latents_out=Path(latents_out) if latents_out else None, hooks=model_hooks(recipe))
     check_request(request)  # every cheap check before any output
     for span in schedule.spans:
         console.print(f"shot {span.index + 1}: chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}, "
@@ -146,12 +156,14 @@ def generate(
     frames: FramesOpt = None, height: HeightOpt = None, width: WidthOpt = None, steps: StepsOpt = None,
     image: ImageOpt = None, seed: SeedOpt = None, decode: DecodeOpt = "sync", device: DeviceOpt = None,
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
+    precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Generate one video from a prompt (text-to-video, or image-to-video with --image)."""
     from core.shots import single_prompt_schedule
 
-    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device)
+    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
+                     quant_flags(precision, quant_mode, kv_precision))
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
@@ -169,12 +181,14 @@ def multishot(
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
     interactive: Annotated[bool, typer.Option(
         "--interactive", help="Read new prompts from the terminal while generating.")] = False,
+    precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Generate one multi-shot video from a shot list (scene cuts between shots)."""
     from core.shots import load_schedule
 
-    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device)
+    chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
+                     quant_flags(precision, quant_mode, kv_precision))
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None and Path(shots_file).suffix.lower() == ".txt":  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)

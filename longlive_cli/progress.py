@@ -43,3 +43,19 @@ def chunk_progress(frames_per_chunk: int, console: Console | None = None) -> Pro
         console=console,
         transient=False,
     )
+
+
+def step_progress(console: Console | None = None) -> Progress:
+    """Training steps with the latest loss, grad norm and step time, and the ETA."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps  loss {task.fields[loss]:.4f}  |g| {task.fields[grad_norm]:.3f}  "
+                   "{task.fields[step_time]:.2f} s/step"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )

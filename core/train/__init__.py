@@ -1,0 +1,1 @@
+"""Training: data loading, AR teacher forcing and DMD distillation."""

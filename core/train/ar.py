@@ -1,0 +1,459 @@
+"""Autoregressive teacher-forcing training of the causal DiT (reference-systems.md §5).
+
+One step: read a clip -> VAE latents x0 (this rank's frames) -> per-block timesteps and noise ->
+error recycling corrupts the inputs -> `[clean | noisy]` forward -> weighted flow loss ->
+backward, clip, AdamW, EMA -> the step's prediction errors go back into the buffers.
+
+Everything that depends on how the step is spread over processes goes through a `TrainPlan`
+(one process here; `sp/launcher.py` provides the sequence-parallel one), so this file stays the
+same on 1 or N GPUs.
+
+Legend: B batch, C latent channels, F latent frames, H/W latent size, K prompts (chunks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from core.config import VAEConfig
+from core.dit import CausalWanDiT
+from core.errors import UserError
+from core.train.config import TrainRecipe
+from core.train.objective import FlowMatchSchedule, ar_targets, flow_loss, prediction_errors
+from core.train.recycle import ErrorRecycler
+from core.train.state import EMA, CheckpointManager, rng_state, set_rng_state
+
+log = logging.getLogger("longlive.train")
+
+
+# -- how a step is laid out over processes ----------------------------------------------------------
+
+
+class TrainPlan:
+    """One process holds every frame. Subclasses (sp/launcher.py) split frames over an SP group,
+    shard parameters with FSDP and reduce over the world."""
+
+    rank = 0
+    world_size = 1
+    sp_size = 1
+    dp_rank = 0
+    dp_size = 1
+    uses_fsdp = False
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def local_frames(self, num_frames: int) -> range:
+        return range(num_frames)
+
+    def prepare_model(self, model: CausalWanDiT) -> nn.Module:
+        return model
+
+    def encode(self, vae: nn.Module, video_BCTHW: Tensor, latent_frames: int) -> Tensor:
+        """This rank's normalized latents `[B, 48, F_local, h, w]`."""
+        with torch.no_grad():
+            return vae.encode(video_BCTHW)[:, :, :latent_frames]
+
+    def local_context(self, context: Tensor, prompt_chunks: int) -> Tensor:
+        return context
+
+    def forward(self, model: nn.Module, noisy: Tensor, t: Tensor, context: Tensor, clean: Tensor,
+                frames_per_block: int) -> Tensor:
+        return model(noisy, t, context, frames_per_block=frames_per_block, clean_x=clean)
+
+    def sp_sum(self, x: Tensor) -> Tensor:
+        """Sum over the ranks that share one sample (the loss denominator, §4.6)."""
+        return x
+
+    def world_mean(self, x: Tensor) -> Tensor:
+        return x
+
+    @property
+    def loss_scale(self) -> float:
+        """Backward scale making the gradient reduction yield the exact global-loss gradient."""
+        return 1.0
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Called before clipping; FSDP reduces during backward, so the default does nothing."""
+
+    def gather_errors(self) -> Callable[[Tensor], list[Tensor]] | None:
+        return None
+
+    def barrier(self) -> None:
+        """No-op on one process."""
+
+
+# -- model preparation ------------------------------------------------------------------------------
+
+
+def checkpoint_blocks(model: CausalWanDiT) -> None:
+    """Non-reentrant activation checkpointing of every block, keeping parameter names (the
+    block's forward is wrapped on the instance, not the module)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+
+class PromptEncoder:
+    """Prompts -> contexts `[n, T, text_dim]`, each distinct prompt encoded once per step."""
+
+    def __init__(self, recipe: TrainRecipe, device: torch.device, dtype: torch.dtype):
+        self.kind = recipe.data.text_encoder
+        self.device, self.dtype = device, dtype
+        self.config = recipe.model
+        self.encoder = None
+        if self.kind == "tiny":
+            from core.text import TextEncoder
+
+            self.encoder = TextEncoder.tiny(seed=recipe.runtime.seed, device=device)
+        elif self.kind == "umt5":
+            from core.hub import ModelFiles, resolve_model_dir
+            from core.text import TextEncoder
+
+            files = ModelFiles(resolve_model_dir(Path(recipe.data.model_dir) if recipe.data.model_dir else None))
+            self.encoder = TextEncoder.from_model_dir(files.text_encoder_dir, device=device)
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        distinct = list(dict.fromkeys(prompts))
+        if self.encoder is not None:
+            encoded = self.encoder.encode(distinct).to(self.device, self.dtype)
+        else:  # "random": a fixed context per prompt (throughput runs)
+            encoded = torch.stack([self._random_context(p) for p in distinct])
+        by_prompt = {p: encoded[i] for i, p in enumerate(distinct)}
+        return torch.stack([by_prompt[p] for p in prompts])
+
+    def _random_context(self, prompt: str) -> Tensor:
+        seed = int.from_bytes(prompt.encode()[:7].ljust(7, b"\0"), "little") ^ len(prompt)
+        g = torch.Generator().manual_seed(seed)
+        context = torch.zeros(self.config.text_len, self.config.text_dim)
+        context[:64] = torch.randn(64, self.config.text_dim, generator=g)
+        return context.to(self.device, self.dtype)
+
+
+def build_vae(recipe: TrainRecipe, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from core.vae import load_vae, random_vae
+
+    kind = recipe.data.vae
+    if kind == "tiny":
+        return random_vae(VAEConfig.preset("tiny"), 0, device=device, dtype=dtype).eval()
+    if kind == "random-wan2.2":
+        return random_vae(VAEConfig.preset("wan2.2"), 0, device=device, dtype=dtype).eval()
+    from core.hub import ModelFiles, resolve_model_dir
+
+    files = ModelFiles(resolve_model_dir(Path(recipe.data.model_dir) if recipe.data.model_dir else None))
+    files.require(files.vae)
+    return load_vae(files.vae, VAEConfig.preset("wan2.2"), device=device, dtype=dtype).eval()
+
+
+def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
+    """The data path, or the generated dataset (written once, by rank 0)."""
+    if not recipe.data.synthetic:
+        return Path(recipe.data.path)
+    root = logdir / "synthetic-data"
+    if plan.is_main and not (root / "video").is_dir():
+        from core.train.synthetic import make_synthetic_dataset
+
+        raw = (recipe.data.latent_frames - 1) * 4 + 1
+        make_synthetic_dataset(root, samples=8, clips_per_sample=2, frames=raw, height=recipe.data.height,
+                               width=recipe.data.width, seed=recipe.runtime.seed)
+    plan.barrier()
+    return root
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    logdir: Path
+    max_steps: int | None = None  # overrides train.max_steps
+    resume: bool = True
+    export: Path | None = None  # generator file written at the end (EMA weights once EMA started)
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+    tokens_per_second: float
+
+
+@dataclass
+class TrainResult:
+    steps_run: int
+    final_step: int
+    history: list[StepStats] = field(default_factory=list)
+    export: Path | None = None
+    resumed_from: int | None = None
+
+
+def resolve_train_dtype(recipe: TrainRecipe, device: torch.device) -> torch.dtype:
+    from core.runtime import resolve_dtype
+
+    return resolve_dtype(recipe.runtime.dtype, device)
+
+
+class Trainer:
+    def __init__(self, recipe: TrainRecipe, options: RunOptions, plan: TrainPlan,
+                 on_step: Callable[[StepStats, int], None] | None = None):
+        self.recipe, self.options, self.plan = recipe, options, plan
+        self.on_step = on_step
+        self.device = plan.device
+        self.dtype = resolve_train_dtype(recipe, self.device)
+        loop = recipe.train
+        self.max_steps = options.max_steps if options.max_steps is not None else loop.max_steps
+        self.fpb = loop.frames_per_block
+        self.schedule = FlowMatchSchedule(shift=loop.timestep_shift, steps=recipe.error_recycling.num_train_timesteps)
+        self.logdir = Path(options.logdir)
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _seed(self) -> None:
+        seed = self.recipe.runtime.seed + self.plan.rank  # independent noise/timesteps per rank (§4.7)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        if self.recipe.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def _build_model(self) -> nn.Module:
+        from core.checkpoint import build_generator
+
+        init = self.recipe.train.init or None
+        # fp32 master weights: FSDP computes in bf16 (MixedPrecisionPolicy), one GPU via autocast.
+        model = build_generator(self.recipe.model, init, device=self.device, dtype=torch.float32,
+                                seed=self.recipe.runtime.seed)
+        model.train()
+        if self.recipe.train.activation_checkpointing:
+            checkpoint_blocks(model)
+        return self.plan.prepare_model(model)
+
+    def _data(self):
+        from core.train.data import ShardedSampler, VideoClipDataset
+
+        d = self.recipe.data
+        root = dataset_root(self.recipe, self.logdir, self.plan)
+        dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
+                                   max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
+                                   seed=self.recipe.runtime.seed, deterministic=False)
+        sampler = ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed)
+        if len(sampler) == 0:
+            raise UserError(f"the dataset at {root} has {len(dataset)} samples, fewer than the {self.plan.dp_size} "
+                            f"data-parallel replicas: add videos or use fewer GPUs")
+        return dataset, sampler
+
+    def _batches(self, dataset, sampler) -> Iterator:
+        from torch.utils.data import DataLoader
+
+        from core.train.data import collate
+
+        while True:
+            dataset.set_epoch(sampler.epoch)
+            loader = DataLoader(dataset, batch_size=1, sampler=list(iter(sampler)), collate_fn=collate,
+                                num_workers=self.recipe.data.num_workers, pin_memory=self.device.type == "cuda")
+            for batch in loader:
+                yield batch
+            sampler.set_epoch(sampler.epoch + 1)
+
+    # -- one step ---------------------------------------------------------------------------------
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and not self.plan.uses_fsdp and self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def micro_step(self, model: nn.Module, batch, step: int) -> tuple[Tensor, int]:
+        """Forward + backward of one sample; returns (this rank's loss share, tokens)."""
+        d, plan = self.recipe.data, self.plan
+        video = batch.video.to(self.device, self.vae_dtype, non_blocking=True)
+        x0 = plan.encode(self.vae, video, d.latent_frames).to(torch.float32)  # [B, C, F_loc, h, w]
+        frames = plan.local_frames(d.latent_frames)
+        batch_size = x0.shape[0]
+        prompts = [p for sample in batch.prompts for p in sample]  # sample-major, one per chunk
+        chunks = len(batch.prompts[0])
+        context = plan.local_context(self.prompts(prompts), chunks)
+
+        holds_first = frames.start == 0
+        t, index = self.schedule.sample_block_timesteps(batch_size, len(frames), self.fpb, self.generator,
+                                                        i2v=d.i2v and holds_first)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        valid = batch.num_valid_latent_frames.to(self.device)
+        frame_idx = torch.tensor(list(frames), device=self.device)
+        frame_mask = (frame_idx[None, :] < valid[:, None]).float()
+        injected = self.recycler.inject(x0, noise, x0, index, self.fpb, step) if self.recycler else None
+        image = x0[:, :, :1] if d.i2v and holds_first else None
+        ar = ar_targets(x0, injected.noise if injected else noise, t, self.schedule,
+                        noised_x0=injected.x0 if injected else None, clean=injected.clean if injected else None,
+                        image_latent=image, frame_mask=frame_mask)
+        mask = ar.frame_mask
+        denominator = plan.sp_sum(mask.sum())
+        with self._autocast():
+            pred = plan.forward(model, ar.noisy, ar.t, context, ar.clean, self.fpb)
+        loss, _ = flow_loss(pred.float(), ar.target, ar.t, self.schedule, mask, denominator)
+        (loss * plan.loss_scale / self.recipe.optim.grad_accum).backward()
+        if self.recycler is not None:
+            latent_error, noise_error = prediction_errors(pred.detach().float(), ar, x0, index, self.schedule)
+            self.recycler.update(latent_error, noise_error, index, injected.ran_clean, frames_per_block=self.fpb,
+                                 step=step, gather_fn=plan.gather_errors())
+        tokens = x0.shape[0] * x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2) * 2  # clean + noisy
+        return loss.detach(), tokens
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        from core.train.plots import write_loss_curve
+
+        self._seed()
+        plan, recipe = self.plan, self.recipe
+        dataset, sampler = self._data()
+        self.vae_dtype = self.dtype
+        self.vae = build_vae(recipe, self.device, self.vae_dtype)
+        self.prompts = PromptEncoder(recipe, self.device, self.dtype)
+        model = self._build_model()
+        o = recipe.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                      weight_decay=o.weight_decay)
+        ema = EMA(model, decay=o.ema_decay, start_step=o.ema_start_step)
+        self.recycler = None
+        if recipe.error_recycling.enabled:
+            recycle_gen = torch.Generator().manual_seed(recipe.runtime.seed * 7919 + plan.rank)
+            self.recycler = ErrorRecycler(recipe.error_recycling, generator=recycle_gen, sp_rank=plan.rank % plan.sp_size,
+                                          sp_size=plan.sp_size)
+        manager = CheckpointManager(self.logdir, keep=recipe.train.keep_checkpoints)
+        model_config = {"preset": recipe.preset, **recipe.model.__dict__}
+        start_step, resumed = 0, None
+        latest = manager.latest() if self.options.resume else None
+        if latest is not None:
+            manager.check_compatible(model_config, latest)
+            extra = manager.load(latest, model, optimizer)
+            start_step = resumed = int(extra["step"])
+            ema.load_state_dict(extra["ema"])
+            sampler.load_state_dict(extra["sampler"])
+            if self.recycler is not None and "recycler" in extra:
+                self.recycler.load_state_dict(extra["recycler"])
+            set_rng_state(extra["rng"])
+            self.generator.set_state(extra["generator"])
+            if plan.is_main:
+                log.info("resumed from %s (step %d)", latest, start_step)
+
+        writer = self._tensorboard()
+        history: list[StepStats] = []
+        batches = self._batches(dataset, sampler)
+        for step in range(start_step, self.max_steps):
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            losses, tokens = [], 0
+            for _ in range(o.grad_accum):
+                loss, n = self.micro_step(model, next(batches), step)
+                sampler.advance(1)
+                losses.append(loss)
+                tokens += n
+            plan.sync_gradients(model)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            ema.update(model, step)
+            # The group's loss shares sum to the sample's loss; average over replicas for the log.
+            loss_value = float(plan.world_mean(plan.sp_sum(torch.stack(losses).mean())))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - started
+            stats = StepStats(step + 1, loss_value, float(_full_value(grad_norm)), o.lr, seconds,
+                              tokens * plan.world_size / seconds)
+            history.append(stats)
+            if plan.is_main:
+                self._log(writer, stats)
+            if self.on_step is not None and plan.is_main:
+                self.on_step(stats, self.max_steps)
+            if not math.isfinite(loss_value):
+                raise UserError(f"the loss became {loss_value} at step {step + 1}: lower optim.lr or check the data")
+            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
+                extra = {"step": step + 1, "ema": ema.state_dict(), "sampler": sampler.state_dict(),
+                         "rng": rng_state(), "generator": self.generator.get_state()}
+                if self.recycler is not None:
+                    extra["recycler"] = self.recycler.state_dict()
+                manager.save(step + 1, model, optimizer, model_config, extra)
+        if writer is not None:
+            writer.close()
+        export = self._export(model, ema) if self.options.export is not None else None
+        if plan.is_main and history:
+            write_loss_curve(self.logdir / "loss.png", [s.step for s in history], [s.loss for s in history])
+        return TrainResult(steps_run=len(history), final_step=max(start_step, self.max_steps), history=history,
+                           export=export, resumed_from=resumed)
+
+    def _tensorboard(self):
+        if not self.plan.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency; an unusual install still trains
+            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.logdir / "tensorboard"))
+
+    def _log(self, writer, stats: StepStats) -> None:
+        record = {"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr,
+                  "step_seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second}
+        with open(self.logdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None and stats.step % self.recipe.train.log_every == 0:
+            for key, value in record.items():
+                if key != "step":
+                    writer.add_scalar(f"train/{key}", value, stats.step)
+
+    def _export(self, model: nn.Module, ema: EMA) -> Path:
+        """A generator file `generate --checkpoint` loads: the EMA weights once EMA has started,
+        else the trained weights (bf16 safetensors, or the official .pt layout)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from core.checkpoint import save_generator
+
+        used_ema = ema.shadow is not None
+        if used_ema:  # training is over (last checkpoint written): the weights can be replaced
+            ema.copy_to(model)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        path = Path(self.options.export)
+        if self.plan.is_main:
+            tensors = {name: value.detach().to(torch.bfloat16) for name, value in state.items()}
+            save_generator(tensors, path, metadata={"source": "longlive train-ar", "ema": str(used_ema),
+                                                    "preset": self.recipe.preset})
+        self.plan.barrier()
+        return path
+
+
+def _full_value(x: Tensor) -> Tensor:
+    """A DTensor's (e.g. FSDP's grad norm) full value, or the tensor itself."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def state_summary(result: TrainResult) -> dict[str, Any]:
+    first, last = result.history[0], result.history[-1]
+    return {"steps": result.steps_run, "first_loss": first.loss, "last_loss": last.loss,
+            "median_step_seconds": sorted(s.seconds for s in result.history)[len(result.history) // 2]}

@@ -1,0 +1,114 @@
+"""The AR training recipe: typed sections validated from YAML (`recipes/train_ar*.yaml`).
+
+Defaults are the official `configs/train_ar.yaml` (reference-systems.md §5.4) except where a
+comment says why."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from core.config import ModelConfig, RuntimeConfig, overlay, pop_preset, read_recipe_data, require
+from core.train.recycle import RecycleConfig
+
+
+@dataclass
+class DataConfig:
+    """`path`: an official dataset folder (video/ + caption/) or a JSONL manifest; `synthetic`
+    writes a small generated dataset of moving shapes into `<logdir>/synthetic-data` instead."""
+
+    path: str = ""
+    synthetic: bool = False
+    latent_frames: int = 96
+    height: int = 704
+    width: int = 1280
+    max_chunks_per_shot: int = 0  # 0: no virtual cuts
+    allow_padding: bool = True
+    num_workers: int = 2
+    i2v: bool = False
+    # umt5 (the real encoder from `model_dir`), tiny (offline byte encoder of the tiny preset),
+    # random (fixed random contexts: throughput runs with no text encoder at all)
+    text_encoder: Literal["umt5", "tiny", "random"] = "umt5"
+    model_dir: str = ""  # `longlive download` folder (umt5, VAE); empty: the default folder
+    vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"
+
+    def __post_init__(self) -> None:
+        require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
+                f"data: latent_frames > 0 and height/width multiples of 32 "
+                f"(got {self.latent_frames}, {self.height}x{self.width})")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    beta1: float = 0.0
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    grad_accum: int = 1
+    ema_decay: float = 0.99
+    ema_start_step: int = 100
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0 and self.grad_accum >= 1 and 0 <= self.ema_decay < 1,
+                f"optim: lr > 0, grad_accum >= 1, ema_decay in [0, 1) "
+                f"(got {self.lr}, {self.grad_accum}, {self.ema_decay})")
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 600
+    frames_per_block: int = 8
+    timestep_shift: float = 5.0
+    # The official saves a full checkpoint every step (pitfall 29): 70 GB a time for the 5B.
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 20
+    log_every: int = 1
+    init: str = ""  # generator weights to start from; empty: seeded random (tiny) / required (5B)
+    precision: Literal["bf16", "nvfp4"] = "bf16"
+    activation_checkpointing: bool = True
+    deterministic: bool = False  # same parameters after a kill + resume as in one run
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
+                "train: max_steps, checkpoint_every and keep_checkpoints must be >= 1")
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = 4  # sequence-parallel group size (official: 4)
+    fsdp: bool = True
+    max_restarts: int = 0  # torchrun elastic restarts
+    vae_halo_latents: int = 28
+
+    def __post_init__(self) -> None:
+        require(self.sp >= 1 and self.max_restarts >= 0 and self.vae_halo_latents >= 0,
+                "parallel: sp >= 1, max_restarts >= 0, vae_halo_latents >= 0")
+
+
+@dataclass
+class TrainRecipe:
+    preset: str = "wan2.2-ti2v-5b"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    error_recycling: RecycleConfig = field(default_factory=RecycleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_train_recipe(source: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainRecipe:
+    """YAML recipe + `--set` overrides -> a validated TrainRecipe (one-line ValueError)."""
+    data, origin = read_recipe_data(source, overrides)
+    preset = pop_preset(data, None, TrainRecipe.preset)
+    base = TrainRecipe(preset=preset, model=ModelConfig.preset(preset))
+    try:
+        return overlay(base, data)
+    except ValueError as err:
+        raise ValueError(f"{origin}: {err}") if source is not None else err from None

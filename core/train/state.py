@@ -1,0 +1,250 @@
+"""Training state that outlives a step: the EMA of the weights, RNG states, and checkpoints.
+
+Checkpoint layout (`logdir/checkpoints/`):
+
+    step_00000120/            a finished checkpoint (the only names `latest()` considers)
+        .metadata, *.distcp   model + optimizer, torch.distributed.checkpoint (any sharding)
+        extra_rank{r}.pt      per-rank state: RNG, error buffers, data position, EMA shard
+        COMPLETE              JSON {step, model_config, world_size, time}, written last
+    .tmp-step_00000121/       being written (or left by a crash): never loaded
+
+A checkpoint is written into `.tmp-step_X`, then (after a barrier, by rank 0) marked COMPLETE and
+renamed, so a crash leaves either the old set or the new one, never a half-written `step_X`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from core.errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+# wrapper prefixes of activation checkpointing and torch.compile; the EMA keys are the bare names
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def bare_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def local_tensor(p: Tensor) -> Tensor:
+    """This rank's shard of a (possibly FSDP2/DTensor) parameter."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+
+class EMA:
+    """Exponential moving average of the parameters: fp32 shadow on the CPU.
+
+    `update(model, step)` does nothing before `start_step`; at the first call from `start_step`
+    on, the shadow starts as a copy of the weights (then `shadow = d shadow + (1 - d) p` every
+    call). Under FSDP2 each rank keeps the shadow of its own parameter shards, so the per-rank
+    state dict goes into that rank's extra file.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.99, start_step: int = 100):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay {decay} must be in [0, 1) (the official value is 0.99)")
+        self.decay = decay
+        self.start_step = start_step
+        self.shadow: dict[str, Tensor] | None = None
+        self._names = [bare_name(n) for n, _ in model.named_parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step < self.start_step:
+            return
+        params = {bare_name(n): local_tensor(p).detach() for n, p in model.named_parameters()}
+        if self.shadow is None:
+            self.shadow = {n: p.float().cpu().clone() for n, p in params.items()}
+            return
+        for name, p in params.items():
+            self.shadow[name].mul_(self.decay).add_(p.float().cpu(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the shadow into the model's parameters (in their dtype and device)."""
+        assert self.shadow is not None, "EMA has no shadow yet (step < start_step)"
+        for name, p in model.named_parameters():
+            local_tensor(p).copy_(self.shadow[bare_name(name)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "start_step": self.start_step, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shadow = state["shadow"]
+        if shadow is not None and sorted(shadow) != sorted(self._names):
+            missing = sorted(set(self._names) - set(shadow))
+            raise UserError(f"the saved EMA does not match the model ({len(missing)} parameters missing, "
+                            f"e.g. {missing[:1]}) (use --no-resume or another --logdir)")
+        self.shadow = None if shadow is None else {k: v.float().cpu() for k, v in shadow.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU, CUDA), Python and NumPy as tensors/ints/lists (weights_only-safe)."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["gauss"]))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is an intended mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON stores it (tuples become lists), so stored and live configs compare equal."""
+    return json.loads(json.dumps(config))
+
+
+class CheckpointManager:
+    """Writes, finds, loads and prunes checkpoints under `logdir/checkpoints` (see the module doc).
+
+    Every rank calls `save` and `load` (they are collective when a process group exists).
+    """
+
+    def __init__(self, logdir: str | os.PathLike, keep: int = 20):
+        if keep < 1:
+            raise ValueError(f"keep = {keep} checkpoints: keep at least 1")
+        self.root = Path(logdir) / "checkpoints"
+        self.keep = keep
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             model_config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+        """Write model + optimizer (DCP) and this rank's `extra` state; returns the final directory."""
+        final = self.path(step)
+        tmp = self.root / f".tmp-{final.name}"
+        rank = _rank()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            tmp.mkdir(parents=True)
+        _barrier()
+        with _single_process_quiet():
+            dcp.save(self._app_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        extra_file = tmp / f"extra_rank{rank}.pt"
+        torch.save(extra or {}, extra_file.with_suffix(".pt.partial"))
+        os.replace(extra_file.with_suffix(".pt.partial"), extra_file)
+        _barrier()
+        if rank == 0:
+            marker = {"step": step, "model_config": _jsonable(model_config), "world_size": _world_size(),
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            (tmp / COMPLETE).write_text(json.dumps(marker, indent=1))
+            if final.exists():  # saving the same step again (a resumed run): the new one wins
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.prune()
+        _barrier()
+        return final
+
+    def latest(self) -> Path | None:
+        """The newest `step_XXXXXXXX` directory with a COMPLETE marker, or None."""
+        complete = self._complete()
+        return complete[-1] if complete else None
+
+    def prune(self) -> None:
+        """Keep the `keep` newest complete checkpoints; remove older ones and stale `.tmp-*` dirs."""
+        for old in self._complete()[:-self.keep]:
+            shutil.rmtree(old)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def info(self, path: Path) -> dict[str, Any]:
+        """The COMPLETE marker of a checkpoint directory."""
+        return json.loads((path / COMPLETE).read_text())
+
+    def check_compatible(self, model_config: dict[str, Any], path: Path | None = None) -> None:
+        """Raise UserError when the checkpoint (default: latest) was written for another model config."""
+        path = path if path is not None else self.latest()
+        if path is None:
+            return
+        stored, live = self.info(path)["model_config"], _jsonable(model_config)
+        for key in sorted(set(stored) | set(live)):
+            a, b = stored.get(key, "<missing>"), live.get(key, "<missing>")
+            if a != b:
+                raise UserError(f"checkpoint in {path} was written for a different model ({key}: {a} vs {b}); "
+                                "use --no-resume or another --logdir")
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Load model (+ optimizer) in place; returns this rank's extra state."""
+        state = self._app_state(model, optimizer)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        set_state_dict(model, optimizer if optimizer is not None else [],
+                       model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+        extra_file = path / f"extra_rank{_rank()}.pt"
+        if not extra_file.exists():
+            raise UserError(f"checkpoint in {path} has no state for rank {_rank()} (it was written by "
+                            f"{self.info(path)['world_size']} ranks; resume with as many, or use --no-resume)")
+        return torch.load(extra_file, weights_only=True)
+
+    @staticmethod
+    def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+        state: dict[str, Any] = {"model": model_state}
+        if optimizer is not None:
+            state["optim"] = optim_state
+        return state
+
+    def _complete(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir()
+                 if p.is_dir() and CHECKPOINT_NAME.match(p.name) and (p / COMPLETE).is_file()]
+        return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))

@@ -1,0 +1,202 @@
+"""Where the frames of a teacher-forcing sample live under sequence parallelism.
+
+Balanced layout (the official one): rank r of `sp` owns the contiguous latent frames
+`[r*F_loc, (r+1)*F_loc)` and builds its local sequence as `[clean of its frames | noisy of its
+frames]`. Ulysses concatenates the ranks' sequences in rank order, giving the "natural" global
+order `[r0 clean, r0 noisy, r1 clean, r1 noisy, ...]`; `NaturalTeacherForcingMask` decodes
+(rank, side, frame) from a token index so that no tokens need to move. Every rank holds the same
+number of loss-bearing (noisy) tokens.
+
+Naive layout (for comparison): the single-process sequence `[all clean | all noisy]` cut into `sp`
+equal pieces; with even `sp` each piece is whole frames of one half, so the first half of the ranks
+hold only clean tokens (no loss) and the rest only noisy ones.
+
+Legend: B batch, K prompt chunks per sample, T text slots, D width, F frames, S tokens per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from core.attention import AttentionMask, BlockCausalMask, TeacherForcingMask
+from sp.ulysses import padded_length
+
+
+def _slice_prompts(context: Tensor, prompt_chunks: int, first: int, count: int) -> Tensor:
+    """Prompts `first..first+count-1` of every sample of a sample-major `[B*K, T, D]` context."""
+    if context.shape[0] % prompt_chunks:
+        raise ValueError(f"a context of {context.shape[0]} prompts is not {prompt_chunks} prompts per sample")
+    if prompt_chunks == 1:
+        return context
+    return context.unflatten(0, (-1, prompt_chunks))[:, first:first + count].flatten(0, 1)
+
+
+@dataclass(frozen=True)
+class NaturalTeacherForcingMask:
+    """The teacher-forcing mask in the natural (rank-major, paired) order, followed by padding
+    tokens (up to `padded_length`) that attend only to themselves."""
+
+    sp: int
+    local_frames: int
+    tokens_per_frame: int
+    frames_per_block: int
+    padded_length: int
+
+    def __post_init__(self):
+        if self.padded_length < self.real_length:
+            raise ValueError(f"padded length {self.padded_length} is shorter than the {self.real_length} real tokens")
+
+    @property
+    def real_length(self) -> int:
+        return 2 * self.sp * self.local_frames * self.tokens_per_frame
+
+    @property
+    def length(self) -> int:
+        return self.padded_length
+
+    def decode(self, idx):
+        """(noisy, block) of natural token indices."""
+        half = self.local_frames * self.tokens_per_frame  # one side of one rank
+        rank, offset = idx // (2 * half), idx % (2 * half)
+        frame = rank * self.local_frames + (offset % half) // self.tokens_per_frame
+        return offset >= half, frame // self.frames_per_block
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        q_noisy, q_block = self.decode(q_idx)
+        k_noisy, k_block = self.decode(kv_idx)
+        clean_to_clean = ~q_noisy & ~k_noisy & (k_block <= q_block)
+        noisy_to_clean = q_noisy & ~k_noisy & (k_block < q_block)
+        noisy_to_noisy = q_noisy & k_noisy & (k_block == q_block)
+        both_real = (q_idx < self.real_length) & (kv_idx < self.real_length)
+        return (q_idx == kv_idx) | (both_real & (clean_to_clean | noisy_to_clean | noisy_to_noisy))
+
+
+def natural_token_order(sp: int, local_frames: int, tokens_per_frame: int) -> Tensor:
+    """For each token of the natural order, its index in the single-process `[all clean | all noisy]`
+    order (a permutation of `2*sp*local_frames*tokens_per_frame` indices)."""
+    num_frames = sp * local_frames
+    rank_side_frame_token = torch.arange(2 * num_frames * tokens_per_frame).view(
+        sp, 2, local_frames, tokens_per_frame)
+    rank = torch.arange(sp).view(sp, 1, 1, 1)
+    side = torch.arange(2).view(1, 2, 1, 1)
+    frame = rank * local_frames + torch.arange(local_frames).view(1, 1, local_frames, 1)
+    token = torch.arange(tokens_per_frame).view(1, 1, 1, tokens_per_frame)
+    single = (side * num_frames + frame) * tokens_per_frame + token
+    assert single.shape == rank_side_frame_token.shape
+    return single.flatten()
+
+
+@dataclass(frozen=True)
+class BalancedLayout:
+    """Rank `sp_rank`'s share of `num_frames` latent frames: a contiguous, block-aligned range."""
+
+    sp_size: int
+    sp_rank: int
+    num_frames: int
+    frames_per_block: int
+
+    def __post_init__(self):
+        if not 0 <= self.sp_rank < self.sp_size:
+            raise ValueError(f"SP rank {self.sp_rank} is outside 0..{self.sp_size - 1}")
+        if self.num_frames % (self.sp_size * self.frames_per_block):
+            raise ValueError(f"{self.num_frames} latent frames are not divisible by SP size x frames per block "
+                             f"= {self.sp_size} x {self.frames_per_block}")
+
+    @property
+    def local_frames(self) -> int:
+        return self.num_frames // self.sp_size
+
+    @property
+    def first_frame(self) -> int:
+        return self.sp_rank * self.local_frames
+
+    @property
+    def frame_range(self) -> range:
+        return range(self.first_frame, self.first_frame + self.local_frames)
+
+    def shard(self, x: Tensor, dim: int) -> Tensor:
+        """This rank's frames of a per-frame tensor (latents `dim=2`, timesteps/masks `dim=1`)."""
+        if x.shape[dim] != self.num_frames:
+            raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
+        return x.narrow(dim, self.first_frame, self.local_frames)
+
+    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
+        """This rank's prompts of a sample-major `[B*K, T, D]` context with K = `prompt_chunks`
+        equal frame chunks per sample (K = 1: the one prompt is shared)."""
+        if prompt_chunks != 1 and prompt_chunks % self.sp_size:
+            raise ValueError(f"{prompt_chunks} prompt chunks must be 1 or divisible by SP size {self.sp_size}")
+        per_rank = prompt_chunks // self.sp_size
+        return _slice_prompts(context, prompt_chunks, self.sp_rank * per_rank, per_rank)
+
+    def global_mask(self, local_mask: AttentionMask, use_flex: bool):
+        """The group's mask in natural order for the mask the model builds for its local frames."""
+        if local_mask.num_frames != self.local_frames or local_mask.frames_per_block != self.frames_per_block:
+            raise ValueError(f"the model attends over {local_mask.num_frames} local frames in blocks of "
+                             f"{local_mask.frames_per_block}, the SP layout has {self.local_frames} in blocks of "
+                             f"{self.frames_per_block}: re-apply the SP plan for the new layout")
+        if isinstance(local_mask, TeacherForcingMask):
+            real = 2 * self.num_frames * local_mask.tokens_per_frame
+            return NaturalTeacherForcingMask(self.sp_size, self.local_frames, local_mask.tokens_per_frame,
+                                             self.frames_per_block, padded_length(real, use_flex))
+        assert isinstance(local_mask, BlockCausalMask), type(local_mask)
+        # Contiguous frames in rank order: the natural order is the frame order.
+        return BlockCausalMask(self.num_frames, local_mask.tokens_per_frame, self.frames_per_block)
+
+
+@dataclass(frozen=True)
+class NaiveLayout:
+    """Rank `sp_rank`'s equal piece of the single-process `[all clean | all noisy]` sequence."""
+
+    sp_size: int
+    sp_rank: int
+    num_frames: int
+    frames_per_block: int
+
+    def __post_init__(self):
+        if not 0 <= self.sp_rank < self.sp_size:
+            raise ValueError(f"SP rank {self.sp_rank} is outside 0..{self.sp_size - 1}")
+        if self.sp_size % 2 or self.num_frames % (self.sp_size // 2):
+            raise ValueError(f"the naive layout needs an even SP size dividing 2 x {self.num_frames} frames into "
+                             f"whole-frame pieces of one half (got SP size {self.sp_size})")
+
+    @property
+    def piece_frames(self) -> int:
+        return 2 * self.num_frames // self.sp_size
+
+    @property
+    def is_noisy(self) -> bool:
+        return self.sp_rank * self.piece_frames >= self.num_frames
+
+    @property
+    def first_frame(self) -> int:
+        """First frame of the piece within its half."""
+        return self.sp_rank * self.piece_frames % self.num_frames
+
+    @property
+    def frame_range(self) -> range:
+        return range(self.first_frame, self.first_frame + self.piece_frames)
+
+    def shard(self, x: Tensor, dim: int) -> Tensor:
+        """The piece's frames of a per-frame tensor of its half."""
+        if x.shape[dim] != self.num_frames:
+            raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
+        return x.narrow(dim, self.first_frame, self.piece_frames)
+
+    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
+        """The prompts of the piece's frames (sample-major `[B*K, T, D]` in, `[B*K', T, D]` out)."""
+        if prompt_chunks == 1:
+            return context
+        chunk_frames = self.num_frames // prompt_chunks
+        first, piece = self.first_frame, self.piece_frames
+        if piece % chunk_frames == 0:
+            return _slice_prompts(context, prompt_chunks, first // chunk_frames, piece // chunk_frames)
+        if chunk_frames % piece == 0:
+            return _slice_prompts(context, prompt_chunks, first // chunk_frames, 1)
+        raise ValueError(f"pieces of {piece} frames do not align with prompt chunks of {chunk_frames} frames")
+
+    def global_mask(self, tokens_per_frame: int) -> TeacherForcingMask:
+        """Pieces in rank order are the single-process order: its mask applies unchanged."""
+        return TeacherForcingMask(self.num_frames, tokens_per_frame, self.frames_per_block)

@@ -1,0 +1,91 @@
+"""Process groups of sequence-parallel training, and the start-up checks of an SP configuration.
+
+`world = dp x sp` ranks laid out as a `(dp, sp)` grid: an SP group is a row of consecutive ranks
+(`[g*sp, ..., g*sp + sp - 1]`, all Ulysses all-to-alls run inside it) and a DP group is a column
+of strided ranks (`[k, sp + k, 2*sp + k, ...]`, the replicas of the same sequence shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from core.errors import UserError
+
+
+def check_sp_config(world_size: int, sp: int, latent_frames: int, frames_per_block: int, num_heads: int,
+                    prompt_chunks: int = 1) -> None:
+    """Raise `UserError` (one line: the value and the fix) for an SP setup that cannot run.
+
+    A pure function, callable before any process group exists (the launcher runs it first)."""
+    if sp < 1:
+        raise UserError(f"sequence-parallel size {sp} must be >= 1 (use 1 to turn SP off)")
+    if world_size % sp:
+        raise UserError(f"world size {world_size} is not divisible by the sequence-parallel size {sp} "
+                        f"(launch a multiple of {sp} processes, or change the SP size)")
+    if num_heads % sp:
+        raise UserError(f"the model's {num_heads} attention heads are not divisible by the sequence-parallel "
+                        f"size {sp} (Ulysses splits heads over ranks: use an SP size dividing {num_heads})")
+    if frames_per_block < 1 or latent_frames < 1:
+        raise UserError(f"latent frames ({latent_frames}) and frames per block ({frames_per_block}) must be >= 1")
+    if latent_frames % (sp * frames_per_block):
+        raise UserError(f"{latent_frames} latent frames are not divisible by SP size x frames per block = "
+                        f"{sp} x {frames_per_block} (each rank needs whole blocks: use a multiple of "
+                        f"{sp * frames_per_block} latent frames)")
+    if prompt_chunks < 1 or (prompt_chunks != 1 and prompt_chunks % sp):
+        raise UserError(f"{prompt_chunks} prompt chunks per sample must be 1 or divisible by the "
+                        f"sequence-parallel size {sp} (each rank takes its own chunks' prompts)")
+    if prompt_chunks > 1 and latent_frames % prompt_chunks:
+        raise UserError(f"{latent_frames} latent frames cannot be cut into {prompt_chunks} equal prompt chunks "
+                        f"(use a number of prompt chunks dividing {latent_frames})")
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """The `(dp, sp)` device mesh of this process and its groups."""
+
+    device_mesh: DeviceMesh
+
+    @classmethod
+    def build(cls, sp: int, device_type: str = "cpu") -> ParallelMesh:
+        """Split the initialised default group into `world // sp` SP groups (collective call)."""
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelMesh.build needs an initialised default process group "
+                               "(torch.distributed.init_process_group)")
+        world = dist.get_world_size()
+        if world % sp:
+            raise UserError(f"world size {world} is not divisible by the sequence-parallel size {sp} "
+                            f"(launch a multiple of {sp} processes)")
+        mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+        return cls(mesh)
+
+    @property
+    def sp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("sp")
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.device_mesh.get_group("dp")
+
+    @property
+    def sp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("sp")
+
+    @property
+    def sp_size(self) -> int:
+        return self.device_mesh.size(1)
+
+    @property
+    def dp_rank(self) -> int:
+        return self.device_mesh.get_local_rank("dp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.device_mesh.size(0)
+
+    @property
+    def sp_root(self) -> int:
+        """Global rank of the first rank of this SP group (the one whose data the group uses)."""
+        return dist.get_global_rank(self.sp_group, 0)

@@ -1,0 +1,163 @@
+"""Where a built `CausalWanDiT` is split over a sequence-parallel group, and its SP training step.
+
+The model stays single-device code: the plan only replaces its `sequence_attention` attribute on
+the instance with Ulysses attention over the group. Every other stage (patch embedding, timestep
+embedding, cross-attention, FFN, head, loss) works on the rank's own frames.
+
+Gradients and the loss. Each rank's loss is `sum over its masked frames / global valid count`
+(`global_valid_count`), so the losses of an SP group sum to the single-process loss and the exact
+gradient is the SUM of the group's gradients (`all_reduce_gradients`). A reducer that AVERAGES
+over the SP ranks too (FSDP/DDP over the whole world) gives 1/sp of it: scale the local loss by
+`sp_size` there if the exact value matters (Adam is nearly invariant to it, gradient clipping is
+not). Every rank must run backward, including ranks whose loss is zero: the all-to-alls of the
+backward pass are collective.
+
+Legend: B batch, C latent channels, F frames, H/W latent size, L tokens, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from core.dit import CausalWanDiT
+from core.rope import frame_positions
+from sp.balanced import BalancedLayout, NaiveLayout
+from sp.mesh import ParallelMesh
+from sp.ulysses import UlyssesAttention, ulysses_attention
+
+
+class BalancedUlyssesAttention(UlyssesAttention):
+    """Ulysses attention whose global mask is derived from the mask the model builds for its local
+    frames (teacher forcing -> natural mask, block-causal -> global block-causal), so a stale mask
+    cannot be reused: a local mask that does not fit the layout is an error."""
+
+    def __init__(self, group: dist.ProcessGroup | None, layout: BalancedLayout, use_flex: bool | None = None):
+        super().__init__(group, global_mask=None, use_flex=use_flex)
+        self.layout = layout
+        self._masks: dict = {}  # (local mask, use_flex) -> global mask
+
+    def __call__(self, q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, mask=None) -> Tensor:
+        use_flex = q_BLND.is_cuda if self.use_flex is None else self.use_flex
+        key = (mask, use_flex)
+        if key not in self._masks:
+            self._masks[key] = self.layout.global_mask(mask, use_flex)
+        return ulysses_attention(q_BLND, k_BLND, v_BLND, self._masks[key], self.group, use_flex)
+
+
+def _sp_group(mesh_or_group: ParallelMesh | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    return mesh_or_group.sp_group if isinstance(mesh_or_group, ParallelMesh) else mesh_or_group
+
+
+def apply_sequence_parallel(model: CausalWanDiT, mesh_or_group: ParallelMesh | dist.ProcessGroup | None,
+                            layout: BalancedLayout, use_flex: bool | None = None) -> CausalWanDiT:
+    """Make the model's full-sequence forwards attend over the SP group under the balanced layout
+    (`None` as the group means the default group). Returns the model (changed in place)."""
+    group = _sp_group(mesh_or_group)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (size, rank) != (layout.sp_size, layout.sp_rank):
+        raise ValueError(f"the layout is for rank {layout.sp_rank} of {layout.sp_size}, the group makes this "
+                         f"process rank {rank} of {size}")
+    if model.config.num_heads % size:
+        raise ValueError(f"{model.config.num_heads} heads cannot be split over {size} sequence-parallel ranks")
+    model.sequence_attention = BalancedUlyssesAttention(group, layout, use_flex)
+    return model
+
+
+def remove_sequence_parallel(model: CausalWanDiT) -> CausalWanDiT:
+    """Back to the single-device attention (e.g. for evaluation on each rank)."""
+    model.__dict__.pop("sequence_attention", None)
+    return model
+
+
+def balanced_teacher_forcing(model: CausalWanDiT, layout: BalancedLayout, noisy_local: Tensor, t_local: Tensor,
+                             context_local: Tensor, clean_local: Tensor, frames_per_block: int | None = None,
+                             clean_t_local: Tensor | None = None) -> Tensor:
+    """This rank's noisy-half velocity `[B, C, F_loc, H, W]`: the model's own teacher-forcing forward
+    on the rank's frames (`layout.shard`), its prompts (`layout.prompts`), at global RoPE positions."""
+    attention = model.__dict__.get("sequence_attention")
+    if not isinstance(attention, BalancedUlyssesAttention) or attention.layout != layout:
+        raise ValueError("the model has no sequence-parallel plan for this layout (apply_sequence_parallel first)")
+    frames_per_block = layout.frames_per_block if frames_per_block is None else frames_per_block
+    if frames_per_block != layout.frames_per_block:
+        raise ValueError(f"frames_per_block {frames_per_block} differs from the layout's {layout.frames_per_block}")
+    return model(noisy_local, t_local, context_local, frames_per_block=frames_per_block, clean_x=clean_local,
+                 clean_t=clean_t_local, rope_offset=layout.first_frame)
+
+
+def naive_teacher_forcing(model: CausalWanDiT, layout: NaiveLayout, noisy_x: Tensor, t: Tensor, context: Tensor,
+                          clean_x: Tensor, group: dist.ProcessGroup | None, prompt_chunks: int = 1,
+                          use_flex: bool | None = None) -> Tensor:
+    """Teacher forcing with the naive split of `[all clean | all noisy]`, built from the model's stages.
+
+    Takes the whole sample (`[B, C, F, H, W]`, `t [B, F]`, context `[B*K, T, D]`) on every rank and
+    returns the velocity of this rank's piece if it is noisy, else an empty `[B, C, 0, H, W]` that is
+    still tied to the graph (a clean rank must run backward too: its attention serves the others)."""
+    x = layout.shard(noisy_x if layout.is_noisy else clean_x, dim=2)
+    tokens_BLD, grid = model.patchify(x)
+    t_piece = layout.shard(t, dim=1) if layout.is_noisy else torch.zeros_like(layout.shard(t, dim=1))
+    e, e0 = model.time_embed(t_piece)
+    positions = frame_positions(layout.piece_frames, layout.first_frame, device=x.device)
+    rope = model.rope_table(grid, positions)
+    text = model.prepare_text(layout.prompts(context, prompt_chunks))
+    mask = layout.global_mask(grid[1] * grid[2])
+
+    def attend(q, k, v):
+        return ulysses_attention(q, k, v, mask, group, use_flex)
+
+    out_BLD = model.run_blocks(tokens_BLD, e0, text, rope, [attend] * len(model.blocks))
+    if layout.is_noisy:
+        return model.unpatchify(model.head(out_BLD, e), grid)
+    batch, channels, _, height, width = x.shape
+    anchor = out_BLD.sum() * 0  # keeps the last layer's all-to-alls in this rank's backward
+    return x.new_zeros(batch, channels, 0, height, width) + anchor
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and gradients.
+
+
+def frame_loss_mask(layout: BalancedLayout, batch: int, num_valid_frames: int | Tensor | None = None,
+                    mask_first_frame: bool = False, device: torch.device | str = "cpu") -> Tensor:
+    """`[B, F_loc]` float mask by global frame index: 0 from `num_valid_frames` on (an int or `[B]`,
+    padded samples) and at global frame 0 with `mask_first_frame` (I2V: the image latent)."""
+    frames = torch.arange(layout.first_frame, layout.first_frame + layout.local_frames, device=device)
+    mask = torch.ones(batch, layout.local_frames, device=device)
+    if num_valid_frames is not None:
+        valid = torch.as_tensor(num_valid_frames, device=device).reshape(-1, 1)
+        mask = mask * (frames[None, :] < valid)
+    if mask_first_frame:
+        mask = mask * (frames[None, :] != 0)
+    return mask
+
+
+def global_valid_count(mask_BF: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """The loss denominator: the mask's sum over every rank of the SP group (fp32 scalar)."""
+    count = mask_BF.detach().float().sum()
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    return count
+
+
+def teacher_forcing_loss(velocity: Tensor, target: Tensor, weight_BF: Tensor, mask_BF: Tensor,
+                         group: dist.ProcessGroup | None) -> Tensor:
+    """This rank's share of the weighted flow-matching loss: `sum(mean_CHW (v - target)^2 * w * mask)`
+    over its frames divided by the group's valid count; the shares sum to the single-process loss."""
+    frame_mse_BF = (velocity.float() - target.float()).square().mean(dim=(1, 3, 4))
+    return (frame_mse_BF * weight_BF * mask_BF).sum() / global_valid_count(mask_BF, group)
+
+
+@torch.no_grad()
+def all_reduce_gradients(model: nn.Module, mesh_or_group: ParallelMesh | dist.ProcessGroup | None) -> None:
+    """Without FSDP/DDP: sum the gradients over the SP group (exact gradient of the summed losses) and,
+    given a mesh, average over its DP replicas. Missing gradients count as zeros, so every rank issues
+    the same collectives."""
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=_sp_group(mesh_or_group))
+        if isinstance(mesh_or_group, ParallelMesh) and mesh_or_group.dp_size > 1:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=mesh_or_group.dp_group)
+            param.grad.div_(mesh_or_group.dp_size)
