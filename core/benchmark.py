@@ -132,12 +132,11 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
                                device, dtype, runtime.seed).eval()
     else:
         model = build_model(recipe, device, dtype, checkpoint, lora)
-    caches: list = []
+    caches: list = []  # the caches another storage built, to report their real size
 
-    def cache_transform(cache):
-        cache = hooks.cache_transform(cache) if hooks.cache_transform is not None else cache
-        caches.append(cache)
-        return cache
+    def cache_transform(cache, device):
+        caches.append(hooks.cache_transform(cache, device))
+        return caches[-1]
     compiled = wants_compile(runtime.compile, device)
     if compiled:
         compile_blocks(model)
@@ -159,7 +158,8 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         timer.start()
         with sdpa_backend(runtime.attention):
             for chunk in stream_latents(model, noise, [context] * chunks, stream,
-                                        negative_context=negative, cache_transform=cache_transform):
+                                        negative_context=negative,
+                                        cache_transform=cache_transform if hooks.cache_transform else None):
                 timer.stop()  # the chunk is denoised
                 if decoder is not None:
                     decoder.submit(chunk.latents)
@@ -179,7 +179,10 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
     steady = seconds[window_chunks:]
     median = statistics.median(steady)
     tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
-    kv_bytes = sum(storage_bytes(cache) for cache in caches)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    branches = 2 if stream.uses_guidance else 1
+    kv_bytes = sum(storage_bytes(cache) for cache in caches) if caches else \
+        branches * cfg.num_layers * 2 * stream.local_window_frames * tokens * cfg.dim * itemsize
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
     dit_fps = VAE_TEMPORAL_STRIDE * fpb / median

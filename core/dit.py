@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,9 +88,9 @@ class SelfAttention(Projections):
         return self.o(attend(q, k, v).flatten(2))
 
 
-@dataclass(frozen=True)
-class TextKV:
-    """One layer's cross-attention keys/values of a text context `[B*K, T, N, d]`."""
+class TextKV(NamedTuple):
+    """One layer's cross-attention keys/values of a text context `[B*K, T, N, d]` (a tuple, so
+    wrappers that walk a module's outputs, such as FSDP's backward hooks, see the tensors)."""
 
     k: Tensor
     v: Tensor
@@ -130,6 +131,10 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
+
+    def text_kv(self, text_BTD: Tensor) -> TextKV:
+        """This block's cross-attention keys/values of an embedded text (computed once per prompt)."""
+        return self.cross_attn.text_kv(text_BTD)
 
     def forward(self, x_BLD: Tensor, e0_BF6D: Tensor, text: TextKV, rope: RotaryTable,
                 attend: Attend, segments: int = 1) -> Tensor:
@@ -265,7 +270,7 @@ class CausalWanDiT(nn.Module):
         if context_BTC.shape[1] < cfg.text_len:
             context_BTC = F.pad(context_BTC, (0, 0, 0, cfg.text_len - context_BTC.shape[1]))
         text = self.text_embedding(context_BTC.to(self.dtype))
-        return TextConditioning(tuple(block.cross_attn.text_kv(text) for block in self.blocks))
+        return TextConditioning(tuple(block.text_kv(text) for block in self.blocks))
 
     def rope_table(self, grid: tuple[int, int, int], positions: Tensor) -> RotaryTable:
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -328,10 +333,12 @@ class CausalWanDiT(nn.Module):
 
     def forward_chunk(self, x: Tensor, t: Tensor, context: Tensor | TextConditioning, *,
                       cache, start_frame: int, rope_offset: float | Tensor = 0.0,
-                      rewrite_at: int | None = None) -> Tensor:
+                      rewrite_at: int | None = None, keep_kv: bool = True) -> Tensor:
         """Velocity of one streamed chunk `[B, C, f, H, W]` starting at absolute latent frame
         `start_frame`; reads and writes `cache` (a `core.kv_cache.KVCache`). `rewrite_at`
-        re-encodes frames the cache already holds at that buffer position (window recache)."""
+        re-encodes frames the cache already holds at that buffer position (window recache).
+        `keep_kv=False`: later chunks will not read this call's keys/values (they are rewritten
+        first), so the cache need not store them."""
         tokens, grid = self.patchify(x)
         frames = grid[0]
         tokens_per_frame = grid[1] * grid[2]
@@ -341,7 +348,7 @@ class CausalWanDiT(nn.Module):
         positions = frame_positions(frames, start_frame, rope_offset, device=x.device)
         rope = self.rope_table(grid, positions)
         e, e0 = self.time_embed(t)
-        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at)
+        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at, persist=keep_kv)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)
         cache.commit()
         return self.unpatchify(self.head(out, e), grid)

@@ -32,7 +32,11 @@ def storage_bytes(obj: object) -> int:
     per-layer storage): what a format really costs, whatever its layout."""
     if isinstance(obj, torch.nn.Module):
         tensors = [*obj.parameters(), *obj.buffers()]
-    else:
-        tensors = [value for layer in obj.layers for value in vars(layer).values()
-                   if isinstance(value, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors)
+    total = 0
+    for layer in obj.layers:  # a layer type may report its own storage (`nbytes`)
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes
+        else:
+            total += sum(v.numel() * v.element_size() for v in vars(layer).values() if isinstance(v, torch.Tensor))
+    return total

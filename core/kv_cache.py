@@ -102,6 +102,9 @@ class WritePlan:
     write_start: int
     write_end: int  # == the attended window's end
     after: CacheState
+    # False: no later forward reads these keys/values before they are rewritten (a denoising step,
+    # whose chunk the recache pass re-encodes); a storage that pays to store may skip them.
+    persist: bool = True
 
 
 def protected_prefix(layout: CacheLayout, state: CacheState) -> int:
@@ -204,8 +207,8 @@ class KVCache:
         for layer in self.layers:
             layer.plan = None
 
-    def begin(self, start_token: int, num_tokens: int,
-              rewrite_at: int | None = None) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+    def begin(self, start_token: int, num_tokens: int, rewrite_at: int | None = None,
+              persist: bool = True) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """Start a forward over stream tokens [start, start + n): one attention function per layer,
         each applying the same plan to its own buffers.
 
@@ -219,6 +222,7 @@ class KVCache:
                 "rewrite must target a segment the cache holds"
             plan = WritePlan(roll=None, write_start=rewrite_at, write_end=rewrite_at + num_tokens,
                              after=self.state)
+        plan = replace(plan, persist=persist)
         self._pending = plan
         for layer in self.layers:
             layer.plan = plan

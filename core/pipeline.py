@@ -118,10 +118,10 @@ class Branch:
 
 
 def _model_call(model: CausalWanDiT, latents_BfCHW: Tensor, t_Bf: Tensor, branch: Branch,
-                plan: ChunkPlan) -> Tensor:
+                plan: ChunkPlan, keep_kv: bool = True) -> Tensor:
     flow = model.forward_chunk(latents_BfCHW.permute(0, 2, 1, 3, 4), t_Bf, branch.text,
                                cache=branch.cache, start_frame=plan.start_frame,
-                               rope_offset=plan.rope_offset)
+                               rope_offset=plan.rope_offset, keep_kv=keep_kv)
     return flow.permute(0, 2, 1, 3, 4)
 
 
@@ -148,9 +148,10 @@ def denoise_chunk(model: CausalWanDiT, noise_BfCHW: Tensor, plan: ChunkPlan,
         latents = _condition_image(latents, image_latent)
         if image_latent is not None:
             timestep[:, 0] = 0  # the conditioning frame is clean
-        flow = _model_call(model, latents, timestep, branches[0], plan)
+        # The recache pass rewrites this chunk's keys/values, so a step's need not be stored.
+        flow = _model_call(model, latents, timestep, branches[0], plan, keep_kv=False)
         if len(branches) == 2:
-            flow_uncond = _model_call(model, latents, timestep, branches[1], plan)
+            flow_uncond = _model_call(model, latents, timestep, branches[1], plan, keep_kv=False)
             flow = flow_uncond + stream.guidance_scale * (flow - flow_uncond)
         latents = _condition_image(sampler.step(flow, latents), image_latent)
     return latents
@@ -191,7 +192,7 @@ def recache_window(model: CausalWanDiT, clean_BFCHW: Tensor, frame_offsets: Tens
 # -- the loop ---------------------------------------------------------------------------------
 
 PromptSwitch = Callable[[int], Tensor | None]
-CacheTransform = Callable[[KVCache], KVCache]
+CacheTransform = Callable[[KVCache, torch.device], KVCache]  # (cache on meta, device) -> cache
 
 
 @torch.no_grad()
@@ -202,8 +203,9 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
                    cache_transform: CacheTransform | None = None) -> Iterator[LatentChunk]:
     """Yield every finished latent chunk in order (see `generate_latents`).
 
-    `cache_transform(cache)` is applied to every freshly allocated cache: how another storage
-    (e.g. `quant.kv.quantize_kv_cache`) plugs in without the pipeline knowing about it.
+    `cache_transform(cache, device)` replaces every cache, allocated on `meta` for it (no bf16
+    buffers ever exist): how another storage (e.g. `quant.kv.quantize_kv_cache`) plugs in without
+    the pipeline knowing about it.
 
     `prompt_switch(chunk_index)` is asked before every chunk after the first; a returned context
     replaces the prompt from that chunk on (until the schedule's next scene cut) and the cached
@@ -213,8 +215,9 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
     batch, _, _, height, width = noise.shape
     tokens = tokens_per_frame(model, height, width)
     def new_cache() -> KVCache:
-        cache = allocate_cache(model, stream, batch, tokens, noise.device)
-        return cache_transform(cache) if cache_transform is not None else cache
+        if cache_transform is None:
+            return allocate_cache(model, stream, batch, tokens, noise.device)
+        return cache_transform(allocate_cache(model, stream, batch, tokens, "meta"), noise.device)
 
     branches = [Branch(new_cache())]
     if stream.uses_guidance:

@@ -31,8 +31,8 @@ def model_hooks(recipe: Recipe) -> ModelHooks:
 
         window = WindowBuffer()  # one dequantized window shared by every layer and cache
 
-        def cache_transform(cache):
-            return quantize_kv_cache(cache, rule=quant.kv_rule, window=window)
+        def cache_transform(cache, device):
+            return quantize_kv_cache(cache, rule=quant.kv_rule, window=window, device=device)
     return ModelHooks(label=quant.label, load_dit=load_dit, cache_transform=cache_transform)
 
 

@@ -13,16 +13,20 @@ from longlive_cli.app import app
 
 @app.command("train-ar")
 def train_ar(
-    recipe: Annotated[str, typer.Argument(help="Training recipe: a YAML path or a bundled name (train_ar, train_ar_tiny).")],
+    recipe: Annotated[str, typer.Argument(
+        help="Training recipe: a YAML path or a bundled name (train_ar, train_ar_tiny).")],
     nproc_per_node: Annotated[int, typer.Option(help="Processes (GPUs) per node; >1 re-executes under torchrun.")] = 1,
     nnodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank (multi-node).")] = 0,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")] = None,
-    logdir: Annotated[str, typer.Option(help="Checkpoints, TensorBoard logs, metrics.jsonl, loss.png.")] = "runs/train-ar",
+    logdir: Annotated[str, typer.Option(
+        help="Checkpoints, TensorBoard logs, metrics.jsonl, loss.png.")] = "runs/train-ar",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the recipe's).")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,
+    resume: Annotated[bool, typer.Option(
+        "--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,
     export: Annotated[str | None, typer.Option(help="Write a generator file (.safetensors or .pt) at the end.")] = None,
-    precision: Annotated[str | None, typer.Option(help="bf16 or nvfp4 (NVFP4 numerics for the 300 block linears).")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="bf16 or nvfp4 (NVFP4 numerics for the 300 block linears).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
 ) -> None:
     """Train the causal DiT with teacher forcing (flow matching, error recycling, EMA, checkpoints)."""

@@ -165,7 +165,7 @@ def _load_kernels() -> dict:
     @triton.jit
     def _candidate(x64, noise, s, amax, qs, STOCHASTIC: tl.constexpr):
         # Scaled values x / (s * amax / (Q*S)) (0 where s == 0), rounded: (code index, grid magnitude, sign).
-        step = tl.div_rn(s * amax, qs)
+        step = tl.div_rn(s * amax, qs)  # s, amax: per block
         inv_step = 1.0 / step.to(tl.float64)  # fp64 division is always correctly rounded
         scaled = tl.where(s[:, None] != 0.0, _div_exact(x64, inv_step[:, None]), 0.0)
         index, grid = _e2m1_round(scaled, noise, STOCHASTIC)
@@ -179,6 +179,7 @@ def _load_kernels() -> dict:
         codes_ptr,
         scales_ptr,
         n_blocks,
+        blocks_per_amax,
         q,
         qs,
         ADAPTIVE: tl.constexpr,
@@ -194,7 +195,7 @@ def _load_kernels() -> dict:
             noise = tl.load(noise_ptr + offs, mask=live[:, None], other=0.0)
         else:
             noise = x  # unused
-        amax = tl.load(amax_ptr)
+        amax = tl.load(amax_ptr + blk // blocks_per_amax, mask=live, other=1.0)  # per block: slot amax
 
         bmax = tl.max(tl.abs(x), axis=1)
         s_hp = tl.div_rn(bmax, q) * tl.div_rn(qs, amax)
@@ -206,8 +207,8 @@ def _load_kernels() -> dict:
             s4 = _e4m3_round(s_hp * 1.5)
             index4, grid4, neg4 = _candidate(x64, noise, s4, amax, qs, STOCHASTIC)
             inv_qs = 1.0 / (tl.zeros([1], dtype=tl.float64) + qs)
-            deq6 = _div_exact((_with_sign(grid, neg) * s[:, None]) * amax, inv_qs)
-            deq4 = _div_exact((_with_sign(grid4, neg4) * s4[:, None]) * amax, inv_qs)
+            deq6 = _div_exact((_with_sign(grid, neg) * s[:, None]) * amax[:, None], inv_qs)
+            deq4 = _div_exact((_with_sign(grid4, neg4) * s4[:, None]) * amax[:, None], inv_qs)
             pick4 = _block_error(deq4 - x, ERROR, G) < _block_error(deq6 - x, ERROR, G)
             index = tl.where(pick4[:, None], index4, index)
             neg = tl.where(pick4[:, None], neg4, neg)
@@ -254,8 +255,15 @@ def quantize_triton(
     rounding: str = "nearest",
     noise: torch.Tensor | None = None,
     amax=None,
+    *,
+    slot_amax: torch.Tensor | None = None,
+    out: NVFP4Tensor | None = None,
 ) -> NVFP4Tensor:
-    """Same result as quant.nvfp4.quantize(x, rule, rounding, noise=noise, amax=amax) with 1-D blocks."""
+    """Same result as quant.nvfp4.quantize(x, rule, rounding, noise=noise, amax=amax) with 1-D blocks.
+
+    `slot_amax [n]`: x is `n` equal slots along its first dim, each quantized with its own amax (one
+    launch for what would be `n` calls; the returned `amax` is that vector). `out`: write the codes
+    and scales into these (contiguous) buffers instead of new ones."""
     check_rule(rule)
     check_rounding(rounding)
     if not x.is_floating_point() or x.ndim == 0 or x.shape[-1] % BLOCK != 0:
@@ -265,12 +273,20 @@ def quantize_triton(
         )
     kernels = _load_kernels()
     x = x.detach().contiguous()
-    amax_t = resolve_amax(x, amax)
+    if slot_amax is not None:
+        assert amax is None and x.shape[0] % slot_amax.numel() == 0, "slots must split the first dim"
+        amax_t = slot_amax.detach().float().contiguous()
+    else:
+        amax_t = resolve_amax(x, amax)
     stochastic = rounding == "stochastic"
     noise_t = make_noise(x, noise, None).contiguous() if stochastic else x
     n_blocks = x.numel() // BLOCK
-    codes = torch.empty(x.numel() // 2, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(n_blocks, dtype=torch.uint8, device=x.device)
+    if out is not None:
+        assert out.codes.is_contiguous() and out.scales.is_contiguous() and out.codes.numel() * 2 == x.numel()
+        codes, scales = out.codes.view(-1), out.scales.view(torch.uint8).view(-1)
+    else:
+        codes = torch.empty(x.numel() // 2, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(n_blocks, dtype=torch.uint8, device=x.device)
     q, s = rule_limits(rule)
     grid = (triton.cdiv(n_blocks, QUANT_GROUPS),)
     if n_blocks > 0:
@@ -281,6 +297,7 @@ def quantize_triton(
             codes,
             scales,
             n_blocks,
+            n_blocks // amax_t.numel(),
             q,
             q * s,
             ADAPTIVE=rule in ADAPTIVE_RULES,

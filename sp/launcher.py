@@ -27,6 +27,7 @@ from core.errors import UserError
 from core.train.ar import RunOptions, Trainer, TrainPlan, TrainResult
 from core.train.config import TrainRecipe, load_train_recipe
 from sp.balanced import BalancedLayout
+from sp.fsdp import shard_model
 from sp.mesh import ParallelMesh, check_sp_config
 from sp.plan import all_reduce_gradients, apply_sequence_parallel, balanced_teacher_forcing
 from sp.vae_halo import encode_rank_window, halo_windows, raw_window
@@ -226,14 +227,9 @@ class SequenceParallelPlan(LocalPlan):
             apply_sequence_parallel(model, self.mesh, self.layout)
         if self.uses_fsdp:
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             compute = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-            world_mesh = init_device_mesh(self.device.type, (self.world_size,))
-            for block in model.blocks:
-                fully_shard(block, mesh=world_mesh, mp_policy=policy)
-            fully_shard(model, mesh=world_mesh, mp_policy=policy)
+            shard_model(model, init_device_mesh(self.device.type, (self.world_size,)), compute)
         return model
 
     def encode(self, vae: nn.Module, video_BCTHW: Tensor, latent_frames: int) -> Tensor:

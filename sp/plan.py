@@ -107,11 +107,12 @@ def naive_teacher_forcing(model: CausalWanDiT, layout: NaiveLayout, noisy_x: Ten
         return ulysses_attention(q, k, v, mask, group, use_flex)
 
     out_BLD = model.run_blocks(tokens_BLD, e0, text, rope, [attend] * len(model.blocks))
+    # Every rank runs the head (sharded parameters are gathered collectively under FSDP); a clean
+    # rank returns an empty velocity tied to the graph, since its attention serves the others.
+    velocity = model.unpatchify(model.head(out_BLD, e), grid)
     if layout.is_noisy:
-        return model.unpatchify(model.head(out_BLD, e), grid)
-    batch, channels, _, height, width = x.shape
-    anchor = out_BLD.sum() * 0  # keeps the last layer's all-to-alls in this rank's backward
-    return x.new_zeros(batch, channels, 0, height, width) + anchor
+        return velocity
+    return velocity[:, :, :0] + velocity.sum() * 0
 
 
 # ----------------------------------------------------------------------------------------------

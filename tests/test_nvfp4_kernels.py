@@ -67,9 +67,22 @@ dequantize_triton(t, torch.bfloat16, out=window[1])
 checked += 1
 if not (torch.equal(bits(window[1]), bits(nvfp4.dequantize(t, torch.bfloat16))) and window[0].isnan().all()):
     failures.append("out buffer")
+
+# one launch for 3 slots, each with its own amax, written into given buffers == 3 separate calls
+slots = spread((3, 8, 32), seed=6) * torch.tensor([1.0, 1e-3, 40.0])[:, None, None]
+for rule in ("static_6", "mse"):
+    slot_amax = slots.abs().amax(dim=(1, 2))
+    codes = torch.empty(3, 8, 16, dtype=torch.uint8)
+    scales = torch.empty(3, 8, 2, dtype=torch.float8_e4m3fn)
+    quantize_triton(slots, rule, slot_amax=slot_amax, out=nvfp4.NVFP4Tensor(codes, scales, slot_amax, rule))
+    checked += 1
+    for i in range(3):
+        ref = nvfp4.quantize(slots[i], rule, amax=slot_amax[i])
+        if not (torch.equal(ref.codes, codes[i]) and torch.equal(ref.scales.view(torch.uint8), scales[i].view(torch.uint8))):
+            failures.append(f"slot amax {rule} slot {i}")
 print(json.dumps({"checked": checked, "failures": failures}))
 """
-EXPECTED_CHECKS = 3 * 5 * 2 + 1 + 5 * 3 + 1
+EXPECTED_CHECKS = 3 * 5 * 2 + 1 + 5 * 3 + 1 + 2
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:

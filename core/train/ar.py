@@ -280,8 +280,7 @@ class Trainer:
             dataset.set_epoch(sampler.epoch)
             loader = DataLoader(dataset, batch_size=1, sampler=list(iter(sampler)), collate_fn=collate,
                                 num_workers=self.recipe.data.num_workers, pin_memory=self.device.type == "cuda")
-            for batch in loader:
-                yield batch
+            yield from loader
             sampler.set_epoch(sampler.epoch + 1)
 
     # -- one step ---------------------------------------------------------------------------------
@@ -345,8 +344,8 @@ class Trainer:
         self.recycler = None
         if recipe.error_recycling.enabled:
             recycle_gen = torch.Generator().manual_seed(recipe.runtime.seed * 7919 + plan.rank)
-            self.recycler = ErrorRecycler(recipe.error_recycling, generator=recycle_gen, sp_rank=plan.rank % plan.sp_size,
-                                          sp_size=plan.sp_size)
+            self.recycler = ErrorRecycler(recipe.error_recycling, generator=recycle_gen,
+                                          sp_rank=plan.rank % plan.sp_size, sp_size=plan.sp_size)
         manager = CheckpointManager(self.logdir, keep=recipe.train.keep_checkpoints)
         model_config = {"preset": recipe.preset, **recipe.model.__dict__}
         start_step, resumed = 0, None

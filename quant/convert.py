@@ -1,0 +1,361 @@
+"""BF16 generator checkpoints (+ optional LoRA) and official FourOverSix exports -> our packed
+NVFP4 file (`quant.linear.save_quantized`), with a per-layer size / error report.
+
+Sources (detected from the file, `detect_source`):
+  * a bf16/fp32 generator (`.pt`/`.pth` in the official layouts, `.safetensors`): LoRA merged in
+    fp32 first if given (pitfall 27), cast to bf16, the 300 block linears quantized;
+  * an official materialised export (`model_4o6.pt`, `scripts/save_merged_nvfp4_generator.py`):
+    `{"generator": {"model.<layer>.quantized_weight_values" uint8 [N, K/2],
+    "...quantized_weight_scale_factors" e4m3 flat in the cuBLAS blocked layout, "..._amax" fp32 [1],
+    "..._metadata" int32 (rows, cols, padded rows, padded cols), other weights bf16},
+    "checkpoint_format": "longlive_generator_nvfp4", "quantization": {"scale_rule", ...}}`:
+    scales unswizzled, repacked, nothing re-quantized;
+  * our own packed file: refused (it is already converted).
+
+Legend: N out_features, K in_features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+from torch import Tensor
+
+from core.checkpoint import (
+    check_shapes,
+    check_state_dict,
+    merge_lora,
+    read_lora_state_dict,
+    read_state_dict,
+)
+from core.config import MODEL_PRESETS, ModelConfig
+from core.dit import CausalWanDiT
+from core.errors import UserError, first_line
+from quant.linear import (
+    DEFAULT_EXCLUDE,
+    FORMAT_NAME,
+    NVFP4Linear,
+    QuantConfig,
+    dequantize_tensor,
+    nvfp4_layers,
+    quantize_model,
+    save_quantized,
+    select_linears,
+)
+from quant.nvfp4 import BLOCK, RULES, NVFP4Tensor, check_rule, from_blocked
+
+STORAGE_MODES = ("w4a16", "w4a4")  # the default runtime mode written into the file
+OFFICIAL_SUFFIX = "quantized_weight_values"
+OFFICIAL_FORMAT = "longlive_generator_nvfp4"
+PathLike = str | Path
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]  # [N, K]
+    sqnr_db: float | None  # dequantized vs bf16 weight; None when imported (no bf16 reference)
+    bf16_bytes: int
+    nvfp4_bytes: int
+
+
+@dataclass
+class ConvertReport:
+    source: Path
+    output: Path
+    rule: str
+    mode: str
+    imported: bool  # from an official NVFP4 export (no re-quantization)
+    source_bytes: int = 0
+    output_bytes: int = 0
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def bf16_bytes(self) -> int:
+        return sum(layer.bf16_bytes for layer in self.layers)
+
+    @property
+    def nvfp4_bytes(self) -> int:
+        return sum(layer.nvfp4_bytes for layer in self.layers)
+
+    @property
+    def file_ratio(self) -> float:
+        return self.output_bytes / self.source_bytes
+
+    def _sqnrs(self) -> list[float]:
+        return [layer.sqnr_db for layer in self.layers if layer.sqnr_db is not None]
+
+    @property
+    def mean_sqnr_db(self) -> float | None:
+        values = self._sqnrs()
+        return sum(values) / len(values) if values else None
+
+    @property
+    def min_sqnr_db(self) -> float | None:
+        values = self._sqnrs()
+        return min(values) if values else None
+
+
+# on_layer(done, total, layer) after each layer, for progress displays.
+LayerCallback = Callable[[int, int, LayerReport], None]
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - approx|^2) in fp64 (inf when equal)."""
+    ref = reference.double()
+    noise = (ref - approx.double()).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file; of a shard folder, of its *.safetensors files concatenated in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for part in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        with part.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model_config(preset: str | ModelConfig) -> tuple[ModelConfig, str]:
+    """(config, name for the metadata) from a preset name or a config."""
+    if isinstance(preset, ModelConfig):
+        return preset, "custom"
+    if preset not in MODEL_PRESETS:
+        raise UserError(f"--preset {preset}: unknown model preset (choose one of {', '.join(MODEL_PRESETS)})")
+    return ModelConfig.preset(preset), preset
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    if not src.exists():
+        raise UserError(f"checkpoint {src} not found: check the path")
+    if dst.suffix != ".safetensors":
+        raise UserError(f"output {dst} must end in .safetensors (the packed NVFP4 format is one safetensors file)")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise UserError(f"output {dst} is the input file: choose another output path")
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (safetensors.SafetensorError, OSError) as err:
+        raise UserError(f"cannot read {path} ({first_line(err)}): the file is truncated or corrupt: "
+                        f"download or save it again") from err
+
+
+def detect_source(path: PathLike, *, use_ema: bool = False) -> tuple[str, dict[str, Tensor]]:
+    """("longlive-nvfp4" | "official-nvfp4" | "bf16", the state dict with bare names; empty for
+    our own format)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors" and \
+            _safetensors_metadata(path).get("format") == FORMAT_NAME:
+        return FORMAT_NAME, {}
+    state_dict = read_state_dict(path, use_ema=use_ema)
+    if any(name.endswith(OFFICIAL_SUFFIX) for name in state_dict):
+        return "official-nvfp4", state_dict
+    return "bf16", state_dict
+
+
+def convert(src: PathLike, dst: PathLike, preset: str | ModelConfig, *, lora: PathLike | None = None,
+            rule: str | None = None, mode: str = "w4a16", use_ema: bool = False,
+            device: torch.device | str = "cpu", on_layer: LayerCallback | None = None) -> ConvertReport:
+    """The `convert-nvfp4` command: dispatch on the source kind."""
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst)
+    _check_mode(mode)
+    if rule is not None:
+        check_rule(rule)
+    kind, state_dict = detect_source(src, use_ema=use_ema)
+    if kind == FORMAT_NAME:
+        raise UserError(f"{src} is already a packed NVFP4 checkpoint ({FORMAT_NAME}): use it directly "
+                        f"(e.g. --checkpoint {src})")
+    if kind == "official-nvfp4":
+        if lora is not None:
+            raise UserError(f"{src} is an official NVFP4 export (already quantized): a LoRA cannot be merged "
+                            f"into it; convert the bf16 base with --lora instead (pitfall 27)")
+        return import_official_nvfp4(src, dst, preset, rule=rule, mode=mode, on_layer=on_layer,
+                                     _state_dict=state_dict)
+    return convert_checkpoint(src, dst, preset, lora=lora, rule=rule or "mse", mode=mode, use_ema=use_ema,
+                              device=device, on_layer=on_layer, _state_dict=state_dict)
+
+
+def _check_mode(mode: str) -> None:
+    if mode == "native":
+        raise UserError("--mode native is a runtime mode, not a storage mode: convert with --mode w4a16 "
+                        "(the packed weights are the same) and run with --mode native on a Blackwell GPU")
+    if mode not in STORAGE_MODES:
+        raise UserError(f"--mode {mode}: choose one of {', '.join(STORAGE_MODES)}")
+
+
+def convert_checkpoint(src: PathLike, dst: PathLike, preset: str | ModelConfig, lora: PathLike | None = None,
+                       rule: str = "mse", mode: str = "w4a16", use_ema: bool = False, *,
+                       device: torch.device | str = "cpu", on_layer: LayerCallback | None = None,
+                       _state_dict: Mapping[str, Tensor] | None = None) -> ConvertReport:
+    """A bf16 (or fp32) generator file -> our packed NVFP4 file. With `lora`, the LoRA is merged
+    into fp32 weights first, then everything is rounded to bf16 and quantized (as the official
+    export). Quantization runs on `device` (a GPU is ~100x faster than the CPU reference)."""
+    src, dst = Path(src), Path(dst)
+    _check_paths(src, dst)
+    _check_mode(mode)
+    check_rule(rule)
+    config, preset_name = resolve_model_config(preset)
+    state_dict = read_state_dict(src, use_ema=use_ema) if _state_dict is None else _state_dict
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    check_state_dict(model, state_dict, str(src))
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if lora is not None:
+        model = merge_lora(model.float(), read_lora_state_dict(lora), source=str(lora))
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+
+    report = ConvertReport(source=src, output=dst, rule=rule, mode=mode, imported=False)
+    total = len(select_linears(model, DEFAULT_EXCLUDE))
+
+    def record(name: str, linear: torch.nn.Linear, layer: NVFP4Linear) -> None:
+        weight = linear.weight.detach()
+        approx = dequantize_tensor(layer.packed_weight(), torch.float32)
+        entry = LayerReport(name, tuple(weight.shape), sqnr_db(weight, approx),
+                            weight.numel() * weight.element_size(), layer.packed_nbytes)
+        report.layers.append(entry)
+        if on_layer is not None:
+            on_layer(len(report.layers), total, entry)
+
+    with torch.no_grad():
+        quantize_model(model, QuantConfig(mode=mode, weight_rule=rule, activation_rule=rule), on_layer=record)
+    metadata = {"preset": preset_name, "source": src.name, "source_sha256": file_sha256(src),
+                "use_ema": str(bool(use_ema)).lower()}
+    if lora is not None:
+        metadata.update(lora=Path(lora).name, lora_sha256=file_sha256(lora))
+    save_quantized(model, dst, metadata)
+    report.source_bytes, report.output_bytes = _size(src), dst.stat().st_size
+    return report
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return path.stat().st_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Official FourOverSix exports.
+
+
+def _official_rules(path: Path) -> tuple[str | None, str | None]:
+    """(weight rule, activation rule) recorded in an official export, if any."""
+    with path.open("rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # mmap needs torch's zip format
+    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    quantization = raw.get("quantization") if isinstance(raw, Mapping) else None
+    if not isinstance(quantization, Mapping):
+        return None, None
+    overall = quantization.get("scale_rule")
+    weight = quantization.get("weight_scale_rule") or overall
+    activation = quantization.get("activation_scale_rule") or overall
+    for value in (weight, activation):
+        if value is not None and value not in RULES:
+            raise UserError(f"{path} records an unknown scale rule {value!r} (known: {', '.join(RULES)}): "
+                            f"check the file")
+    return weight, activation
+
+
+def _unpack_official_layer(prefix: str, state_dict: Mapping[str, Tensor], rule: str, path: Path) -> NVFP4Tensor:
+    """One materialised FourOverSix weight -> codes [N, K/2], row-major scales [N, K/16], scalar amax."""
+    try:
+        values = state_dict[prefix + "quantized_weight_values"]
+        flat_scales = state_dict[prefix + "quantized_weight_scale_factors"]
+        amax = state_dict[prefix + "quantized_weight_amax"]
+        rows, cols, padded_rows, padded_cols = (int(v) for v in state_dict[prefix + "quantized_weight_metadata"])
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{path}: layer {prefix.rstrip('.')} lacks part of its NVFP4 buffers ({first_line(err)}): "
+                        f"the file is incomplete; export it again") from None
+    problems = []
+    if cols % BLOCK or padded_cols % (4 * BLOCK) or padded_rows % 128 or padded_rows < rows or padded_cols < cols:
+        problems.append(f"metadata {(rows, cols, padded_rows, padded_cols)}")
+    if values.dtype != torch.uint8 or values.dim() != 2 or values.shape[0] < rows or values.shape[1] * 2 < cols:
+        problems.append(f"values {values.dtype} {tuple(values.shape)}")
+    if flat_scales.numel() != padded_rows * padded_cols // BLOCK:
+        problems.append(f"{flat_scales.numel()} scale factors")
+    if amax.numel() != 1:
+        problems.append(f"amax of shape {tuple(amax.shape)}")
+    if problems:
+        raise UserError(f"{path}: layer {prefix.rstrip('.')} has inconsistent NVFP4 buffers ({', '.join(problems)}): "
+                        f"the file is damaged; export it again")
+    scales = from_blocked(flat_scales.reshape(-1).view(torch.float8_e4m3fn), padded_rows, padded_cols // BLOCK)
+    return NVFP4Tensor(codes=values[:rows, : cols // 2].contiguous(),
+                       scales=scales[:rows, : cols // BLOCK].contiguous(),
+                       amax=amax.reshape(()).float(), rule=rule)
+
+
+def import_official_nvfp4(path_model_4o6_pt: PathLike, dst: PathLike, preset: str | ModelConfig,
+                          rule: str | None = None, mode: str = "w4a16", *,
+                          on_layer: LayerCallback | None = None,
+                          _state_dict: Mapping[str, Tensor] | None = None) -> ConvertReport:
+    """An official materialised NVFP4 export -> our file, bit for bit the same weights. The scale
+    rule comes from the file's metadata; files without it need `rule` (pitfall 10: the divisor
+    depends on it and is stored nowhere else)."""
+    src, dst = Path(path_model_4o6_pt), Path(dst)
+    _check_paths(src, dst)
+    _check_mode(mode)
+    config, preset_name = resolve_model_config(preset)
+    state_dict = read_state_dict(src) if _state_dict is None else _state_dict
+    file_rule, file_activation_rule = _official_rules(src)
+    if rule is not None:
+        check_rule(rule)
+        if file_rule is not None and rule != file_rule:
+            raise UserError(f"{src} was quantized with scale rule {file_rule!r}, not {rule!r}: drop --rule "
+                            f"(the rule sets the dequantization divisor)")
+    rule = file_rule or rule
+    if rule is None:
+        raise UserError(f"{src} does not record its scale rule: pass --rule with the rule it was quantized "
+                        f"with ({', '.join(RULES)}; the official NVFP4 configs use mse)")
+    prefixes = sorted(name[: -len(OFFICIAL_SUFFIX)] for name in state_dict if name.endswith(OFFICIAL_SUFFIX))
+    if not prefixes:
+        raise UserError(f"{src} holds no NVFP4 layers (no *.{OFFICIAL_SUFFIX}): give a bf16 checkpoint or an "
+                        f"official model_4o6.pt export")
+    packed_layers = {prefix.rstrip(".") for prefix in prefixes}
+    # Everything that is not a packed buffer (a dropped master weight may linger as `weight`).
+    tensors: dict[str, Tensor] = {}
+    for name, tensor in state_dict.items():
+        module, _, leaf = name.rpartition(".")
+        if module in packed_layers and (leaf.startswith("quantized_weight_") or leaf == "weight"):
+            continue
+        tensors[name] = tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor
+    report = ConvertReport(source=src, output=dst, rule=rule, mode=mode, imported=True)
+    for prefix in prefixes:
+        name = prefix.rstrip(".")
+        packed = _unpack_official_layer(prefix, state_dict, rule, src)
+        tensors[f"{name}.weight_codes"] = packed.codes
+        tensors[f"{name}.weight_scales"] = packed.scales
+        tensors[f"{name}.weight_amax"] = packed.amax
+        shape = tuple(packed.shape)
+        report.layers.append(LayerReport(name, shape, None, math.prod(shape) * 2, packed.nbytes))
+        if on_layer is not None:
+            on_layer(len(report.layers), len(prefixes), report.layers[-1])
+
+    quant_config = QuantConfig(mode=mode, weight_rule=rule, activation_rule=file_activation_rule or rule, exclude=())
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    quantize_model(model, quant_config, filter=lambda module_name, _: module_name in packed_layers)
+    missing_layers = sorted(packed_layers - set(nvfp4_layers(model)))
+    if missing_layers:
+        raise UserError(f"{src} has NVFP4 layers that are not linears of the {preset_name} model "
+                        f"({', '.join(missing_layers[:3])}): check --preset")
+    check_shapes({name: tuple(t.shape) for name, t in model.state_dict().items()}, tensors,
+                 f"NVFP4 export {src}", f"the {preset_name} model", "check --preset / the file")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    metadata: dict[str, Any] = {"preset": preset_name, "source": src.name, "source_sha256": file_sha256(src),
+                                "imported_from": OFFICIAL_FORMAT}
+    save_quantized(model, dst, metadata)
+    report.source_bytes, report.output_bytes = _size(src), dst.stat().st_size
+    return report
