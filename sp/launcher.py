@@ -83,9 +83,22 @@ def check_run(recipe: TrainRecipe, options: LaunchOptions) -> None:
     except OSError as err:
         raise UserError(f"log dir {logdir} is not writable ({err.strerror or err}): "
                         f"pass a writable --logdir") from None
+    if recipe.preset != "tiny" and not recipe.train.init:
+        raise UserError(f"train.init is empty: the {recipe.preset} preset starts from the Wan2.2 or an AR "
+                        f"generator file (--set train.init=PATH)")
+    needed = ([] if recipe.data.vae != "wan2.2" else ["vae"]) + \
+        ([] if recipe.data.text_encoder != "umt5" else ["text_encoder_dir"])
+    if needed:
+        from core.hub import ModelFiles, resolve_model_dir
+
+        files = ModelFiles(resolve_model_dir(Path(recipe.data.model_dir) if recipe.data.model_dir else None))
+        files.require(*(getattr(files, name) for name in needed))
     if not recipe.data.synthetic:
         from core.train.data import VideoClipDataset
 
+        if not recipe.data.path:
+            raise UserError("data.path is empty: give a dataset folder (video/ + caption/) or a JSONL manifest "
+                            "(--set data.path=PATH), or --set data.synthetic=true")
         path = Path(recipe.data.path)
         if not path.exists():
             raise UserError(f"data.path {path} does not exist: give a dataset folder (video/ + caption/) "

@@ -78,7 +78,8 @@ for rule in ("static_6", "mse"):
     checked += 1
     for i in range(3):
         ref = nvfp4.quantize(slots[i], rule, amax=slot_amax[i])
-        if not (torch.equal(ref.codes, codes[i]) and torch.equal(ref.scales.view(torch.uint8), scales[i].view(torch.uint8))):
+        same_scales = torch.equal(ref.scales.view(torch.uint8), scales[i].view(torch.uint8))
+        if not (torch.equal(ref.codes, codes[i]) and same_scales):
             failures.append(f"slot amax {rule} slot {i}")
 print(json.dumps({"checked": checked, "failures": failures}))
 """

@@ -171,9 +171,10 @@ def test_generation_close_to_unquantized_cache(center_keys):
     stream = StreamConfig(**STREAM)
     exact = generate_latents(model, noise, contexts, stream)
     window = WindowBuffer()
-    quantized = generate_latents(model, noise, contexts, stream,
-                                 cache_transform=lambda c, d: quantize_kv_cache(c, window=window, center_keys=center_keys,
-                                                                                  device=d))
+    def transform(cache, device):
+        return quantize_kv_cache(cache, window=window, center_keys=center_keys, device=device)
+
+    quantized = generate_latents(model, noise, contexts, stream, cache_transform=transform)
     assert sqnr_db(quantized, exact) >= MIN_LATENT_SQNR_DB
     assert not torch.equal(quantized, exact)
 

@@ -47,6 +47,86 @@ def build(config: ModelConfig, precision: str, device: torch.device):
     return model
 
 
+def run_config(spec: str, args, config: ModelConfig, device: torch.device, cuda: bool, rank: int, world: int,
+               group, fpb: int, latent_h: int, latent_w: int) -> None:
+    """Build, shard and time one `layout:precision` configuration; rank 0 prints its JSON line."""
+    layout_name, precision = spec.split(":")
+    steps = args.nvfp4_steps if precision == "nvfp4" else args.steps
+    model = build(config, precision, device)
+    if layout_name == "balanced":
+        layout = BalancedLayout(world, rank, args.frames, fpb)
+        apply_sequence_parallel(model, group, layout)
+    else:
+        layout = NaiveLayout(world, rank, args.frames, fpb)
+    checkpoint_blocks(model)
+    shard_model(model, init_device_mesh(device.type, (world,)), torch.bfloat16 if cuda else torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.0, 0.999))
+    # Same random sample on every rank (seeded), as an SP group reads one sample.
+    g = torch.Generator(device=device).manual_seed(1)
+    shape = (1, config.in_channels, args.frames, latent_h, latent_w)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    clean = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    noisy = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    target = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    t = (torch.rand(1, args.frames // fpb, generator=g, device=device) * 1000).repeat_interleave(fpb, 1)
+    chunks = args.frames // fpb
+    context = torch.randn(chunks, config.text_len, config.text_dim, generator=g, device=device, dtype=dtype)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if layout_name == "balanced":
+            v = balanced_teacher_forcing(model, layout, layout.shard(noisy, 2), layout.shard(t, 1),
+                                         layout.prompts(context, chunks), layout.shard(clean, 2), fpb)
+            loss = (v.float() - layout.shard(target, 2).float()).square().mean()
+        else:
+            v = naive_teacher_forcing(model, layout, noisy, t, context, clean, group, prompt_chunks=chunks)
+            piece = layout.shard(target, 2) if layout.is_noisy else target[:, :, :0]
+            loss = (v.float() - piece.float()).square().sum() / max(piece.numel(), 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            began = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - began)
+    # A step ends when the slowest rank ends: take the max over ranks of each step's time.
+    per_step = torch.tensor(times, device=device)
+    dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0], device=device)
+    peaks = [torch.zeros_like(peak) for _ in range(world)]
+    dist.all_gather(peaks, peak)
+    own = torch.tensor(times, device=device)
+    owns = [torch.zeros_like(own) for _ in range(world)]
+    dist.all_gather(owns, own)
+    if rank == 0:
+        print(json.dumps({
+            "layout": layout_name, "precision": precision, "gpus": world, "frames": args.frames,
+            "tokens_per_rank": 2 * args.frames // world * latent_h // 2 * latent_w // 2,
+            "step_seconds_median": statistics.median(per_step.tolist()),
+            "step_seconds": [round(x, 3) for x in per_step.tolist()],
+            "per_rank_median_seconds": [round(statistics.median(o.tolist()), 3) for o in owns],
+            "peak_memory_gib_per_gpu": [round(float(p), 2) for p in peaks],
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}), flush=True)
+    if cuda:
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=32)
@@ -71,82 +151,7 @@ def main() -> None:
     latent_h, latent_w = args.height // 16, args.width // 16
     group = dist.group.WORLD
     for spec in args.configs.split(","):
-        layout_name, precision = spec.split(":")
-        steps = args.nvfp4_steps if precision == "nvfp4" else args.steps
-        model = build(config, precision, device)
-        if layout_name == "balanced":
-            layout = BalancedLayout(world, rank, args.frames, fpb)
-            apply_sequence_parallel(model, group, layout)
-        else:
-            layout = NaiveLayout(world, rank, args.frames, fpb)
-        checkpoint_blocks(model)
-        shard_model(model, init_device_mesh(device.type, (world,)), torch.bfloat16 if cuda else torch.float32)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.0, 0.999))
-        # Same random sample on every rank (seeded), as an SP group reads one sample.
-        g = torch.Generator(device=device).manual_seed(1)
-        shape = (1, config.in_channels, args.frames, latent_h, latent_w)
-        dtype = torch.bfloat16 if cuda else torch.float32
-        clean = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        noisy = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        target = torch.randn(shape, generator=g, device=device, dtype=dtype)
-        t = (torch.rand(1, args.frames // fpb, generator=g, device=device) * 1000).repeat_interleave(fpb, 1)
-        chunks = args.frames // fpb
-        context = torch.randn(chunks, config.text_len, config.text_dim, generator=g, device=device, dtype=dtype)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            if layout_name == "balanced":
-                v = balanced_teacher_forcing(model, layout, layout.shard(noisy, 2), layout.shard(t, 1),
-                                             layout.prompts(context, chunks), layout.shard(clean, 2), fpb)
-                loss = (v.float() - layout.shard(target, 2).float()).square().mean()
-            else:
-                v = naive_teacher_forcing(model, layout, noisy, t, context, clean, group, prompt_chunks=chunks)
-                piece = layout.shard(target, 2) if layout.is_noisy else target[:, :, :0]
-                loss = (v.float() - piece.float()).square().sum() / max(piece.numel(), 1)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(steps):
-            dist.barrier()
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                began = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - began)
-        # A step ends when the slowest rank ends: take the max over ranks of each step's time.
-        per_step = torch.tensor(times, device=device)
-        dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0], device=device)
-        peaks = [torch.zeros_like(peak) for _ in range(world)]
-        dist.all_gather(peaks, peak)
-        own = torch.tensor(times, device=device)
-        owns = [torch.zeros_like(own) for _ in range(world)]
-        dist.all_gather(owns, own)
-        if rank == 0:
-            print(json.dumps({
-                "layout": layout_name, "precision": precision, "gpus": world, "frames": args.frames,
-                "tokens_per_rank": 2 * args.frames // world * latent_h // 2 * latent_w // 2,
-                "step_seconds_median": statistics.median(per_step.tolist()),
-                "step_seconds": [round(x, 3) for x in per_step.tolist()],
-                "per_rank_median_seconds": [round(statistics.median(o.tolist()), 3) for o in owns],
-                "peak_memory_gib_per_gpu": [round(float(p), 2) for p in peaks],
-                "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}), flush=True)
-        del model, optimizer
-        if cuda:
-            torch.cuda.empty_cache()
-        dist.barrier()
+        run_config(spec, args, config, device, cuda, rank, world, group, fpb, latent_h, latent_w)
     dist.destroy_process_group()
 
 
