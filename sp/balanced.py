@@ -89,8 +89,24 @@ def natural_token_order(sp: int, local_frames: int, tokens_per_frame: int) -> Te
     return single.flatten()
 
 
+class _HeldFrames:
+    """The contiguous frames `[first_frame, + held_frames)` a rank holds, and their slices."""
+
+    num_frames: int
+
+    @property
+    def frame_range(self) -> range:
+        return range(self.first_frame, self.first_frame + self.held_frames)
+
+    def shard(self, x: Tensor, dim: int) -> Tensor:
+        """This rank's frames of a per-frame tensor (latents `dim=2`, timesteps/masks `dim=1`)."""
+        if x.shape[dim] != self.num_frames:
+            raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
+        return x.narrow(dim, self.first_frame, self.held_frames)
+
+
 @dataclass(frozen=True)
-class BalancedLayout:
+class BalancedLayout(_HeldFrames):
     """Rank `sp_rank`'s share of `num_frames` latent frames: a contiguous, block-aligned range."""
 
     sp_size: int
@@ -114,14 +130,8 @@ class BalancedLayout:
         return self.sp_rank * self.local_frames
 
     @property
-    def frame_range(self) -> range:
-        return range(self.first_frame, self.first_frame + self.local_frames)
-
-    def shard(self, x: Tensor, dim: int) -> Tensor:
-        """This rank's frames of a per-frame tensor (latents `dim=2`, timesteps/masks `dim=1`)."""
-        if x.shape[dim] != self.num_frames:
-            raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
-        return x.narrow(dim, self.first_frame, self.local_frames)
+    def held_frames(self) -> int:
+        return self.local_frames
 
     def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
         """This rank's prompts of a sample-major `[B*K, T, D]` context with K = `prompt_chunks`
@@ -147,7 +157,7 @@ class BalancedLayout:
 
 
 @dataclass(frozen=True)
-class NaiveLayout:
+class NaiveLayout(_HeldFrames):
     """Rank `sp_rank`'s equal piece of the single-process `[all clean | all noisy]` sequence."""
 
     sp_size: int
@@ -176,14 +186,8 @@ class NaiveLayout:
         return self.sp_rank * self.piece_frames % self.num_frames
 
     @property
-    def frame_range(self) -> range:
-        return range(self.first_frame, self.first_frame + self.piece_frames)
-
-    def shard(self, x: Tensor, dim: int) -> Tensor:
-        """The piece's frames of a per-frame tensor of its half."""
-        if x.shape[dim] != self.num_frames:
-            raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
-        return x.narrow(dim, self.first_frame, self.piece_frames)
+    def held_frames(self) -> int:
+        return self.piece_frames
 
     def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
         """The prompts of the piece's frames (sample-major `[B*K, T, D]` in, `[B*K', T, D]` out)."""

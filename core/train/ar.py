@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -450,9 +449,3 @@ class Trainer:
 def _full_value(x: Tensor) -> Tensor:
     """A DTensor's (e.g. FSDP's grad norm) full value, or the tensor itself."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
-def state_summary(result: TrainResult) -> dict[str, Any]:
-    first, last = result.history[0], result.history[-1]
-    return {"steps": result.steps_run, "first_loss": first.loss, "last_loss": last.loss,
-            "median_step_seconds": sorted(s.seconds for s in result.history)[len(result.history) // 2]}

@@ -72,8 +72,26 @@ def run_config(spec: str, args, config: ModelConfig, device: torch.device, cuda:
     chunks = args.frames // fpb
     context = torch.randn(chunks, config.text_len, config.text_dim, generator=g, device=device, dtype=dtype)
 
+    vae = window = video = None
+    if args.vae:
+        from core.config import VAEConfig
+        from core.vae import random_vae
+        from sp.vae_halo import encode_rank_window, halo_windows, raw_window
+
+        vae = random_vae(VAEConfig.preset("tiny" if args.preset == "tiny" else "wan2.2"), 0, device=device,
+                         dtype=dtype)
+        raw = 4 * (args.frames - 1) + 1
+        video = torch.rand(1, 3, raw, args.height, args.width, generator=g, device=device, dtype=dtype) * 2 - 1
+        # Balanced: the rank's own frames. Naive: the frames of its piece (clean and noisy pieces of the
+        # same frames need the same latents), cut the same way over world/2 pieces.
+        pieces, piece = (world, rank) if layout_name == "balanced" else (world // 2, rank % (world // 2))
+        window = halo_windows(args.frames, raw, pieces, 28)[piece]
+
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
+        if vae is not None:
+            with torch.no_grad():
+                encode_rank_window(vae, raw_window(video, window), window)
         if layout_name == "balanced":
             v = balanced_teacher_forcing(model, layout, layout.shard(noisy, 2), layout.shard(t, 1),
                                          layout.prompts(context, chunks), layout.shard(clean, 2), fpb)
@@ -115,7 +133,8 @@ def run_config(spec: str, args, config: ModelConfig, device: torch.device, cuda:
     dist.all_gather(owns, own)
     if rank == 0:
         print(json.dumps({
-            "layout": layout_name, "precision": precision, "gpus": world, "frames": args.frames,
+            "layout": layout_name, "precision": precision, "vae_in_step": bool(args.vae), "gpus": world,
+            "frames": args.frames,
             "tokens_per_rank": 2 * args.frames // world * latent_h // 2 * latent_w // 2,
             "step_seconds_median": statistics.median(per_step.tolist()),
             "step_seconds": [round(x, 3) for x in per_step.tolist()],
@@ -137,6 +156,9 @@ def main() -> None:
     parser.add_argument("--configs", default="balanced:bf16,naive:bf16,balanced:nvfp4")
     parser.add_argument("--nvfp4-steps", type=int, default=2)
     parser.add_argument("--preset", default="wan2.2-ti2v-5b")
+    parser.add_argument("--vae", action="store_true",
+                        help="Also encode the clip in the step (Wan2.2 VAE, random weights, no grad): each rank "
+                             "encodes the raw window its frames need, with the 28-latent causal halo")
     args = parser.parse_args()
 
     local_rank = int(os.environ["LOCAL_RANK"])
