@@ -91,8 +91,11 @@ def check_run(recipe: TrainRecipe, options: LaunchOptions) -> None:
     if needed:
         from core.hub import ModelFiles, resolve_model_dir
 
-        files = ModelFiles(resolve_model_dir(Path(recipe.data.model_dir) if recipe.data.model_dir else None))
-        files.require(*(getattr(files, name) for name in needed))
+        try:
+            files = ModelFiles(resolve_model_dir(Path(recipe.data.model_dir) if recipe.data.model_dir else None))
+            files.require(*(getattr(files, name) for name in needed))
+        except UserError as err:  # the shared message names generate's flag; train-ar sets the recipe key
+            raise UserError(str(err).replace("pass --model-dir", "--set data.model_dir=DIR")) from None
     if not recipe.data.synthetic:
         from core.train.data import VideoClipDataset
 
