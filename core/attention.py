@@ -115,6 +115,11 @@ def dense_mask(mask: AttentionMask, device: torch.device | str = "cpu") -> Tenso
 
 
 @functools.lru_cache(maxsize=8)
+def _cached_dense_mask(mask: AttentionMask, device: str) -> Tensor:
+    return dense_mask(mask, device)  # built once per layout, not once per layer call
+
+
+@functools.lru_cache(maxsize=8)
 def _flex_block_mask(mask: AttentionMask, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -143,7 +148,7 @@ def masked_attention(q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, mask: Atten
     if use_flex is None:
         use_flex = q_BLND.is_cuda
     if not use_flex:
-        return sdpa(q_BLND, k_BLND, v_BLND, dense_mask(mask, q_BLND.device))
+        return sdpa(q_BLND, k_BLND, v_BLND, _cached_dense_mask(mask, str(q_BLND.device)))
     block_mask = _flex_block_mask(mask, str(q_BLND.device))
     out = _compiled_flex()(q_BLND.transpose(1, 2), k_BLND.transpose(1, 2), v_BLND.transpose(1, 2),
                            block_mask=block_mask)

@@ -26,7 +26,7 @@ from core.config import VAE_TEMPORAL_STRIDE, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
 from core.hooks import ModelHooks, storage_bytes
 from core.optimize import compile_blocks, compile_vae_decoder, wants_compile, warm_up_vae_decoder
-from core.pipeline import stream_latents, tokens_per_frame
+from core.pipeline import allocate_cache, stream_latents, tokens_per_frame
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 
 
@@ -179,10 +179,10 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
     steady = seconds[window_chunks:]
     median = statistics.median(steady)
     tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    branches = 2 if stream.uses_guidance else 1
-    kv_bytes = sum(storage_bytes(cache) for cache in caches) if caches else \
-        branches * cfg.num_layers * 2 * stream.local_window_frames * tokens * cfg.dim * itemsize
+    if not caches:  # the plain caches, as the pipeline allocates them (sized on meta: no memory)
+        branches = 2 if stream.uses_guidance else 1
+        caches = [allocate_cache(model, stream, 1, tokens, "meta")] * branches
+    kv_bytes = sum(storage_bytes(cache) for cache in caches)
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
     dit_fps = VAE_TEMPORAL_STRIDE * fpb / median

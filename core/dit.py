@@ -348,7 +348,7 @@ class CausalWanDiT(nn.Module):
         positions = frame_positions(frames, start_frame, rope_offset, device=x.device)
         rope = self.rope_table(grid, positions)
         e, e0 = self.time_embed(t)
-        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at, persist=keep_kv)
+        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at, keep_kv=keep_kv)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)
         cache.commit()
         return self.unpatchify(self.head(out, e), grid)

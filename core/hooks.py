@@ -33,10 +33,4 @@ def storage_bytes(obj: object) -> int:
     if isinstance(obj, torch.nn.Module):
         tensors = [*obj.parameters(), *obj.buffers()]
         return sum(t.numel() * t.element_size() for t in tensors)
-    total = 0
-    for layer in obj.layers:  # a layer type may report its own storage (`nbytes`)
-        if hasattr(layer, "nbytes"):
-            total += layer.nbytes
-        else:
-            total += sum(v.numel() * v.element_size() for v in vars(layer).values() if isinstance(v, torch.Tensor))
-    return total
+    return sum(layer.nbytes for layer in obj.layers)  # each cache layer reports its own storage

@@ -104,7 +104,7 @@ class WritePlan:
     after: CacheState
     # False: no later forward reads these keys/values before they are rewritten (a denoising step,
     # whose chunk the recache pass re-encodes); a storage that pays to store may skip them.
-    persist: bool = True
+    keep_kv: bool = True
 
 
 def protected_prefix(layout: CacheLayout, state: CacheState) -> int:
@@ -148,7 +148,7 @@ def plan_write(layout: CacheLayout, state: CacheState, start_token: int,
     return WritePlan(roll=roll, write_start=write_start, write_end=local_end, after=after)
 
 
-def _slide_left(buffer: Tensor, roll: Roll) -> None:
+def slide_left(buffer: Tensor, roll: Roll) -> None:
     """In-place `buffer[:, dst:dst+len] = buffer[:, src:src+len]` without a full-range copy.
 
     Copying left to right in pieces no longer than the shift never reads a token that was
@@ -166,6 +166,8 @@ def _slide_left(buffer: Tensor, roll: Roll) -> None:
             buffer[:, roll.src + offset:roll.src + offset + size]
 
 
+
+
 class LayerKV:
     """The key/value buffers of one layer; `plan` is set by `KVCache.begin` for each forward."""
 
@@ -173,6 +175,11 @@ class LayerKV:
         self.k = torch.zeros(batch, capacity, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.plan: WritePlan | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Storage bytes (every layer storage reports this; see `core.hooks.storage_bytes`)."""
+        return 2 * self.k.numel() * self.k.element_size()
 
     # Index arithmetic and in-place writes stay eager under torch.compile (one graph break per
     # layer) so compiled blocks never specialise on cache positions.
@@ -182,8 +189,8 @@ class LayerKV:
         plan = self.plan
         assert plan is not None, "KVCache.begin() was not called"
         if plan.roll is not None:
-            _slide_left(self.k, plan.roll)
-            _slide_left(self.v, plan.roll)
+            slide_left(self.k, plan.roll)
+            slide_left(self.v, plan.roll)
         self.k[:, plan.write_start:plan.write_end] = k_BnND
         self.v[:, plan.write_start:plan.write_end] = v_BnND
         return sdpa(q_BnND, self.k[:, :plan.write_end], self.v[:, :plan.write_end])
@@ -208,7 +215,7 @@ class KVCache:
             layer.plan = None
 
     def begin(self, start_token: int, num_tokens: int, rewrite_at: int | None = None,
-              persist: bool = True) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
+              keep_kv: bool = True) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
         """Start a forward over stream tokens [start, start + n): one attention function per layer,
         each applying the same plan to its own buffers.
 
@@ -222,7 +229,7 @@ class KVCache:
                 "rewrite must target a segment the cache holds"
             plan = WritePlan(roll=None, write_start=rewrite_at, write_end=rewrite_at + num_tokens,
                              after=self.state)
-        plan = replace(plan, persist=persist)
+        plan = replace(plan, keep_kv=keep_kv)
         self._pending = plan
         for layer in self.layers:
             layer.plan = plan

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -34,15 +36,13 @@ def train_ar(
     from longlive_cli.progress import step_progress
     from sp.launcher import LaunchOptions, launch, under_torchrun
 
-    for name, value in (("--nproc-per-node", nproc_per_node), ("--nnodes", nnodes)):
-        if value < 1:
+    for name, value in (("--nproc-per-node", nproc_per_node), ("--nnodes", nnodes), ("--max-steps", max_steps)):
+        if value is not None and value < 1:
             raise UserError(f"{name} {value}: use 1 or more")
     overrides = list(set_ or []) + ([f"train.precision={precision}"] if precision else [])
     options = LaunchOptions(recipe=recipe, overrides=overrides, logdir=Path(logdir), nproc_per_node=nproc_per_node,
                             nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, max_steps=max_steps,
                             resume=resume, export=Path(export) if export else None)
-    import os
-
     console = Console(stderr=True)
     is_main = not under_torchrun() or os.environ.get("RANK", "0") == "0"
     progress = step_progress(console) if is_main else None
@@ -58,10 +58,7 @@ def train_ar(
         progress.update(task, completed=stats.step, loss=stats.loss, grad_norm=stats.grad_norm,
                         step_time=stats.seconds)
 
-    if progress is not None:
-        with progress:
-            result = launch(options, on_step)
-    else:
+    with progress if progress is not None else contextlib.nullcontext():
         result = launch(options, on_step)
     if isinstance(result, int):
         if result != 0:

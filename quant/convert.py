@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
 import torch
 from torch import Tensor
 
 from core.checkpoint import (
+    _load_file,
     check_shapes,
     check_state_dict,
     merge_lora,
@@ -44,6 +44,7 @@ from quant.linear import (
     NVFP4Linear,
     QuantConfig,
     dequantize_tensor,
+    is_nvfp4_file,
     nvfp4_layers,
     quantize_model,
     save_quantized,
@@ -144,21 +145,10 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise UserError(f"output {dst} is the input file: choose another output path")
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
-    except (safetensors.SafetensorError, OSError) as err:
-        raise UserError(f"cannot read {path} ({first_line(err)}): the file is truncated or corrupt: "
-                        f"download or save it again") from err
-
-
 def detect_source(path: PathLike, *, use_ema: bool = False) -> tuple[str, dict[str, Tensor]]:
     """("longlive-nvfp4" | "official-nvfp4" | "bf16", the state dict with bare names; empty for
     our own format)."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors" and \
-            _safetensors_metadata(path).get("format") == FORMAT_NAME:
+    if is_nvfp4_file(path):  # an unreadable file is reported by read_state_dict
         return FORMAT_NAME, {}
     state_dict = read_state_dict(path, use_ema=use_ema)
     if any(name.endswith(OFFICIAL_SUFFIX) for name in state_dict):
@@ -253,9 +243,7 @@ def _size(path: Path) -> int:
 
 def _official_rules(path: Path) -> tuple[str | None, str | None]:
     """(weight rule, activation rule) recorded in an official export, if any."""
-    with path.open("rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # mmap needs torch's zip format
-    raw = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    raw = _load_file(path)  # weights_only (no code runs); zip pickles are memory-mapped
     quantization = raw.get("quantization") if isinstance(raw, Mapping) else None
     if not isinstance(quantization, Mapping):
         return None, None

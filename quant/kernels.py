@@ -17,6 +17,8 @@ Shape legend: NB = number of 16-element blocks, G = blocks per program (GROUPS).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from core.errors import UserError
@@ -24,6 +26,7 @@ from quant.nvfp4 import (
     ADAPTIVE_RULES,
     BLOCK,
     NVFP4Tensor,
+    check_input,
     check_rounding,
     check_rule,
     make_noise,
@@ -41,6 +44,7 @@ _kernels: dict | None = None
 tl = triton = None  # set by _load_kernels (the kernels look names up in this module's globals)
 
 
+@functools.cache  # asked per layer per forward; the answer cannot change within a process
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -266,11 +270,7 @@ def quantize_triton(
     and scales into these (contiguous) buffers instead of new ones."""
     check_rule(rule)
     check_rounding(rounding)
-    if not x.is_floating_point() or x.ndim == 0 or x.shape[-1] % BLOCK != 0:
-        raise UserError(
-            f"NVFP4 needs a float tensor whose last dim is a multiple of {BLOCK}, got {x.dtype} "
-            f"{tuple(x.shape)} (pad the last dim to a multiple of {BLOCK})"
-        )
+    check_input(x)
     kernels = _load_kernels()
     x = x.detach().contiguous()
     if slot_amax is not None:

@@ -24,7 +24,6 @@ d head size, n new tokens, f new frames, m held tokens, R rows (tokens x heads).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,18 +31,17 @@ from torch import Tensor
 
 from core.attention import sdpa
 from core.config import ModelConfig, StreamConfig
-from core.kv_cache import CacheLayout, CacheState, KVCache, LayerKV, Roll, _slide_left
+from core.hooks import storage_bytes
+from core.kv_cache import CacheLayout, CacheState, KVCache, LayerKV, Roll, slide_left
 from quant.kernels import quantize_triton
 from quant.nvfp4 import (
-    BLOCK,
-    E2M1_VALUES,
     NVFP4Tensor,
     check_rule,
+    decode_tables,
     dequantize,
-    e2m1_decode,
+    dequantize_values,
     quantize,
     rule_divisor,
-    unpack_codes,
 )
 
 try:
@@ -63,14 +61,12 @@ def dequantize_slots(codes: Tensor, scales: Tensor, amax_BF: Tensor, rule: str, 
     `quant.nvfp4.dequantize`, `((q * s) * amax) / (Q*S)`, with a per-token amax: equal to it slot
     by slot, bit for bit (tests/test_quant_kv.py)."""
     frames = _frames(codes.shape[1], tokens_per_frame)
-    divisor = torch.tensor(rule_divisor(rule), device=codes.device)
-    q_BmNbE = e2m1_decode(unpack_codes(codes)).unflatten(-1, (-1, BLOCK))
-    amax_Bm111 = amax_BF[:, :frames].float().repeat_interleave(tokens_per_frame, dim=1)[:, :, None, None, None]
-    values = ((q_BmNbE * scales.float()[..., None]) * amax_Bm111) / divisor
-    values = values.flatten(-2)
+    slots = (frames, tokens_per_frame)  # split the tokens into slots: amax and mean broadcast over a slot
+    values_BFTNd = dequantize_values(codes.unflatten(1, slots), scales.unflatten(1, slots),
+                                     amax_BF[:, :frames, None, None, None], rule)
     if mean_BFNd is not None:
-        values = values + mean_BFNd[:, :frames].float().repeat_interleave(tokens_per_frame, dim=1)
-    return values
+        values_BFTNd = values_BFTNd + mean_BFNd[:, :frames, None].float()
+    return values_BFTNd.flatten(1, 2)
 
 
 def dequantize_slots_reference(codes: Tensor, scales: Tensor, amax_BF: Tensor, rule: str, tokens_per_frame: int,
@@ -133,12 +129,12 @@ class FrameSlots:
         # One amax per (batch, frame) slot; a max is exact in any order, so this equals each
         # slot's own max|x| that quantize() would compute.
         amax_Bf = x_BfTND.abs().amax(dim=(2, 3, 4))
-        tokens = slice(start, start + frames * per_frame)
+        self.amax[:, first:first + frames] = amax_Bf
         if x_BfTND.is_cuda and triton is not None:  # every slot of a batch element in one launch
+            tokens = slice(start, start + frames * per_frame)
             for b in range(x_BfTND.shape[0]):
-                quantize_triton(x_BfTND[b].contiguous(), self.rule, slot_amax=amax_Bf[b],
+                quantize_triton(x_BfTND[b], self.rule, slot_amax=amax_Bf[b],
                                 out=NVFP4Tensor(self.codes[b, tokens], self.scales[b, tokens], amax_Bf[b], self.rule))
-            self.amax[:, first:first + frames] = amax_Bf
             return
         for b in range(x_BfTND.shape[0]):
             for i in range(frames):
@@ -146,18 +142,17 @@ class FrameSlots:
                 tokens = slice(start + i * per_frame, start + (i + 1) * per_frame)
                 self.codes[b, tokens] = slot.codes
                 self.scales[b, tokens] = slot.scales
-                self.amax[b, first + i] = slot.amax
 
     def slide(self, roll: Roll) -> None:
         """Apply a cache roll: whole slots move left, nothing is requantized."""
         per_frame = self.tokens_per_frame
-        _slide_left(self.codes, roll)
-        _slide_left(self.scales, roll)
+        slide_left(self.codes, roll)
+        slide_left(self.scales, roll)
         frame_roll = Roll(_frames(roll.dst, per_frame), _frames(roll.src, per_frame),
                           _frames(roll.length, per_frame))
-        _slide_left(self.amax, frame_roll)
+        slide_left(self.amax, frame_roll)
         if self.mean is not None:
-            _slide_left(self.mean, frame_roll)
+            slide_left(self.mean, frame_roll)
 
     def dequantize_into(self, out_BKND: Tensor, end: int) -> None:
         """`out[:, :end]` = the dequantized slots `[0, end)`, in `out`'s dtype."""
@@ -211,18 +206,12 @@ class NVFP4LayerKV:
         self.shape = (batch, capacity, heads, head_dim)
         self.keys = FrameSlots(batch, capacity, heads, head_dim, tokens_per_frame, rule, center_keys, device)
         self.values = FrameSlots(batch, capacity, heads, head_dim, tokens_per_frame, rule, False, device)
-        # The storage tensors as plain attributes too (the same objects, updated in place): generic
-        # byte counters such as core.hooks.storage_bytes look for tensors among a layer's attributes.
-        for prefix, slots in (("k", self.keys), ("v", self.values)):
-            for name in ("codes", "scales", "amax", "mean"):
-                if getattr(slots, name) is not None:
-                    setattr(self, f"{prefix}_{name}", getattr(slots, name))
         self.window = window if window is not None else WindowBuffer()
         self.plan = None
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes (the shared window is not counted)."""
+        """Storage bytes (the shared window is not counted); core.hooks.storage_bytes reads this."""
         return self.keys.nbytes + self.values.nbytes
 
     def current_keys(self, k_BnND: Tensor) -> Tensor:
@@ -238,7 +227,7 @@ class NVFP4LayerKV:
         if plan.roll is not None:
             self.keys.slide(plan.roll)
             self.values.slide(plan.roll)
-        if plan.persist:  # a denoising step's keys are rewritten by the recache pass: not stored
+        if plan.keep_kv:  # a denoising step's keys are rewritten by the recache pass: not stored
             self.keys.write(k_BnND, plan.write_start)
             self.values.write(v_BnND, plan.write_start)
         window_k, window_v = self.window.get(self.shape, k_BnND.dtype, k_BnND.device)
@@ -272,14 +261,9 @@ def quantize_kv_cache(cache: KVCache, rule: str = "mse", window: WindowBuffer | 
 
 
 def kv_cache_bytes(cache: KVCache) -> int:
-    """Bytes of the cache's storage (keys and values of all layers; no window, no activations)."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, NVFP4LayerKV):
-            total += layer.nbytes
-        else:
-            total += layer.k.numel() * layer.k.element_size() + layer.v.numel() * layer.v.element_size()
-    return total
+    """Bytes of the cache's storage (keys and values of all layers; no window, no activations):
+    each NVFP4 layer's `nbytes`, each bf16 layer's buffers (`core.hooks.storage_bytes`)."""
+    return storage_bytes(cache)
 
 
 @dataclass(frozen=True)
@@ -317,21 +301,13 @@ def _triton_dequant_supported(head_dim: int) -> bool:
     return triton is not None and head_dim >= 32 and head_dim & (head_dim - 1) == 0  # tl.arange: powers of 2
 
 
-@functools.cache
-def _lookup_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    """fp32 value of every E2M1 code and of every E4M3 bit pattern: table lookups work on any GPU
-    (the e2m1x2 conversion instruction is Blackwell-only)."""
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    return E2M1_VALUES.to(device), e4m3.to(device)
-
-
 def _dequantize_slots_triton(codes: Tensor, scales: Tensor, amax_BF: Tensor, rule: str, tokens_per_frame: int,
                              mean_BFNd: Tensor | None, out_BmND: Tensor) -> None:
     """`out[...] = dequantize_slots(...)` in out's dtype, one kernel for all held slots."""
     batch, held, heads, head_dim = out_BmND.shape
     for t in (codes, scales, out_BmND):  # rows of one batch element must be contiguous
         assert t[0].is_contiguous() or held == 0
-    e2m1, e4m3 = _lookup_tables(out_BmND.device)
+    e2m1, e4m3 = decode_tables(out_BmND.device)
     divisor = torch.tensor([rule_divisor(rule)], dtype=torch.float32, device=out_BmND.device)
     mean = mean_BFNd if mean_BFNd is not None else amax_BF  # any pointer: not read without a mean
     rows = held * heads

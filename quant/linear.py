@@ -43,6 +43,7 @@ from core.checkpoint import atomic_write, check_shapes, normalize_keys
 from core.config import ModelConfig, require
 from core.dit import CausalWanDiT
 from core.errors import UserError, first_line
+from core.hooks import storage_bytes
 from quant.kernels import dequantize_triton, quantize_triton, triton_available
 from quant.nvfp4 import (
     BLOCK,
@@ -50,6 +51,7 @@ from quant.nvfp4 import (
     NVFP4Tensor,
     as_float4_x2,
     dequantize,
+    make_noise,
     quantize,
     random_hadamard_transform,
     rule_divisor,
@@ -112,6 +114,13 @@ class QuantConfig:
                 f"seed must be an integer (got {self.seed!r})")
 
 
+def ar_training_config(seed: int = 0) -> QuantConfig:
+    """The official NVFP4 settings of AR training: emulated train-mode GEMMs, static_6 weights in
+    16x16 tiles (W and Wᵀ share scales), mse activation and gradient rules."""
+    return QuantConfig(mode="train", weight_rule="static_6", activation_rule="mse", gradient_rule="mse",
+                       weight_2d=True, seed=seed)
+
+
 def select_linears(model: nn.Module, exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:
     """Names of the plain `nn.Linear` modules not excluded: an entry excludes the module of that
     exact name, or with a `re:` prefix every module whose name the regex matches anywhere
@@ -156,6 +165,12 @@ def _nvfp4_dequantize_fake(codes, scales, amax, rule, dtype):
 def fp4_gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype) -> Tensor:
     """A·Bᵀ of two quantized row-major operands, emulated: dequantize both to fp32, fp32 matmul."""
     return (dequantize_tensor(a, torch.float32) @ dequantize_tensor(b, torch.float32).T).to(out_dtype)
+
+
+def fp4_linear(x_q: NVFP4Tensor, w_q: NVFP4Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """Y = Q(X)·Q(W)ᵀ + b, emulated: the forward of both the w4a4 and the train layer."""
+    y_MN = fp4_gemm(x_q, w_q, out_dtype)
+    return y_MN if bias is None else y_MN + bias
 
 
 class DequantScratch:
@@ -308,17 +323,17 @@ class NVFP4Linear(nn.Module):
             return F.linear(x, self.dequantized_weight(x.dtype, keep=keep), self.bias)
         x_MK = x.reshape(-1, self.in_features)
         if self.mode == "w4a4":
-            y_MN = fp4_gemm(quantize_tensor(x_MK, self.activation_rule), self.packed_weight(), x.dtype)
+            y_MN = fp4_linear(quantize_tensor(x_MK, self.activation_rule), self.packed_weight(), self.bias, x.dtype)
         else:
             y_MN = self._native_gemm(x_MK)
-        if self.bias is not None:
-            y_MN = y_MN + self.bias
+            if self.bias is not None:
+                y_MN = y_MN + self.bias
         return y_MN.reshape(*x.shape[:-1], self.out_features)
 
     def _native_gemm(self, x_MK: Tensor) -> Tensor:
         """Blackwell FP4 GEMM: codes and blocked E4M3 scales go to the tensor cores, the two tensor
         scales amax/(Q*S) multiply the fp32-accumulated result (K must be a multiple of 32)."""
-        xq = quantize_tensor(x_MK.contiguous(), self.activation_rule)
+        xq = quantize_tensor(x_MK, self.activation_rule)  # (the Triton quantizer makes it contiguous)
         if self._blocked_scales is None:
             self._blocked_scales = to_blocked(self.weight_scales)
         y_MN = torch._scaled_mm(as_float4_x2(xq.codes), as_float4_x2(self.weight_codes).t(),
@@ -343,16 +358,15 @@ class GemmRules:
     weight_2d: bool
 
 
-def _uniform_noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
-    """Stochastic-rounding noise, uniform in [-0.5, 0.5)."""
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32) - 0.5
+def _quantize_gradient(g: Tensor, rule: str, generator: torch.Generator) -> NVFP4Tensor:
+    """A gradient operand: stochastic rounding with noise drawn from the layer's generator."""
+    return quantize_tensor(g, rule, "stochastic", noise=make_noise(g, None, generator))
 
 
 def nvfp4_dgrad(dy_MN: Tensor, weight_NK: Tensor, rules: GemmRules, generator: torch.Generator,
                 out_dtype: torch.dtype) -> Tensor:
     """dX = Q(dY, gradient rule, stochastic) · Q(Wᵀ)ᵀ, blocks of both along N."""
-    dy_q = quantize_tensor(dy_MN, rules.gradient_rule, "stochastic",
-                           noise=_uniform_noise(tuple(dy_MN.shape), generator, dy_MN.device))
+    dy_q = _quantize_gradient(dy_MN, rules.gradient_rule, generator)
     w_t_q = quantize_tensor(weight_NK.t().contiguous(), rules.weight_rule, block_2d=rules.weight_2d)
     return fp4_gemm(dy_q, w_t_q, out_dtype)
 
@@ -365,8 +379,7 @@ def nvfp4_wgrad(dy_MN: Tensor, x_tilde_MK: Tensor, rules: GemmRules, generator: 
     pad = (-dy_MN.shape[0]) % BLOCK
     dy_t = random_hadamard_transform(F.pad(dy_MN.t().float(), (0, pad)))  # [N, Mp]
     x_t = random_hadamard_transform(F.pad(x_tilde_MK.t().float(), (0, pad)))  # [K, Mp]
-    dy_q = quantize_tensor(dy_t, rules.gradient_rule, "stochastic",
-                           noise=_uniform_noise(tuple(dy_t.shape), generator, dy_t.device))
+    dy_q = _quantize_gradient(dy_t, rules.gradient_rule, generator)
     x_q = quantize_tensor(x_t, rules.activation_rule)
     return fp4_gemm(dy_q, x_q, out_dtype)
 
@@ -379,9 +392,7 @@ class _NVFP4LinearFunction(torch.autograd.Function):
         x_MK = x.reshape(-1, x.shape[-1])
         x_q = quantize_tensor(x_MK, rules.activation_rule)
         w_q = quantize_tensor(weight.detach(), rules.weight_rule, block_2d=rules.weight_2d)
-        y_MN = fp4_gemm(x_q, w_q, x.dtype)
-        if bias is not None:
-            y_MN = y_MN + bias
+        y_MN = fp4_linear(x_q, w_q, bias, x.dtype)
         ctx.save_for_backward(x_q.codes, x_q.scales, x_q.amax, weight)
         ctx.rules, ctx.generator = rules, generator
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
@@ -502,11 +513,9 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (each tensor once)."""
-    seen: dict[int, Tensor] = {}
-    for tensor in (*model.parameters(), *model.buffers()):
-        seen.setdefault(id(tensor), tensor)
-    return sum(t.numel() * t.element_size() for t in seen.values())
+    """Bytes of every parameter and buffer (each tensor once: `parameters()` and `buffers()`
+    skip repeats), as `core.hooks.storage_bytes` counts them."""
+    return storage_bytes(model)
 
 
 # ----------------------------------------------------------------------------------------------

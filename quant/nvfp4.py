@@ -15,13 +15,14 @@ Shape legend: K = last (contiguous) dim, a multiple of 16; NB = number of 16-ele
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from core.config import SCALE_RULES as RULES
 from core.errors import UserError
 
-RULES = ("static_6", "static_4", "mse", "mae", "abs_max")
 ROUNDINGS = ("nearest", "stochastic")
 ADAPTIVE_RULES = ("mse", "mae", "abs_max")  # "four over six": pick the 6- or 4-candidate per block
 BLOCK = 16  # elements per scale along K
@@ -116,8 +117,16 @@ def e2m1_encode(grid_values: torch.Tensor) -> torch.Tensor:
     return index | (torch.signbit(grid_values).to(torch.uint8) << 3)
 
 
+@functools.cache
+def decode_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 value of every E2M1 code [16] and of every E4M3 byte [256] on `device`, built once per
+    device (table lookups also serve GPU kernels: the e2m1x2 conversion instruction is Blackwell-only)."""
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return E2M1_VALUES.to(device), e4m3.to(device)
+
+
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
-    return E2M1_VALUES.to(codes.device)[codes.long()]
+    return decode_tables(codes.device)[0][codes.long()]
 
 
 def pack_codes(codes_u8: torch.Tensor) -> torch.Tensor:
@@ -192,7 +201,7 @@ def _from_blocks(blocks: torch.Tensor, shape: torch.Size, tile_2d: bool) -> torc
     return tiles.reshape(shape)
 
 
-def _check_input(x: torch.Tensor, block_2d: bool) -> None:
+def check_input(x: torch.Tensor, block_2d: bool = False) -> None:
     if not x.is_floating_point():
         raise UserError(f"NVFP4 quantisation needs a float tensor, got {x.dtype} (convert it with .float())")
     if x.ndim == 0 or x.shape[-1] % BLOCK != 0:
@@ -236,7 +245,7 @@ def quantize(
     """Quantise x [..., K] to NVFP4 with the given scale rule (§3.1-§3.2)."""
     check_rule(rule)
     check_rounding(rounding)
-    _check_input(x, block_2d)
+    check_input(x, block_2d)
     xf = x.detach().float()
     amax_t = resolve_amax(xf, amax)
     dev = xf.device
@@ -273,13 +282,18 @@ def quantize(
     return NVFP4Tensor(codes=codes, scales=scales, amax=amax_t, rule=rule)
 
 
+def dequantize_values(codes: torch.Tensor, scales: torch.Tensor, amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """fp32 `((q * s) * amax) / (Q*S)` of packed codes [..., K/2] with scales [..., K/16]; `amax` is the
+    scalar tensor amax or any tensor broadcastable to the scales (e.g. one amax per row or slot)."""
+    divisor = torch.tensor(rule_divisor(rule), device=codes.device)
+    q_blocks = e2m1_decode(unpack_codes(codes)).unflatten(-1, (-1, BLOCK))
+    values = ((q_blocks * scales.float()[..., None]) * amax.float()[..., None]) / divisor
+    return values.flatten(-2)
+
+
 def dequantize(t: NVFP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """((q * s) * amax) / (Q*S) in fp32, then cast to dtype."""
-    divisor = torch.tensor(rule_divisor(t.rule), device=t.codes.device)
-    q_vals = e2m1_decode(unpack_codes(t.codes))
-    q_blocks = q_vals.reshape(*q_vals.shape[:-1], -1, BLOCK)
-    values = ((q_blocks * t.scales.float()[..., None]) * t.amax.float()) / divisor
-    return values.reshape(t.shape).to(dtype)
+    return dequantize_values(t.codes, t.scales, t.amax, t.rule).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, rule: str = "static_6", rounding: str = "nearest", **kw) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Balanced layout (the official one): rank r of `sp` owns the contiguous latent frames
 `[r*F_loc, (r+1)*F_loc)` and builds its local sequence as `[clean of its frames | noisy of its
 frames]`. Ulysses concatenates the ranks' sequences in rank order, giving the "natural" global
-order `[r0 clean, r0 noisy, r1 clean, r1 noisy, ...]`; `NaturalTeacherForcingMask` decodes
-(rank, side, frame) from a token index so that no tokens need to move. Every rank holds the same
+order `[r0 clean, r0 noisy, r1 clean, r1 noisy, ...]`; `NaturalTeacherForcingMask` maps a token
+index back to its single-process index so that no tokens need to move. Every rank holds the same
 number of loss-bearing (noisy) tokens.
 
 Naive layout (for comparison): the single-process sequence `[all clean | all noisy]` cut into `sp`
@@ -22,16 +22,8 @@ import torch
 from torch import Tensor
 
 from core.attention import AttentionMask, BlockCausalMask, TeacherForcingMask
-from sp.ulysses import padded_length
-
-
-def _slice_prompts(context: Tensor, prompt_chunks: int, first: int, count: int) -> Tensor:
-    """Prompts `first..first+count-1` of every sample of a sample-major `[B*K, T, D]` context."""
-    if context.shape[0] % prompt_chunks:
-        raise ValueError(f"a context of {context.shape[0]} prompts is not {prompt_chunks} prompts per sample")
-    if prompt_chunks == 1:
-        return context
-    return context.unflatten(0, (-1, prompt_chunks))[:, first:first + count].flatten(0, 1)
+from core.config import require
+from sp.ulysses import padded_length, padded_mask_mod
 
 
 @dataclass(frozen=True)
@@ -46,8 +38,8 @@ class NaturalTeacherForcingMask:
     padded_length: int
 
     def __post_init__(self):
-        if self.padded_length < self.real_length:
-            raise ValueError(f"padded length {self.padded_length} is shorter than the {self.real_length} real tokens")
+        require(self.padded_length >= self.real_length,
+                f"padded length {self.padded_length} is shorter than the {self.real_length} real tokens")
 
     @property
     def real_length(self) -> int:
@@ -57,42 +49,47 @@ class NaturalTeacherForcingMask:
     def length(self) -> int:
         return self.padded_length
 
-    def decode(self, idx):
-        """(noisy, block) of natural token indices."""
-        half = self.local_frames * self.tokens_per_frame  # one side of one rank
-        rank, offset = idx // (2 * half), idx % (2 * half)
-        frame = rank * self.local_frames + (offset % half) // self.tokens_per_frame
-        return offset >= half, frame // self.frames_per_block
+    def single_process_index(self, idx):
+        """The index in `[all clean | all noisy]` of natural token indices."""
+        side = self.local_frames * self.tokens_per_frame  # one side (clean or noisy) of one rank
+        rank, offset = idx // (2 * side), idx % (2 * side)
+        return (offset >= side) * (self.sp * side) + rank * side + offset % side
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        q_noisy, q_block = self.decode(q_idx)
-        k_noisy, k_block = self.decode(kv_idx)
-        clean_to_clean = ~q_noisy & ~k_noisy & (k_block <= q_block)
-        noisy_to_clean = q_noisy & ~k_noisy & (k_block < q_block)
-        noisy_to_noisy = q_noisy & k_noisy & (k_block == q_block)
-        both_real = (q_idx < self.real_length) & (kv_idx < self.real_length)
-        return (q_idx == kv_idx) | (both_real & (clean_to_clean | noisy_to_clean | noisy_to_noisy))
+        single = TeacherForcingMask(self.sp * self.local_frames, self.tokens_per_frame, self.frames_per_block)
+
+        def natural_mod(b, h, q, kv):  # the single-process mask, read through the index map
+            return single.mask_mod(b, h, self.single_process_index(q), self.single_process_index(kv))
+
+        return padded_mask_mod(natural_mod, self.real_length, b, h, q_idx, kv_idx)
 
 
 def natural_token_order(sp: int, local_frames: int, tokens_per_frame: int) -> Tensor:
     """For each token of the natural order, its index in the single-process `[all clean | all noisy]`
     order (a permutation of `2*sp*local_frames*tokens_per_frame` indices)."""
     num_frames = sp * local_frames
-    rank_side_frame_token = torch.arange(2 * num_frames * tokens_per_frame).view(
-        sp, 2, local_frames, tokens_per_frame)
     rank = torch.arange(sp).view(sp, 1, 1, 1)
     side = torch.arange(2).view(1, 2, 1, 1)
     frame = rank * local_frames + torch.arange(local_frames).view(1, 1, local_frames, 1)
     token = torch.arange(tokens_per_frame).view(1, 1, 1, tokens_per_frame)
-    single = (side * num_frames + frame) * tokens_per_frame + token
-    assert single.shape == rank_side_frame_token.shape
-    return single.flatten()
+    single_RSFS = (side * num_frames + frame) * tokens_per_frame + token
+    return single_RSFS.flatten()
 
 
-class _HeldFrames:
-    """The contiguous frames `[first_frame, + held_frames)` a rank holds, and their slices."""
+@dataclass(frozen=True)
+class _FrameLayout:
+    """Rank `sp_rank` of `sp_size` holds the contiguous frames `[first_frame, + held_frames)` of
+    `num_frames` (per half for the naive layout); subclasses say which."""
 
+    sp_size: int
+    sp_rank: int
     num_frames: int
+    frames_per_block: int
+
+    def __post_init__(self):
+        require(0 <= self.sp_rank < self.sp_size, f"SP rank {self.sp_rank} is outside 0..{self.sp_size - 1}")
+
+    # Subclasses define the properties `first_frame` and `held_frames`.
 
     @property
     def frame_range(self) -> range:
@@ -104,22 +101,38 @@ class _HeldFrames:
             raise ValueError(f"dim {dim} of shape {tuple(x.shape)} is not the {self.num_frames} frames")
         return x.narrow(dim, self.first_frame, self.held_frames)
 
+    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
+        """The prompts of the held frames of a sample-major `[B*K, T, D]` context with K = `prompt_chunks`
+        equal frame chunks per sample (K = 1: the one prompt is shared). Out: `[B*K', T, D]`, K' the
+        chunks the held frames span."""
+        if context.shape[0] % prompt_chunks:
+            raise ValueError(f"a context of {context.shape[0]} prompts is not {prompt_chunks} prompts per sample")
+        if prompt_chunks == 1:
+            return context
+        if self.num_frames % prompt_chunks:
+            raise ValueError(f"{self.num_frames} frames cannot be cut into {prompt_chunks} equal prompt chunks")
+        chunk_frames, held = self.num_frames // prompt_chunks, self.held_frames
+        if held % chunk_frames and chunk_frames % held:
+            raise ValueError(f"pieces of {held} frames do not align with prompt chunks of {chunk_frames} frames")
+        first, count = self.first_frame // chunk_frames, max(1, held // chunk_frames)
+        return context.unflatten(0, (-1, prompt_chunks))[:, first:first + count].flatten(0, 1)
+
 
 @dataclass(frozen=True)
-class BalancedLayout(_HeldFrames):
+class BalancedLayout(_FrameLayout):
     """Rank `sp_rank`'s share of `num_frames` latent frames: a contiguous, block-aligned range."""
 
-    sp_size: int
-    sp_rank: int
-    num_frames: int
-    frames_per_block: int
-
     def __post_init__(self):
-        if not 0 <= self.sp_rank < self.sp_size:
-            raise ValueError(f"SP rank {self.sp_rank} is outside 0..{self.sp_size - 1}")
-        if self.num_frames % (self.sp_size * self.frames_per_block):
-            raise ValueError(f"{self.num_frames} latent frames are not divisible by SP size x frames per block "
-                             f"= {self.sp_size} x {self.frames_per_block}")
+        super().__post_init__()
+        require(self.num_frames % (self.sp_size * self.frames_per_block) == 0,
+                f"{self.num_frames} latent frames are not divisible by SP size x frames per block "
+                f"= {self.sp_size} x {self.frames_per_block}")
+
+    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
+        # Each rank takes whole chunks of its own (§4.2): 1 chunk, or a multiple of the SP size.
+        require(prompt_chunks == 1 or prompt_chunks % self.sp_size == 0,
+                f"{prompt_chunks} prompt chunks must be 1 or divisible by SP size {self.sp_size}")
+        return super().prompts(context, prompt_chunks)
 
     @property
     def local_frames(self) -> int:
@@ -132,14 +145,6 @@ class BalancedLayout(_HeldFrames):
     @property
     def held_frames(self) -> int:
         return self.local_frames
-
-    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
-        """This rank's prompts of a sample-major `[B*K, T, D]` context with K = `prompt_chunks`
-        equal frame chunks per sample (K = 1: the one prompt is shared)."""
-        if prompt_chunks != 1 and prompt_chunks % self.sp_size:
-            raise ValueError(f"{prompt_chunks} prompt chunks must be 1 or divisible by SP size {self.sp_size}")
-        per_rank = prompt_chunks // self.sp_size
-        return _slice_prompts(context, prompt_chunks, self.sp_rank * per_rank, per_rank)
 
     def global_mask(self, local_mask: AttentionMask, use_flex: bool):
         """The group's mask in natural order for the mask the model builds for its local frames."""
@@ -157,20 +162,14 @@ class BalancedLayout(_HeldFrames):
 
 
 @dataclass(frozen=True)
-class NaiveLayout(_HeldFrames):
+class NaiveLayout(_FrameLayout):
     """Rank `sp_rank`'s equal piece of the single-process `[all clean | all noisy]` sequence."""
 
-    sp_size: int
-    sp_rank: int
-    num_frames: int
-    frames_per_block: int
-
     def __post_init__(self):
-        if not 0 <= self.sp_rank < self.sp_size:
-            raise ValueError(f"SP rank {self.sp_rank} is outside 0..{self.sp_size - 1}")
-        if self.sp_size % 2 or self.num_frames % (self.sp_size // 2):
-            raise ValueError(f"the naive layout needs an even SP size dividing 2 x {self.num_frames} frames into "
-                             f"whole-frame pieces of one half (got SP size {self.sp_size})")
+        super().__post_init__()
+        require(self.sp_size % 2 == 0 and self.num_frames % (self.sp_size // 2) == 0,
+                f"the naive layout needs an even SP size dividing 2 x {self.num_frames} frames into "
+                f"whole-frame pieces of one half (got SP size {self.sp_size})")
 
     @property
     def piece_frames(self) -> int:
@@ -188,18 +187,6 @@ class NaiveLayout(_HeldFrames):
     @property
     def held_frames(self) -> int:
         return self.piece_frames
-
-    def prompts(self, context: Tensor, prompt_chunks: int) -> Tensor:
-        """The prompts of the piece's frames (sample-major `[B*K, T, D]` in, `[B*K', T, D]` out)."""
-        if prompt_chunks == 1:
-            return context
-        chunk_frames = self.num_frames // prompt_chunks
-        first, piece = self.first_frame, self.piece_frames
-        if piece % chunk_frames == 0:
-            return _slice_prompts(context, prompt_chunks, first // chunk_frames, piece // chunk_frames)
-        if chunk_frames % piece == 0:
-            return _slice_prompts(context, prompt_chunks, first // chunk_frames, 1)
-        raise ValueError(f"pieces of {piece} frames do not align with prompt chunks of {chunk_frames} frames")
 
     def global_mask(self, tokens_per_frame: int) -> TeacherForcingMask:
         """Pieces in rank order are the single-process order: its mask applies unchanged."""

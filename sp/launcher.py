@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from core.config import VAE_TEMPORAL_STRIDE
 from core.dit import CausalWanDiT
 from core.errors import UserError
+from core.runtime import resolve_device
 from core.train.ar import RunOptions, Trainer, TrainPlan, TrainResult
 from core.train.config import TrainRecipe, load_train_recipe
 from sp.balanced import BalancedLayout
@@ -65,10 +67,6 @@ def load_checked_recipe(options: LaunchOptions, world_size: int) -> TrainRecipe:
     if recipe.runtime.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"runtime.device={recipe.runtime.device} but no CUDA GPU is visible: "
                         f"set runtime.device=cpu (tiny recipes) or run on a GPU host")
-    if recipe.train.precision == "nvfp4":
-        from quant.linear import QuantConfig
-
-        QuantConfig(mode="train")  # the quantizer is importable and the mode exists
     return recipe
 
 
@@ -168,11 +166,11 @@ def launch(options: LaunchOptions, on_step=None) -> TrainResult | int:
 
 
 def _device(recipe: TrainRecipe, local_rank: int) -> torch.device:
-    wanted = recipe.runtime.device
-    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
+    """The recipe's device; a torchrun worker takes the GPU of its local rank."""
+    device = resolve_device(recipe.runtime.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank) if under_torchrun() else device
+        torch.cuda.set_device(device)
     return device
 
 
@@ -199,11 +197,9 @@ def quantize_for_training(model: CausalWanDiT, recipe: TrainRecipe) -> CausalWan
     activations mse, gradients mse with stochastic rounding and RHT on wgrad)."""
     if recipe.train.precision != "nvfp4":
         return model
-    from quant.linear import QuantConfig, quantize_model
+    from quant.linear import ar_training_config, quantize_model
 
-    config = QuantConfig(mode="train", weight_rule="static_6", activation_rule="mse", gradient_rule="mse",
-                         weight_2d=True)
-    return quantize_model(model, config)
+    return quantize_model(model, ar_training_config())
 
 
 class LocalPlan(TrainPlan):
@@ -231,7 +227,7 @@ class SequenceParallelPlan(LocalPlan):
         self.uses_fsdp = recipe.parallel.fsdp
         frames = recipe.data.latent_frames
         self.layout = BalancedLayout(self.sp_size, self.sp_rank, frames, recipe.train.frames_per_block)
-        raw = (frames - 1) * 4 + 1
+        raw = 1 + VAE_TEMPORAL_STRIDE * (frames - 1)
         self.window = halo_windows(frames, raw, self.sp_size, recipe.parallel.vae_halo_latents)[self.sp_rank]
 
     def local_frames(self, num_frames: int) -> range:
@@ -248,7 +244,7 @@ class SequenceParallelPlan(LocalPlan):
             shard_model(model, init_device_mesh(self.device.type, (self.world_size,)), compute)
         return model
 
-    def encode(self, vae: nn.Module, video_BCTHW: Tensor, latent_frames: int) -> Tensor:
+    def encode(self, vae: nn.Module, video_BCTHW: Tensor) -> Tensor:
         # Every rank of the group read the same sample; each encodes only its raw window.
         return encode_rank_window(vae, raw_window(video_BCTHW, self.window), self.window)
 

@@ -15,16 +15,21 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from core.errors import UserError
 
 
-def check_sp_config(world_size: int, sp: int, latent_frames: int, frames_per_block: int, num_heads: int,
-                    prompt_chunks: int = 1) -> None:
-    """Raise `UserError` (one line: the value and the fix) for an SP setup that cannot run.
-
-    A pure function, callable before any process group exists (the launcher runs it first)."""
+def check_world_size(world_size: int, sp: int) -> None:
+    """Raise `UserError` unless `world_size` ranks split into whole SP groups of `sp`."""
     if sp < 1:
         raise UserError(f"sequence-parallel size {sp} must be >= 1 (use 1 to turn SP off)")
     if world_size % sp:
         raise UserError(f"world size {world_size} is not divisible by the sequence-parallel size {sp} "
                         f"(launch a multiple of {sp} processes, or change the SP size)")
+
+
+def check_sp_config(world_size: int, sp: int, latent_frames: int, frames_per_block: int, num_heads: int,
+                    prompt_chunks: int = 1) -> None:
+    """Raise `UserError` (one line: the value and the fix) for an SP setup that cannot run.
+
+    A pure function, callable before any process group exists (the launcher runs it first)."""
+    check_world_size(world_size, sp)
     if num_heads % sp:
         raise UserError(f"the model's {num_heads} attention heads are not divisible by the sequence-parallel "
                         f"size {sp} (Ulysses splits heads over ranks: use an SP size dividing {num_heads})")
@@ -55,9 +60,7 @@ class ParallelMesh:
             raise RuntimeError("ParallelMesh.build needs an initialised default process group "
                                "(torch.distributed.init_process_group)")
         world = dist.get_world_size()
-        if world % sp:
-            raise UserError(f"world size {world} is not divisible by the sequence-parallel size {sp} "
-                            f"(launch a multiple of {sp} processes)")
+        check_world_size(world, sp)
         mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
         return cls(mesh)
 

@@ -25,24 +25,26 @@ from core.dit import CausalWanDiT
 from core.rope import frame_positions
 from sp.balanced import BalancedLayout, NaiveLayout
 from sp.mesh import ParallelMesh
-from sp.ulysses import UlyssesAttention, ulysses_attention
+from sp.ulysses import flex_padded, ulysses_attention
 
 
-class BalancedUlyssesAttention(UlyssesAttention):
-    """Ulysses attention whose global mask is derived from the mask the model builds for its local
-    frames (teacher forcing -> natural mask, block-causal -> global block-causal), so a stale mask
-    cannot be reused: a local mask that does not fit the layout is an error."""
+class BalancedUlyssesAttention:
+    """A `sequence_attention(q, k, v, mask)` replacement that attends over the SP group's whole
+    sequence. Its global mask is derived from the mask the model builds for its local frames
+    (teacher forcing -> natural mask, block-causal -> global block-causal), so a stale mask cannot be
+    reused: a local mask that does not fit the layout is an error."""
 
     def __init__(self, group: dist.ProcessGroup | None, layout: BalancedLayout, use_flex: bool | None = None):
-        super().__init__(group, global_mask=None, use_flex=use_flex)
+        self.group = group
         self.layout = layout
-        self._masks: dict = {}  # (local mask, use_flex) -> global mask
+        self.use_flex = use_flex
+        self._masks: dict = {}  # (local mask, use_flex) -> global mask, padded for flex (once, not per layer)
 
     def __call__(self, q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, mask=None) -> Tensor:
         use_flex = q_BLND.is_cuda if self.use_flex is None else self.use_flex
         key = (mask, use_flex)
         if key not in self._masks:
-            self._masks[key] = self.layout.global_mask(mask, use_flex)
+            self._masks[key] = flex_padded(self.layout.global_mask(mask, use_flex), use_flex)
         return ulysses_attention(q_BLND, k_BLND, v_BLND, self._masks[key], self.group, use_flex)
 
 
@@ -96,12 +98,15 @@ def naive_teacher_forcing(model: CausalWanDiT, layout: NaiveLayout, noisy_x: Ten
     still tied to the graph (a clean rank must run backward too: its attention serves the others)."""
     x = layout.shard(noisy_x if layout.is_noisy else clean_x, dim=2)
     tokens_BLD, grid = model.patchify(x)
-    t_piece = layout.shard(t, dim=1) if layout.is_noisy else torch.zeros_like(layout.shard(t, dim=1))
+    t_piece = layout.shard(t, dim=1)
+    if not layout.is_noisy:  # clean frames run at timestep 0
+        t_piece = torch.zeros_like(t_piece)
     e, e0 = model.time_embed(t_piece)
     positions = frame_positions(layout.piece_frames, layout.first_frame, device=x.device)
     rope = model.rope_table(grid, positions)
     text = model.prepare_text(layout.prompts(context, prompt_chunks))
-    mask = layout.global_mask(grid[1] * grid[2])
+    use_flex = x.is_cuda if use_flex is None else use_flex
+    mask = flex_padded(layout.global_mask(grid[1] * grid[2]), use_flex)  # once for every layer
 
     def attend(q, k, v):
         return ulysses_attention(q, k, v, mask, group, use_flex)
@@ -120,17 +125,15 @@ def naive_teacher_forcing(model: CausalWanDiT, layout: NaiveLayout, noisy_x: Ten
 
 
 def frame_loss_mask(layout: BalancedLayout, batch: int, num_valid_frames: int | Tensor | None = None,
-                    mask_first_frame: bool = False, device: torch.device | str = "cpu") -> Tensor:
+                    device: torch.device | str = "cpu") -> Tensor:
     """`[B, F_loc]` float mask by global frame index: 0 from `num_valid_frames` on (an int or `[B]`,
-    padded samples) and at global frame 0 with `mask_first_frame` (I2V: the image latent)."""
-    frames = torch.arange(layout.first_frame, layout.first_frame + layout.local_frames, device=device)
+    padded samples)."""
     mask = torch.ones(batch, layout.local_frames, device=device)
-    if num_valid_frames is not None:
-        valid = torch.as_tensor(num_valid_frames, device=device).reshape(-1, 1)
-        mask = mask * (frames[None, :] < valid)
-    if mask_first_frame:
-        mask = mask * (frames[None, :] != 0)
-    return mask
+    if num_valid_frames is None:
+        return mask
+    frames = torch.tensor(layout.frame_range, device=device)
+    valid = torch.as_tensor(num_valid_frames, device=device).reshape(-1, 1)
+    return mask * (frames[None, :] < valid)
 
 
 def global_valid_count(mask_BF: Tensor, group: dist.ProcessGroup | None) -> Tensor:
@@ -153,12 +156,14 @@ def all_reduce_gradients(model: nn.Module, mesh_or_group: ParallelMesh | dist.Pr
     """Without FSDP/DDP: sum the gradients over the SP group (exact gradient of the summed losses) and,
     given a mesh, average over its DP replicas. Missing gradients count as zeros, so every rank issues
     the same collectives."""
+    sp_group = _sp_group(mesh_or_group)
+    dp_size = mesh_or_group.dp_size if isinstance(mesh_or_group, ParallelMesh) else 1
     for param in model.parameters():
         if not param.requires_grad:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=_sp_group(mesh_or_group))
-        if isinstance(mesh_or_group, ParallelMesh) and mesh_or_group.dp_size > 1:
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=sp_group)
+        if dp_size > 1:
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=mesh_or_group.dp_group)
-            param.grad.div_(mesh_or_group.dp_size)
+            param.grad.div_(dp_size)

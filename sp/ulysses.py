@@ -58,6 +58,14 @@ def heads_to_seq(x_BLND: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return _AllToAll.apply(x_BLND, 1, 2, group)
 
 
+def padded_mask_mod(inner_mod, real: int, b, h, q_idx, kv_idx):
+    """`inner_mod` over the first `real` tokens; every later (padding) token attends only to itself."""
+    both_real = (q_idx < real) & (kv_idx < real)
+    # Clamp so the inner predicate only ever sees real indices.
+    inner = inner_mod(b, h, torch.clamp(q_idx, max=real - 1), torch.clamp(kv_idx, max=real - 1))
+    return (q_idx == kv_idx) | (both_real & inner)
+
+
 @dataclass(frozen=True)
 class PaddedMask:
     """`inner` over its tokens, followed by padding tokens that attend only to themselves."""
@@ -70,11 +78,7 @@ class PaddedMask:
         return self.inner.length
 
     def mask_mod(self, b, h, q_idx, kv_idx):
-        real = self.inner.length
-        both_real = (q_idx < real) & (kv_idx < real)
-        # Clamp so the inner predicate only ever sees real indices.
-        inner = self.inner.mask_mod(b, h, torch.clamp(q_idx, max=real - 1), torch.clamp(kv_idx, max=real - 1))
-        return (q_idx == kv_idx) | (both_real & inner)
+        return padded_mask_mod(self.inner.mask_mod, self.inner.length, b, h, q_idx, kv_idx)
 
 
 def real_length(mask) -> int:
@@ -87,11 +91,20 @@ def padded_length(length: int, use_flex: bool) -> int:
     return -(-length // FLEX_BLOCK) * FLEX_BLOCK if use_flex else length
 
 
+def flex_padded(mask, use_flex: bool):
+    """`mask`, padded to a multiple of 128 tokens for flex unless it carries padding of its own."""
+    length = mask.length
+    if use_flex and real_length(mask) == length and padded_length(length, True) != length:
+        return PaddedMask(mask, padded_length(length, True))
+    return mask
+
+
 def ulysses_attention(q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, global_mask, group,
                       use_flex: bool | None = None) -> Tensor:
     """Attention of the group's whole sequence (rank-major) under `global_mask`; returns this rank's
     tokens `[B, L, N, d]`. The mask's real length must be `W*L`; it may carry its own padding (padding
-    tokens attend only to themselves), else with flex it is padded here to a multiple of 128."""
+    tokens attend only to themselves), else with flex it is padded here to a multiple of 128 (callers
+    on the per-layer path pass `flex_padded(mask, use_flex)`, built once)."""
     world = dist.get_world_size(group)
     if q_BLND.shape[2] % world:
         raise ValueError(f"{q_BLND.shape[2]} heads cannot be split over {world} sequence-parallel ranks")
@@ -103,22 +116,8 @@ def ulysses_attention(q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, global_mas
         raise ValueError(f"the global mask covers {real_length(global_mask)} tokens but the sequence-parallel "
                          f"group holds {length} ({world} ranks x {q_BLND.shape[1]}): the layout changed, "
                          f"re-apply the SP plan")
-    mask = global_mask
-    if mask.length == length and use_flex and padded_length(length, True) != length:
-        mask = PaddedMask(mask, padded_length(length, True))
-    pad = (0, 0, 0, 0, 0, mask.length - length)  # zero tokens after the real ones
-    out = masked_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), mask, use_flex=use_flex)
+    mask = flex_padded(global_mask, use_flex)
+    if mask.length != length:  # zero tokens after the real ones
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, mask.length - length)) for x in (q, k, v))
+    out = masked_attention(q, k, v, mask, use_flex=use_flex)
     return heads_to_seq(out[:, :length], group)
-
-
-class UlyssesAttention:
-    """A `sequence_attention(q, k, v, mask)` replacement that attends over the group's whole
-    sequence under one fixed `global_mask`; the model's own (local) mask is ignored."""
-
-    def __init__(self, group: dist.ProcessGroup | None, global_mask, use_flex: bool | None = None):
-        self.group = group
-        self.global_mask = global_mask
-        self.use_flex = use_flex
-
-    def __call__(self, q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor, mask=None) -> Tensor:
-        return ulysses_attention(q_BLND, k_BLND, v_BLND, self.global_mask, self.group, self.use_flex)

@@ -19,25 +19,39 @@ import torch.distributed as dist
 from torch import Tensor
 
 from core.errors import UserError
-from core.vae import WanVAE
+from core.vae import TEMPORAL_STRIDE, WanVAE
 
 DEFAULT_HALO_LATENTS = 28  # official default: ~112 raw frames of warm-up
-TEMPORAL_STRIDE = 4  # raw frames per latent after the first
 
 
 @dataclass(frozen=True)
 class HaloWindow:
-    """One rank's encode plan: raw frames `[raw_start, raw_end)` encode to latents
-    `[halo_start - pseudo, keep_end)`; drop the first `drop_latents`, keep `keep_end - keep_start`."""
+    """One rank's encode plan: it keeps latents `[keep_start, keep_end)` and encodes from `halo_start`.
+    Raw frames `[raw_start, raw_end)` encode to latents `[halo_start - pseudo, keep_end)`; the first
+    `drop_latents` are dropped."""
 
     sp_rank: int
     keep_start: int
     keep_end: int
     halo_start: int
-    raw_start: int
-    raw_end: int
-    drop_latents: int
-    pseudo_first: bool
+    stride: int = TEMPORAL_STRIDE  # raw frames per latent after the first
+
+    @property
+    def pseudo_first(self) -> bool:
+        """The window starts at the last raw frame of latent `halo_start - 1`, encoded alone."""
+        return self.halo_start > 0
+
+    @property
+    def raw_start(self) -> int:
+        return self.stride * (self.halo_start - 1) if self.pseudo_first else 0
+
+    @property
+    def raw_end(self) -> int:
+        return 1 + self.stride * (self.keep_end - 1)
+
+    @property
+    def drop_latents(self) -> int:
+        return int(self.pseudo_first) + self.keep_start - self.halo_start
 
     @property
     def raw_frames(self) -> int:
@@ -46,16 +60,6 @@ class HaloWindow:
     @property
     def local_latent_frames(self) -> int:
         return self.keep_end - self.keep_start
-
-
-def latent_range_to_raw(latent_start: int, latent_end: int, stride: int = TEMPORAL_STRIDE) -> tuple[int, int, bool]:
-    """Raw frames `[start, end)` that encode latents `[latent_start, latent_end)`, and whether a pseudo
-    first latent (raw frame `stride*(latent_start-1)` alone) comes before them."""
-    assert latent_end > latent_start >= 0, (latent_start, latent_end)
-    end = 1 + stride * (latent_end - 1)
-    if latent_start == 0:
-        return 0, end, False
-    return stride * (latent_start - 1), end, True
 
 
 def halo_windows(latent_frames: int, raw_frames: int, sp: int, halo: int = DEFAULT_HALO_LATENTS,
@@ -72,14 +76,8 @@ def halo_windows(latent_frames: int, raw_frames: int, sp: int, halo: int = DEFAU
         raise UserError(f"a clip of {raw_frames} raw frames is too short for {latent_frames} latent frames "
                         f"(needs {needed}: use shorter clips or fewer latent frames)")
     local = latent_frames // sp
-    windows = []
-    for rank in range(sp):
-        keep_start, keep_end = rank * local, (rank + 1) * local
-        halo_start = max(0, keep_start - halo)
-        raw_start, raw_end, pseudo = latent_range_to_raw(halo_start, keep_end, stride)
-        windows.append(HaloWindow(rank, keep_start, keep_end, halo_start, max(0, raw_start),
-                                  min(raw_frames, raw_end), int(pseudo) + keep_start - halo_start, pseudo))
-    return windows
+    return [HaloWindow(rank, rank * local, (rank + 1) * local, max(0, rank * local - halo), stride)
+            for rank in range(sp)]
 
 
 def raw_window(video_BCTHW: Tensor, window: HaloWindow) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.config import StreamConfig
-from core.kv_cache import CacheLayout, KVCache, Roll, _slide_left
+from core.kv_cache import CacheLayout, KVCache, Roll, slide_left
 from tests.conftest import SMALL_STREAM, text_context, tiny_model
 
 
@@ -159,7 +159,7 @@ def test_slide_left_matches_copy(batch, dst, src, length):
     buffer = torch.randn(batch, 40, 2, 3)
     expected = buffer.clone()
     expected[:, dst:dst + length] = buffer[:, src:src + length].clone()
-    _slide_left(buffer, Roll(dst=dst, src=src, length=length))
+    slide_left(buffer, Roll(dst=dst, src=src, length=length))
     assert torch.equal(buffer, expected)
 
 

@@ -185,7 +185,7 @@ def ranks(request, tmp_path_factory):
     # import it in every worker; fork would copy this process's threads).
     multiprocessing.set_forkserver_preload(["tests.sp_workers"])
     mp.start_processes(w.run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

@@ -151,3 +151,20 @@ def test_tiny_recipe_lowers_the_loss(tmp_path):
     losses = [m["loss"] for m in metrics(logdir)]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
+
+
+def test_nvfp4_training_runs_the_official_ar_rules_on_the_block_linears(tmp_path):
+    from quant.linear import NVFP4TrainLinear, ar_training_config
+    from sp.launcher import quantize_for_training
+    from tests.conftest import tiny_model
+
+    config = ar_training_config()
+    assert (config.mode, config.weight_rule, config.activation_rule, config.gradient_rule, config.weight_2d) == \
+        ("train", "static_6", "mse", "mse", True)
+    from core.train.config import load_train_recipe
+
+    model = quantize_for_training(tiny_model(), load_train_recipe("train_ar_tiny", ["train.precision=nvfp4"]))
+    assert sum(isinstance(m, NVFP4TrainLinear) for m in model.modules()) == 2 * 10  # 2 blocks x 10 linears
+    logdir = tmp_path / "nvfp4"
+    assert main(["train-ar", "train_ar_tiny", "--precision", "nvfp4", "--logdir", str(logdir), "--max-steps", "2"]) == 0
+    assert [m["step"] for m in metrics(logdir)] == [1, 2]

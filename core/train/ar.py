@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from core.config import VAEConfig
+from core.config import VAE_TEMPORAL_STRIDE, VAEConfig
 from core.dit import CausalWanDiT
 from core.errors import UserError
+from core.runtime import resolve_dtype
 from core.train.config import TrainRecipe
 from core.train.objective import FlowMatchSchedule, ar_targets, flow_loss, prediction_errors
 from core.train.recycle import ErrorRecycler
@@ -45,6 +46,7 @@ class TrainPlan:
 
     rank = 0
     world_size = 1
+    sp_rank = 0
     sp_size = 1
     dp_rank = 0
     dp_size = 1
@@ -63,10 +65,10 @@ class TrainPlan:
     def prepare_model(self, model: CausalWanDiT) -> nn.Module:
         return model
 
-    def encode(self, vae: nn.Module, video_BCTHW: Tensor, latent_frames: int) -> Tensor:
+    def encode(self, vae: nn.Module, video_BCTHW: Tensor) -> Tensor:
         """This rank's normalized latents `[B, 48, F_local, h, w]`."""
         with torch.no_grad():
-            return vae.encode(video_BCTHW)[:, :, :latent_frames]
+            return vae.encode(video_BCTHW)
 
     def local_context(self, context: Tensor, prompt_chunks: int) -> Tensor:
         return context
@@ -120,18 +122,21 @@ def checkpoint_blocks(model: CausalWanDiT) -> None:
 
 
 class PromptEncoder:
-    """Prompts -> contexts `[n, T, text_dim]`, each distinct prompt encoded once per step."""
+    """Prompts -> contexts `[n, T, text_dim]`. The text encoder caches its encodings per prompt, so a
+    dataset's captions are encoded once; "random" gives a fixed context per prompt (throughput runs
+    with no text encoder)."""
 
     def __init__(self, recipe: TrainRecipe, device: torch.device, dtype: torch.dtype):
-        self.kind = recipe.data.text_encoder
         self.device, self.dtype = device, dtype
         self.config = recipe.model
         self.encoder = None
-        if self.kind == "tiny":
+        self._random: dict[str, Tensor] = {}
+        kind = recipe.data.text_encoder
+        if kind == "tiny":
             from core.text import TextEncoder
 
             self.encoder = TextEncoder.tiny(seed=recipe.runtime.seed, device=device)
-        elif self.kind == "umt5":
+        elif kind == "umt5":
             from core.hub import ModelFiles, resolve_model_dir
             from core.text import TextEncoder
 
@@ -139,20 +144,18 @@ class PromptEncoder:
             self.encoder = TextEncoder.from_model_dir(files.text_encoder_dir, device=device)
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        distinct = list(dict.fromkeys(prompts))
         if self.encoder is not None:
-            encoded = self.encoder.encode(distinct).to(self.device, self.dtype)
-        else:  # "random": a fixed context per prompt (throughput runs)
-            encoded = torch.stack([self._random_context(p) for p in distinct])
-        by_prompt = {p: encoded[i] for i, p in enumerate(distinct)}
-        return torch.stack([by_prompt[p] for p in prompts])
+            return self.encoder.encode(prompts).to(self.device, self.dtype)
+        return torch.stack([self._random_context(p) for p in prompts])
 
     def _random_context(self, prompt: str) -> Tensor:
-        seed = int.from_bytes(prompt.encode()[:7].ljust(7, b"\0"), "little") ^ len(prompt)
-        g = torch.Generator().manual_seed(seed)
-        context = torch.zeros(self.config.text_len, self.config.text_dim)
-        context[:64] = torch.randn(64, self.config.text_dim, generator=g)
-        return context.to(self.device, self.dtype)
+        if prompt not in self._random:
+            seed = int.from_bytes(prompt.encode()[:7].ljust(7, b"\0"), "little") ^ len(prompt)
+            g = torch.Generator().manual_seed(seed)
+            context = torch.zeros(self.config.text_len, self.config.text_dim)
+            context[:64] = torch.randn(64, self.config.text_dim, generator=g)
+            self._random[prompt] = context.to(self.device, self.dtype)
+        return self._random[prompt]
 
 
 def build_vae(recipe: TrainRecipe, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -178,7 +181,7 @@ def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
     if plan.is_main and not (root / "video").is_dir():
         from core.train.synthetic import make_synthetic_dataset
 
-        raw = (recipe.data.latent_frames - 1) * 4 + 1
+        raw = 1 + VAE_TEMPORAL_STRIDE * (recipe.data.latent_frames - 1)
         make_synthetic_dataset(root, samples=8, clips_per_sample=2, frames=raw, height=recipe.data.height,
                                width=recipe.data.width, seed=recipe.runtime.seed)
     plan.barrier()
@@ -215,19 +218,13 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def resolve_train_dtype(recipe: TrainRecipe, device: torch.device) -> torch.dtype:
-    from core.runtime import resolve_dtype
-
-    return resolve_dtype(recipe.runtime.dtype, device)
-
-
 class Trainer:
     def __init__(self, recipe: TrainRecipe, options: RunOptions, plan: TrainPlan,
                  on_step: Callable[[StepStats, int], None] | None = None):
         self.recipe, self.options, self.plan = recipe, options, plan
         self.on_step = on_step
         self.device = plan.device
-        self.dtype = resolve_train_dtype(recipe, self.device)
+        self.dtype = resolve_dtype(recipe.runtime.dtype, self.device)
         loop = recipe.train
         self.max_steps = options.max_steps if options.max_steps is not None else loop.max_steps
         self.fpb = loop.frames_per_block
@@ -291,8 +288,8 @@ class Trainer:
     def micro_step(self, model: nn.Module, batch, step: int) -> tuple[Tensor, int]:
         """Forward + backward of one sample; returns (this rank's loss share, tokens)."""
         d, plan = self.recipe.data, self.plan
-        video = batch.video.to(self.device, self.vae_dtype, non_blocking=True)
-        x0 = plan.encode(self.vae, video, d.latent_frames).to(torch.float32)  # [B, C, F_loc, h, w]
+        video = batch.video.to(self.device, self.dtype, non_blocking=True)
+        x0 = plan.encode(self.vae, video).to(torch.float32)  # [B, C, F_loc, h, w]
         frames = plan.local_frames(d.latent_frames)
         batch_size = x0.shape[0]
         prompts = [p for sample in batch.prompts for p in sample]  # sample-major, one per chunk
@@ -306,11 +303,13 @@ class Trainer:
         valid = batch.num_valid_latent_frames.to(self.device)
         frame_idx = torch.tensor(list(frames), device=self.device)
         frame_mask = (frame_idx[None, :] < valid[:, None]).float()
-        injected = self.recycler.inject(x0, noise, x0, index, self.fpb, step) if self.recycler else None
+        noised_x0 = clean = x0
+        if self.recycler is not None:  # corrupt the inputs with stored errors (§5.3)
+            injected = self.recycler.inject(x0, noise, x0, index, self.fpb, step)
+            noised_x0, noise, clean = injected.x0, injected.noise, injected.clean
         image = x0[:, :, :1] if d.i2v and holds_first else None
-        ar = ar_targets(x0, injected.noise if injected else noise, t, self.schedule,
-                        noised_x0=injected.x0 if injected else None, clean=injected.clean if injected else None,
-                        image_latent=image, frame_mask=frame_mask)
+        ar = ar_targets(x0, noise, t, self.schedule, noised_x0=noised_x0, clean=clean, image_latent=image,
+                        frame_mask=frame_mask)
         mask = ar.frame_mask
         denominator = plan.sp_sum(mask.sum())
         with self._autocast():
@@ -321,7 +320,8 @@ class Trainer:
             latent_error, noise_error = prediction_errors(pred.detach().float(), ar, x0, index, self.schedule)
             self.recycler.update(latent_error, noise_error, index, injected.ran_clean, frames_per_block=self.fpb,
                                  step=step, gather_fn=plan.gather_errors())
-        tokens = x0.shape[0] * x0.shape[2] * (x0.shape[3] // 2) * (x0.shape[4] // 2) * 2  # clean + noisy
+        pt, ph, pw = self.recipe.model.patch_size
+        tokens = 2 * x0[:, 0].numel() // (pt * ph * pw)  # clean + noisy tokens of this rank
         return loss.detach(), tokens
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -332,8 +332,7 @@ class Trainer:
         self._seed()
         plan, recipe = self.plan, self.recipe
         dataset, sampler = self._data()
-        self.vae_dtype = self.dtype
-        self.vae = build_vae(recipe, self.device, self.vae_dtype)
+        self.vae = build_vae(recipe, self.device, self.dtype)
         self.prompts = PromptEncoder(recipe, self.device, self.dtype)
         model = self._build_model()
         o = recipe.optim
@@ -344,7 +343,7 @@ class Trainer:
         if recipe.error_recycling.enabled:
             recycle_gen = torch.Generator().manual_seed(recipe.runtime.seed * 7919 + plan.rank)
             self.recycler = ErrorRecycler(recipe.error_recycling, generator=recycle_gen,
-                                          sp_rank=plan.rank % plan.sp_size, sp_size=plan.sp_size)
+                                          sp_rank=plan.sp_rank, sp_size=plan.sp_size)
         manager = CheckpointManager(self.logdir, keep=recipe.train.keep_checkpoints)
         model_config = {"preset": recipe.preset, **recipe.model.__dict__}
         start_step, resumed = 0, None

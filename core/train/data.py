@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from core.config import VAE_TEMPORAL_STRIDE, VIDEO_FPS
-from core.errors import UserError, first_names
+from core.errors import UserError, first_line, first_names
 from core.shots import SCENE_CUT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -413,9 +413,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.samples = self._scan()
         # Per-process caches (each DataLoader worker fills its own).
         self._video_info: dict[Path, VideoInfo] = {}
-        self._unreadable: dict[Path, str] = {}
+        self._unreadable: set[Path] = set()
         self._resolved: dict[int, _ResolvedSample] = {}
-        self._skipped: dict[int, str] = {}
+        self._skipped: set[int] = set()
 
     def _scan(self) -> list[SampleSpec]:
         if self.root.is_file():
@@ -452,11 +452,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
             try:
                 return self._load(candidate)
             except SkippedSample as skip:
-                self._skipped[candidate] = str(skip)
+                self._skipped.add(candidate)
                 logger.warning("skipping training sample %s", skip)
         raise UserError(f"no usable training sample in {self.root} ({len(self)} skipped, see the warnings above)")
 
     # -- one sample
+
+    def _drop_video(self, path: Path, err: BaseException) -> None:
+        """Never use `path` again in this process (one warning naming it)."""
+        self._unreadable.add(path)
+        logger.warning("skipping unreadable video %s (%s)", path, first_line(err))
 
     def _info(self, path: Path) -> VideoInfo | None:
         """Cached probe; None (and one warning) for an unreadable video."""
@@ -466,8 +471,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
             try:
                 self._video_info[path] = probe_video(path)
             except _video_errors() as err:
-                self._unreadable[path] = str(err)
-                logger.warning("skipping unreadable video %s (%s)", path, err)
+                self._drop_video(path, err)
                 return None
         return self._video_info[path]
 
@@ -536,10 +540,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 prompts.append(SCENE_CUT_PREFIX + caption if seg.scene_cut else caption)
             flush()
         except _video_errors() as err:  # drop the video and plan the sample again without it
-            path = spans[run[0].span_index].clip.path
-            self._unreadable[path] = str(err)
+            self._drop_video(spans[run[0].span_index].clip.path, err)
             self._resolved.pop(sample_index, None)
-            logger.warning("skipping unreadable video %s (%s)", path, err)
             return self._load(sample_index)
         video_CTHW = torch.cat(pieces_CNHW, dim=1)
         missing = self.num_frames - video_CTHW.shape[1]

@@ -52,23 +52,34 @@ class FlowMatchSchedule:
         y = torch.exp(-2 * ((self.timesteps - steps / 2) / steps) ** 2)
         y_above_min = y - y.min()
         self.loss_weights = y_above_min * (steps / y_above_min.sum())
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """`(sigmas, timesteps, loss_weights)` on `device`, copied there once (not on every step)."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.sigmas.to(device), self.timesteps.to(device), self.loss_weights.to(device))
+        return self._on_device[device]
 
     def index_to_t(self, index: Tensor) -> Tensor:
         """Grid timesteps (float32) of integer indices."""
-        return self.timesteps.to(index.device)[index]
+        return self.tables(index.device)[1][index]
+
+    def index_to_sigma(self, index: Tensor) -> Tensor:
+        """Grid sigmas (float32) of integer indices."""
+        return self.tables(index.device)[0][index]
 
     def t_to_index(self, t: Tensor) -> Tensor:
         """Index of the nearest grid timestep for every entry of `t` (any float dtype)."""
-        grid = self.timesteps.to(t.device)
+        grid = self.tables(t.device)[1]
         return (t.float().reshape(-1, 1) - grid).abs().argmin(dim=1).reshape(t.shape)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """sigma (float32) of the nearest grid entry, as the reference's add_noise does."""
-        return self.sigmas.to(t.device)[self.t_to_index(t)]
+        return self.index_to_sigma(self.t_to_index(t))
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """bsmntw weight (float32) of the nearest grid entry."""
-        return self.loss_weights.to(t.device)[self.t_to_index(t)]
+        return self.tables(t.device)[2][self.t_to_index(t)]
 
     def sample_block_timesteps(self, batch: int, frames: int, frames_per_block: int,
                                generator: torch.Generator, dtype: torch.dtype = torch.bfloat16,
@@ -166,9 +177,8 @@ def ar_targets(x0: Tensor, noise: Tensor, t: Tensor, schedule: FlowMatchSchedule
         noisy = torch.cat([image, noisy[:, :, 1:]], dim=2)
         clean = torch.cat([image.to(clean.dtype), clean[:, :, 1:]], dim=2)
         target = torch.cat([torch.zeros_like(target[:, :, :1]), target[:, :, 1:]], dim=2)
-        if frame_mask is None:
-            frame_mask = torch.ones(t.shape, dtype=torch.float32, device=t.device)
-        frame_mask = frame_mask.float().clone()
+        frame_mask = (torch.ones(t.shape, dtype=torch.float32, device=t.device) if frame_mask is None
+                      else frame_mask.float().clone())
         frame_mask[:, 0] = 0.0
     return ARStep(clean=clean, noisy=noisy, t=t, sigma=sigma, target=target,
                   frame_mask=None if frame_mask is None else frame_mask.float())
@@ -184,6 +194,6 @@ def prediction_errors(pred_v: Tensor, step: ARStep, x0: Tensor, index: Tensor,
     """
     with torch.no_grad():
         latent_error = x0_estimate(step.noisy, pred_v, step.sigma) - x0
-        sigma_index = schedule.sigmas.to(index.device)[index].to(pred_v.dtype)
+        sigma_index = schedule.index_to_sigma(index).to(pred_v.dtype)
         noise_error = (pred_v - step.target.to(pred_v.dtype)) * (1.0 - per_frame(sigma_index))
     return latent_error, noise_error

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from core.config import require
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,23 +64,21 @@ class RecycleConfig:
         for name in ("context_inject_prob", "latent_inject_prob", "noise_inject_prob", "clean_prob",
                      "clean_buffer_update_prob"):
             value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"error_recycling.{name} = {value} is not a probability (use a value in [0, 1])")
-        if not 1 <= self.num_buckets <= self.num_train_timesteps:
-            raise ValueError(f"error_recycling.num_buckets = {self.num_buckets} must be in "
-                             f"[1, {self.num_train_timesteps}] (the official value is 50)")
-        if self.buffer_size_per_bucket < 1:
-            raise ValueError(f"error_recycling.buffer_size_per_bucket = {self.buffer_size_per_bucket} "
-                             "must be at least 1 (the official value is 500)")
-        if self.buffer_warmup_iter < 0 or self.start_step < 0:
-            raise ValueError("error_recycling.buffer_warmup_iter and start_step must be >= 0 "
-                             f"(got {self.buffer_warmup_iter}, {self.start_step})")
-        if not 0.0 <= self.modulate_factor < 1.0:
-            raise ValueError(f"error_recycling.modulate_factor = {self.modulate_factor} must be in [0, 1) "
-                             "(the official value is 0.3)")
-        if self.replacement_strategy not in REPLACEMENT_STRATEGIES:
-            raise ValueError(f"error_recycling.replacement_strategy = {self.replacement_strategy!r} is unknown "
-                             f"(use one of {', '.join(REPLACEMENT_STRATEGIES)})")
+            require(0.0 <= value <= 1.0,
+                    f"error_recycling.{name} = {value} is not a probability (use a value in [0, 1])")
+        require(1 <= self.num_buckets <= self.num_train_timesteps,
+                f"error_recycling.num_buckets = {self.num_buckets} must be in "
+                f"[1, {self.num_train_timesteps}] (the official value is 50)")
+        require(self.buffer_size_per_bucket >= 1, f"error_recycling.buffer_size_per_bucket = "
+                f"{self.buffer_size_per_bucket} must be at least 1 (the official value is 500)")
+        require(self.buffer_warmup_iter >= 0 and self.start_step >= 0,
+                "error_recycling.buffer_warmup_iter and start_step must be >= 0 "
+                f"(got {self.buffer_warmup_iter}, {self.start_step})")
+        require(0.0 <= self.modulate_factor < 1.0, f"error_recycling.modulate_factor = {self.modulate_factor} "
+                "must be in [0, 1) (the official value is 0.3)")
+        require(self.replacement_strategy in REPLACEMENT_STRATEGIES,
+                f"error_recycling.replacement_strategy = {self.replacement_strategy!r} is unknown "
+                f"(use one of {', '.join(REPLACEMENT_STRATEGIES)})")
 
 
 class ErrorBuckets:
@@ -87,12 +86,13 @@ class ErrorBuckets:
 
     def __init__(self, config: RecycleConfig, sp_rank: int, sp_size: int, generator: torch.Generator):
         self.config = config
-        self.sp_rank = sp_rank
-        self.sp_size = sp_size
         self.generator = generator
         self.bucket_width = config.num_train_timesteps / config.num_buckets
         self.owned = [b for b in range(config.num_buckets) if b % sp_size == sp_rank]
         self.entries: dict[int, list[Tensor]] = {b: [] for b in self.owned}
+        # the owned bucket closest to each bucket (the higher one on a tie, as in the reference)
+        self._nearest = [min(self.owned, key=lambda b, bucket=bucket: (abs(b - bucket), -b))
+                         for bucket in range(config.num_buckets)]
         self.total_added = 0  # stored entries over the run (replacements included); 0 = never filled
 
     def bucket_of(self, t_index: int) -> int:
@@ -100,7 +100,7 @@ class ErrorBuckets:
 
     def nearest_owned(self, bucket: int) -> int:
         """The owned bucket closest to `bucket` (the higher one on a tie, as in the reference)."""
-        return min(self.owned, key=lambda b: (abs(b - bucket), -b))
+        return self._nearest[bucket]
 
     def is_empty(self) -> bool:
         return self.total_added == 0
@@ -127,9 +127,15 @@ class ErrorBuckets:
         """A scaled entry of the (nearest owned) bucket of `t_index`; None when that bucket is empty."""
         return self._pick(self.entries[self.nearest_owned(self.bucket_of(t_index))])
 
-    def sample_any(self) -> Tensor | None:
-        """A scaled entry drawn uniformly over all owned buckets; None when all are empty."""
-        return self._pick([entry for bucket in self.owned for entry in self.entries[bucket]])
+    def all_entries(self) -> list[Tensor]:
+        """Every stored entry of the owned buckets, bucket by bucket (the pool of `sample_any`)."""
+        return [entry for bucket in self.owned for entry in self.entries[bucket]]
+
+    def sample_any(self, pool: list[Tensor] | None = None) -> Tensor | None:
+        """A scaled entry drawn uniformly over all owned buckets; None when all are empty.
+
+        `pool` is `all_entries()` when the caller already has it (several draws between two adds)."""
+        return self._pick(self.all_entries() if pool is None else pool)
 
     def _pick(self, candidates: list[Tensor]) -> Tensor | None:
         if not candidates:
@@ -194,16 +200,18 @@ class ErrorRecycler:
             return unchanged
         if self._chance(c.clean_prob):
             return unchanged._replace(ran_clean=True)
-        block_index = t_index[:, ::frames_per_block].cpu()  # [B, F / frames_per_block]
+        block_index = t_index[:, ::frames_per_block].tolist()  # [B][F / frames_per_block]
         noise_injected = not self.noise.is_empty() and self._chance(c.noise_inject_prob)
         if noise_injected:
-            noise = self._add_per_block(noise, frames_per_block, lambda b, k: self.noise.sample(int(block_index[b, k])))
+            noise = self._add_per_block(noise, frames_per_block, lambda b, k: self.noise.sample(int(block_index[b][k])))
         latent_injected = not self.latent.is_empty() and self._chance(c.latent_inject_prob)
         if latent_injected:
-            x0 = self._add_per_block(x0, frames_per_block, lambda b, k: self.latent.sample(int(block_index[b, k])))
+            x0 = self._add_per_block(x0, frames_per_block, lambda b, k: self.latent.sample(int(block_index[b][k])))
         context_injected = not self.latent.is_empty() and self._chance(c.context_inject_prob)
         if context_injected:
-            clean_history = self._add_per_block(clean_history, frames_per_block, lambda b, k: self.latent.sample_any())
+            pool = self.latent.all_entries()  # nothing is added while injecting: one pool for every block
+            clean_history = self._add_per_block(clean_history, frames_per_block,
+                                                lambda b, k: self.latent.sample_any(pool))
         return Injection(x0, noise, clean_history, False, latent_injected, noise_injected, context_injected)
 
     @staticmethod
@@ -233,13 +241,14 @@ class ErrorRecycler:
             indices = gather_fn(t_index.contiguous())
         if ran_clean and not self._chance(self.config.clean_buffer_update_prob):
             return
+        block_indices = [index[:, ::frames_per_block].tolist() for index in indices]  # [B][F / frames_per_block]
         for buckets, errors in ((self.latent, latent_errors), (self.noise, noise_errors)):
-            for error, index in zip(errors, indices, strict=True):
-                block_index = index[:, ::frames_per_block].cpu()
+            for error, block_index in zip(errors, block_indices, strict=True):
+                error = error.detach().cpu()  # one copy to the host, not one per block
                 for b in range(error.shape[0]):
                     for k in range(error.shape[2] // frames_per_block):
                         block = error[b, :, k * frames_per_block:(k + 1) * frames_per_block]
-                        buckets.add(block, int(block_index[b, k]))
+                        buckets.add(block, int(block_index[b][k]))
 
     def stats(self) -> dict[str, int]:
         return {"latent_entries": sum(len(v) for v in self.latent.entries.values()),

@@ -15,6 +15,7 @@ renamed, so a crash leaves either the old set or the new one, never a half-writt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -33,24 +34,25 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from core.errors import UserError
+from core.checkpoint import WRAPPER_TOKENS, atomic_write
+from core.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
-# wrapper prefixes of activation checkpointing and torch.compile; the EMA keys are the bare names
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def bare_name(name: str) -> str:
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
+    """A parameter name without wrapper tokens (checkpointing, compile): the EMA's keys."""
+    for token in WRAPPER_TOKENS:
+        name = name.replace(token, "")
     return name
 
 
 def local_tensor(p: Tensor) -> Tensor:
     """This rank's shard of a (possibly FSDP2/DTensor) parameter."""
     return p.to_local() if isinstance(p, DTensor) else p
-
 
 
 class EMA:
@@ -75,11 +77,12 @@ class EMA:
         if step < self.start_step:
             return
         params = {bare_name(n): local_tensor(p).detach() for n, p in model.named_parameters()}
+        # to the CPU first, then to fp32: a bf16 parameter crosses the bus at half the size
         if self.shadow is None:
-            self.shadow = {n: p.float().cpu().clone() for n, p in params.items()}
+            self.shadow = {n: p.cpu().float().clone() for n, p in params.items()}
             return
         for name, p in params.items():
-            self.shadow[name].mul_(self.decay).add_(p.float().cpu(), alpha=1.0 - self.decay)
+            self.shadow[name].mul_(self.decay).add_(p.cpu().float(), alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -172,14 +175,13 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{final.name}"
         rank = _rank()
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt at this step
+            if tmp.exists():  # a crashed earlier attempt at this step
+                shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
         with _single_process_quiet():
             dcp.save(self._app_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-        extra_file = tmp / f"extra_rank{rank}.pt"
-        torch.save(extra or {}, extra_file.with_suffix(".pt.partial"))
-        os.replace(extra_file.with_suffix(".pt.partial"), extra_file)
+        atomic_write(tmp / f"extra_rank{rank}.pt", lambda temp: torch.save(extra or {}, temp))
         _barrier()
         if rank == 0:
             marker = {"step": step, "model_config": _jsonable(model_config), "world_size": _world_size(),
@@ -202,7 +204,10 @@ class CheckpointManager:
         for old in self._complete()[:-self.keep]:
             shutil.rmtree(old)
         for stale in self.root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            try:
+                shutil.rmtree(stale)
+            except OSError as err:  # leftover of a crashed save: not worth stopping the run for
+                log.warning("could not remove the stale checkpoint folder %s (%s)", stale, first_line(err))
 
     def info(self, path: Path) -> dict[str, Any]:
         """The COMPLETE marker of a checkpoint directory."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from core.checkpoint import atomic_write
+from core.config import VIDEO_FPS
 from core.decode import VideoWriter
 
 COLOURS = {
@@ -89,7 +90,7 @@ def render_clip(spec: ClipSpec, frames: int, height: int, width: int) -> np.ndar
     return video_THWC
 
 
-def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: int = 24) -> Path:
+def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: int = VIDEO_FPS) -> Path:
     """Write uint8 RGB frames as an H.264 mp4 (near-lossless, fast preset); atomic."""
     path = Path(path)
     height, width = frames_THWC.shape[1:3]
@@ -99,14 +100,11 @@ def write_video(path: str | os.PathLike, frames_THWC: np.ndarray, fps: int = 24)
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
 def make_synthetic_dataset(root: str | os.PathLike, samples: int = 4, clips_per_sample: int = 2, frames: int = 48,
-                           height: int = 64, width: int = 64, fps: int = 24, seed: int = 0,
+                           height: int = 64, width: int = 64, fps: int = VIDEO_FPS, seed: int = 0,
                            layout: str = "official") -> Path:
     """Write `samples` samples of `clips_per_sample` clips of `frames` frames each.
 

@@ -111,12 +111,12 @@ def main() -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     rows = [row for name, shape in SHAPES.items() for row in bench_shape(name, shape, args.iters)]
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    try:
+    from quant.kernels import triton_available
+
+    if triton_available():
         import triton
 
         info["triton"] = triton.__version__
-    except ImportError:
-        pass
     print(json.dumps(info, indent=1))
     if args.json:
         args.json.write_text(json.dumps(info, indent=1))

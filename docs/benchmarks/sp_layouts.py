@@ -40,10 +40,9 @@ def build(config: ModelConfig, precision: str, device: torch.device):
     random_init_(model, seed=0)
     model.train()
     if precision == "nvfp4":
-        from quant.linear import QuantConfig, quantize_model
+        from quant.linear import ar_training_config, quantize_model
 
-        quantize_model(model, QuantConfig(mode="train", weight_rule="static_6", activation_rule="mse",
-                                          gradient_rule="mse", weight_2d=True))
+        quantize_model(model, ar_training_config())
     return model
 
 
