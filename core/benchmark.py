@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from core.attention import sdpa_backend
-from core.config import VAE_TEMPORAL_STRIDE, Recipe
-from core.dit import CausalWanDiT, count_parameters, random_init_
-from core.hooks import ModelHooks, storage_bytes
-from core.optimize import compile_blocks, compile_vae_decoder, wants_compile, warm_up_vae_decoder
-from core.pipeline import allocate_cache, stream_latents, tokens_per_frame
+from core.config import Recipe, check_whole_blocks, chunk_video_frames
+from core.decode import DecodeMode
+from core.dit import module_bytes
+from core.optimize import compile_vae_decoder, wants_compile, warm_up_vae_decoder
+from core.pipeline import BuiltDiT, allocate_cache, stream_latents, tokens_per_frame
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 
 
@@ -74,72 +74,26 @@ class BenchResult:
         return asdict(self)
 
 
-def logical_parameters(recipe: Recipe) -> int:
-    """The model's parameter count whatever its storage (packed layers hold buffers instead)."""
-    with torch.device("meta"):
-        return count_parameters(CausalWanDiT(recipe.model))
-
-
-def build_random_model(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> CausalWanDiT:
-    """The DiT with random weights, allocated once in its final dtype and device."""
-    with torch.device("meta"):
-        model = CausalWanDiT(recipe.model)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    return random_init_(model, recipe.runtime.seed).eval()
-
-
-def build_model(recipe: Recipe, device: torch.device, dtype: torch.dtype,
-                checkpoint: str | None = None, lora: str | None = None) -> CausalWanDiT:
-    if checkpoint is None and lora is None:
-        return build_random_model(recipe, device, dtype)
-    from core.checkpoint import build_generator
-
-    return build_generator(recipe.model, checkpoint, lora, device=device, dtype=dtype,
-                           seed=recipe.runtime.seed)
-
-
-def run_benchmark(recipe: Recipe, frames: int | None = None,
+def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
-                  checkpoint: str | None = None, lora: str | None = None,
-                  decode: str | None = None, hooks: ModelHooks | None = None) -> BenchResult:
-    """Stream `frames` latent frames (default: the window fill + 6 chunks) and report the
-    steady-state timings. Random weights unless a checkpoint (and LoRA) is given. With `decode`
-    (sync | stream | device:N) every chunk is also decoded by a random-weight VAE and written to
-    a throwaway mp4, and the delivery rate of finished frames is reported as end-to-end fps.
-    `hooks` swap in another storage (NVFP4 weights / KV cache); the weight and cache sizes
-    reported are those of the tensors actually allocated."""
-    hooks = hooks or ModelHooks()
+                  decode: DecodeMode | None = None) -> BenchResult:
+    """Stream `frames` latent frames (default: the window fill + 6 chunks) through `dit` (built
+    by `longlive_cli/build.py`, random weights unless a checkpoint was given) and report the
+    steady-state timings. With `decode` every chunk is also decoded by a random-weight VAE and
+    written to a throwaway mp4, and the delivery rate of finished frames is reported as
+    end-to-end fps. Weight and cache sizes are those of the storage actually used."""
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
-    device = resolve_device(runtime.device)
-    dtype = resolve_dtype(runtime.dtype, device)
-    window_chunks = -(-stream.local_window_frames // stream.frames_per_block)
-    if frames is None:
-        frames = (window_chunks + 6) * stream.frames_per_block
+    model = dit.model
+    device, dtype = next(model.parameters()).device, model.dtype
     fpb = stream.frames_per_block
-    if frames <= 0 or frames % fpb:
-        raise ValueError(f"frames={frames} cannot be cut into blocks of frames_per_block={fpb}: "
-                         f"use a multiple of {fpb}, e.g. {max(fpb, frames - frames % fpb + fpb)}")
-    chunks = frames // fpb
+    window_chunks = -(-stream.local_window_frames // fpb)
+    frames = (window_chunks + 6) * fpb if frames is None else frames
+    chunks = check_whole_blocks(frames, fpb, "frames")
     if chunks <= window_chunks:
         raise ValueError(f"frames must exceed the {window_chunks * fpb} frames that fill the "
                          f"window, to reach steady state (got {frames})")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-    if hooks.load_dit is not None:
-        model = hooks.load_dit(recipe.model, checkpoint and Path(checkpoint), lora and Path(lora),
-                               device, dtype, runtime.seed).eval()
-    else:
-        model = build_model(recipe, device, dtype, checkpoint, lora)
-    caches: list = []  # the caches another storage built, to report their real size
-
-    def cache_transform(cache, device):
-        caches.append(hooks.cache_transform(cache, device))
-        return caches[-1]
-    compiled = wants_compile(runtime.compile, device)
-    if compiled:
-        compile_blocks(model)
     cfg = model.config
     generator = torch.Generator(device=device).manual_seed(runtime.seed)
     noise = torch.randn(1, frames, cfg.in_channels, video.latent_height, video.latent_width,
@@ -157,9 +111,8 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
             decoder = _decode_to_throwaway_video(scope, recipe, decode, device, dtype, deliveries)
         timer.start()
         with sdpa_backend(runtime.attention):
-            for chunk in stream_latents(model, noise, [context] * chunks, stream,
-                                        negative_context=negative,
-                                        cache_transform=cache_transform if hooks.cache_transform else None):
+            for chunk in stream_latents(model, noise, [context] * chunks, stream, negative_context=negative,
+                                        kv_storage=dit.kv_storage):
                 timer.stop()  # the chunk is denoised
                 if decoder is not None:
                     decoder.submit(chunk.latents)
@@ -169,55 +122,54 @@ def run_benchmark(recipe: Recipe, frames: int | None = None,
         if decoder is not None:
             decoder.finish()
     seconds = timer.durations()
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        reserved = torch.cuda.max_memory_reserved(device) / 2**30
-        name = torch.cuda.get_device_name(device)
-    else:
-        peak = reserved = None
-        name = "cpu"
     steady = seconds[window_chunks:]
-    median = statistics.median(steady)
-    tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
-    if not caches:  # the plain caches, as the pipeline allocates them (sized on meta: no memory)
-        branches = 2 if stream.uses_guidance else 1
-        caches = [allocate_cache(model, stream, 1, tokens, "meta")] * branches
-    kv_bytes = sum(storage_bytes(cache) for cache in caches)
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
-    dit_fps = VAE_TEMPORAL_STRIDE * fpb / median
+    return _result(recipe, dit, chunks, seconds, steady, e2e, decode)
+
+
+def _result(recipe: Recipe, dit: BuiltDiT, chunks: int, seconds: list[float], steady: list[float],
+            e2e: float | None, decode: DecodeMode | None) -> BenchResult:
+    stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
+    model = dit.model
+    device = next(model.parameters()).device
+    chunk_frames = chunk_video_frames(stream.frames_per_block)
+    median = statistics.median(steady)
+    tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
+    branches = 2 if stream.uses_guidance else 1  # sized on meta: no memory
+    kv_bytes = branches * allocate_cache(model, stream, 1, tokens, "meta", dit.kv_storage).nbytes
+    cuda = device.type == "cuda"
     vae_peak = None
-    if decode is not None and decode.startswith("device:"):
-        vae_peak = torch.cuda.max_memory_allocated(int(decode.split(":")[1])) / 2**30
+    if decode is not None and decode.kind == "device":
+        vae_peak = torch.cuda.max_memory_allocated(decode.gpu) / 2**30
     return BenchResult(
-        decode=decode, e2e_seconds_per_block=e2e,
-        e2e_fps=None if e2e is None else VAE_TEMPORAL_STRIDE * fpb / e2e,
-        e2e_over_dit=None if e2e is None else (VAE_TEMPORAL_STRIDE * fpb / e2e) / dit_fps,
+        decode=None if decode is None else str(decode), e2e_seconds_per_block=e2e,
+        e2e_fps=None if e2e is None else chunk_frames / e2e,
+        e2e_over_dit=None if e2e is None else median / e2e,
         vae_peak_memory_gib=vae_peak,
-        preset=recipe.preset, device=str(device), device_name=name, dtype=str(dtype).split(".")[-1],
-        attention=runtime.attention, compiled=compiled, height=video.height,
-        width=video.width, latent_height=video.latent_height, latent_width=video.latent_width,
-        tokens_per_frame=tokens, frames_per_block=stream.frames_per_block,
+        preset=recipe.preset, device=str(device), device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
+        dtype=str(model.dtype).split(".")[-1], attention=runtime.attention, compiled=dit.compiled,
+        height=video.height, width=video.width, latent_height=video.latent_height,
+        latent_width=video.latent_width, tokens_per_frame=tokens, frames_per_block=stream.frames_per_block,
         local_window_frames=stream.local_window_frames, sink_frames=stream.sink_frames,
         sampling_steps=stream.sampling_steps, chunks=chunks, steady_chunks=len(steady),
         seconds_per_block=median, seconds_per_block_mean=statistics.fmean(steady),
         seconds_per_block_min=min(steady), seconds_per_block_max=max(steady),
-        first_chunk_seconds=seconds[0],
-        fps=VAE_TEMPORAL_STRIDE * stream.frames_per_block / median,
-        parameters=logical_parameters(recipe), storage=hooks.label or "bf16",
-        weights_gib=storage_bytes(model) / 2**30,
-        kv_cache_gib=kv_bytes / 2**30, peak_memory_gib=peak, peak_reserved_gib=reserved,
-        torch_version=torch.__version__,
-        cudnn_version=torch.backends.cudnn.version() if device.type == "cuda" else None)
+        first_chunk_seconds=seconds[0], fps=chunk_frames / median,
+        parameters=dit.parameters, storage=dit.label or "bf16",
+        weights_gib=module_bytes(model) / 2**30, kv_cache_gib=kv_bytes / 2**30,
+        peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
+        torch_version=torch.__version__, cudnn_version=torch.backends.cudnn.version() if cuda else None)
 
 
-def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, decode: str,
+def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, decode: DecodeMode,
                                device: torch.device, dtype: torch.dtype, deliveries: list[float]):
     """A random-weight VAE decoder feeding an mp4 in a temp folder; records delivery times."""
-    from core.decode import VideoWriter, check_decode_mode, make_decoder
+    from core.decode import VideoWriter, make_decoder
     from core.vae import random_vae
 
-    vae_device = check_decode_mode(decode, device)
+    vae_device = decode.vae_device(device)
     if vae_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(vae_device)
     vae = random_vae(recipe.vae, recipe.runtime.seed, device=vae_device, dtype=dtype)

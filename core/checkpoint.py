@@ -32,8 +32,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from core.config import ModelConfig
-from core.dit import CausalWanDiT, random_init_
+from core.dit import CausalWanDiT
 from core.errors import UserError, first_line, first_names
 
 log = logging.getLogger(__name__)
@@ -56,26 +55,31 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<target>.+)\.lora_(?P<part>[AB])
 # Names: the one adapter between official and bare parameter names.
 
 
-def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
-    """Official / wrapped names -> our bare names; non-tensor entries are dropped.
+def bare_name(key: str) -> str:
+    """An official / wrapped parameter name -> our bare name: the wrapper tokens are stripped
+    wherever they occur, then leading `model.` / `module.` prefixes (no bare name starts with
+    either, so stripping is unambiguous)."""
+    for token in WRAPPER_TOKENS:
+        key = key.replace(token, "")
+    while key.startswith(OUTER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
-    Strips the wrapper tokens wherever they occur, then leading `model.` / `module.` prefixes
-    (no bare name starts with either, so stripping is unambiguous).
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor):
-            continue
-        name = str(key)
-        for token in WRAPPER_TOKENS:
-            name = name.replace(token, "")
-        while name.startswith(OUTER_PREFIXES):
-            name = name.split(".", 1)[1]
+
+def _by_bare_name(entries: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in entries.items():
+        name = bare_name(str(key))
         if name in out:
             raise UserError(f"two checkpoint entries map to the parameter {name!r} (one of them "
                             f"is {key!r}): the file mixes wrapped and bare names; save it again")
         out[name] = value
     return out
+
+
+def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Official / wrapped names -> our bare names (`bare_name`); non-tensor entries are dropped."""
+    return _by_bare_name({key: value for key, value in state_dict.items() if isinstance(value, Tensor)})
 
 
 def to_official_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -188,6 +192,30 @@ def _generator_entry(checkpoint: Mapping[str, Any], path: PathLike, use_ema: boo
     return checkpoint
 
 
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except (safetensors.SafetensorError, OSError) as err:
+        raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
+
+
+def read_shapes(path: PathLike, *, use_ema: bool = False) -> dict[str, tuple[int, ...]]:
+    """Bare names -> shapes of the generator weights in a checkpoint, without reading weight data:
+    the header of safetensors files, the memory-mapped pickle of a zip `.pt` (a legacy pickle is
+    read whole). The same one-line errors as `read_state_dict`."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        shapes = _safetensors_shapes(path)
+    elif path.is_dir() and any(path.glob("*.safetensors")):
+        shapes = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            shapes.update(_safetensors_shapes(shard))
+    else:
+        return {name: tuple(t.shape) for name, t in read_state_dict(path, use_ema=use_ema).items()}
+    return _by_bare_name(shapes)
+
+
 def read_state_dict(path: PathLike, *, use_ema: bool = False) -> dict[str, Tensor]:
     """The generator's state dict in a checkpoint, with bare names (tensors on CPU)."""
     checkpoint = _tensor_dict(_load_file(path), path, "state dict")
@@ -199,14 +227,15 @@ def read_state_dict(path: PathLike, *, use_ema: bool = False) -> dict[str, Tenso
 # Loading into a model.
 
 
-def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, Tensor],
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Tensor | tuple[int, ...]],
                  source: str, target: str, fix: str) -> None:
-    """One-line UserError unless `state_dict` has exactly the expected names and shapes."""
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
-    wrong = [f"{name} {tuple(state_dict[name].shape)} != {shape}"
-             for name, shape in expected.items()
-             if name in state_dict and tuple(state_dict[name].shape) != shape]
+    """One-line UserError unless `found` (tensors, or their shapes) has exactly the expected
+    names and shapes."""
+    shapes = {name: value if isinstance(value, tuple) else tuple(value.shape) for name, value in found.items()}
+    missing = [name for name in expected if name not in shapes]
+    unexpected = [name for name in shapes if name not in expected]
+    wrong = [f"{name} {shapes[name]} != {shape}"
+             for name, shape in expected.items() if name in shapes and shapes[name] != shape]
     problems = [f"{len(names)} {kind} ({first_names(names)})"
                 for kind, names in (("missing", missing), ("unexpected", unexpected),
                                     ("with the wrong shape", wrong)) if names]
@@ -214,8 +243,9 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[st
         raise UserError(f"{source} does not match {target}: {', '.join(problems)}: {fix}")
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Raise a UserError unless names and shapes equal the model's exactly."""
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor | tuple[int, ...]], source: str) -> None:
+    """Raise a UserError unless names and shapes (of tensors, or the shapes themselves, e.g. from
+    `read_shapes`) equal the model's exactly."""
     if any(name.endswith("quantized_weight_values") for name in state_dict):
         raise UserError(f"{source} is a packed NVFP4 checkpoint: load it into the NVFP4 model "
                         f"(quant/), not as a plain generator")
@@ -232,28 +262,6 @@ def load_generator(model: nn.Module, path: PathLike, *, use_ema: bool = False) -
     assign = any(p.is_meta for p in model.parameters())
     model.load_state_dict(state_dict, strict=True, assign=assign)
     return model
-
-
-def build_generator(config: ModelConfig, checkpoint: PathLike | None = None,
-                    lora: PathLike | None = None, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, use_ema: bool = False,
-                    lora_alpha: float | None = None, seed: int = 0) -> CausalWanDiT:
-    """A ready `CausalWanDiT` in eval mode: checkpoint weights (or seeded random weights),
-    optionally with a LoRA merged in, on `device` in `dtype`."""
-    with torch.device("meta"):
-        model = CausalWanDiT(config)
-    if checkpoint is not None:
-        load_generator(model, checkpoint, use_ema=use_ema)
-    else:
-        model.to_empty(device=device)
-        random_init_(model, seed)
-    if lora is not None:
-        # Merge from fp32 weights like the official inference (it merges before the bf16 cast),
-        # so W' is rounded to `dtype` once; on the target device, so the 5B's fp32 copy lands in
-        # GPU memory rather than host memory.
-        model = merge_lora(model.to(device=device, dtype=torch.float32),
-                           read_lora_state_dict(lora), alpha=lora_alpha, source=str(lora))
-    return model.to(device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,10 +365,30 @@ def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
 # Saving.
 
 
+def _temp_name(path: Path) -> str:
+    return str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Create and remove the temp file `atomic_write` would use beside `path`: a one-line
+    UserError, before any heavy work, if the folder is missing or not writable."""
+    if not path.parent.is_dir():
+        raise UserError(f"{flag} {path}: folder {path.parent} does not exist: create it or choose another path")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give a file name")
+    temp_name = _temp_name(path)
+    try:
+        os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or first_line(err)}): "
+                        f"choose a writable location") from None
+    os.unlink(temp_name)
+
+
 def atomic_write(path: Path, write) -> None:
     """Run `write(temp_path)` on a temp file beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp_name = str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
+    temp_name = _temp_name(path)
     # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide the
     # final permissions, as for a normally created file (some writers recreate it as 0o600).
     os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))

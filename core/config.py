@@ -9,6 +9,8 @@ dataclasses; every problem is a `ValueError` whose message names the key and wha
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -21,6 +23,29 @@ VAE_TEMPORAL_STRIDE = 4
 VIDEO_FPS = 24
 
 
+def raw_frames(latent_frames: int) -> int:
+    """Video frames of `latent_frames` latents: the first latent is one frame, each later one
+    `VAE_TEMPORAL_STRIDE` (1 + 4(F - 1))."""
+    return 1 + VAE_TEMPORAL_STRIDE * (latent_frames - 1)
+
+
+def chunk_video_frames(frames_per_block: int) -> int:
+    """Video frames that one chunk of `frames_per_block` latents adds (after the first chunk)."""
+    return VAE_TEMPORAL_STRIDE * frames_per_block
+
+
+def check_whole_blocks(frames: int, frames_per_block: int, what: str) -> int:
+    """The number of blocks in `frames` latent frames; a ValueError naming `what` and the nearest
+    valid lengths unless it is a positive whole number of blocks."""
+    if frames <= 0 or frames % frames_per_block:
+        lower = frames - frames % frames_per_block
+        upper = lower + frames_per_block
+        suggestion = f"{upper}" if lower <= 0 else f"{lower} or {upper}"
+        raise ValueError(f"{what}: {frames} latent frames are not a multiple of "
+                         f"frames_per_block={frames_per_block}; use {suggestion}")
+    return frames // frames_per_block
+
+
 def require(ok: bool, message: str) -> None:
     """Config validation: a ValueError naming the field and what is allowed."""
     if not ok:
@@ -28,6 +53,111 @@ def require(ok: bool, message: str) -> None:
 
 
 _require = require
+
+
+class ConfigError(ValueError):
+    """A value of the wrong type or outside a closed set; `key` is the dotted path to it."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"bad value for '{key}': {detail}")
+        self.key, self.detail = key, detail
+
+
+class Choice(str, enum.Enum):
+    """A closed set of names. YAML strings and CLI values become members once, where they enter
+    (`check_types`); afterwards code compares members, never re-validates strings."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Precision(Choice):
+    """Storage and numerics of the DiT's 300 block linears."""
+
+    bf16 = "bf16"
+    nvfp4 = "nvfp4"
+
+
+class KVPrecision(Choice):
+    bf16 = "bf16"
+    nvfp4 = "nvfp4"
+
+
+class QuantMode(Choice):
+    """How NVFP4 block linears run at inference: w4a16 = packed weights dequantized on the fly for
+    a bf16 GEMM (memory; any GPU), w4a4 = NVFP4 weights and activations (emulated off
+    Blackwell), native = Blackwell FP4 tensor cores."""
+
+    w4a16 = "w4a16"
+    w4a4 = "w4a4"
+    native = "native"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the field type `hint` (a YAML list becomes a tuple, a name a Choice member),
+    or a ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(key, f"{value!r} (allowed: {', '.join(str(a) for a in allowed)})")
+        return value
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ConfigError(key, f"{str(value)!r} (allowed: {', '.join(m.value for m in hint)})") from None
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"only `X | None` unions are supported in configs ({key})")
+        return None if value is None else _coerce(value, args[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        item_hint = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(key, f"expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise ConfigError(key, f"expected a section ({hint.__name__}), got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for '{key}'")
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def check_types(instance: Any) -> None:
+    """Coerce every field of a config dataclass to its declared type, in place (called first in
+    `__post_init__`, so a value is checked once, whether it came from YAML, a flag or code)."""
+    for name, hint in _field_types(type(instance)).items():
+        object.__setattr__(instance, name, _coerce(getattr(instance, name), hint, name))
 
 
 @dataclass
@@ -48,6 +178,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.patch_size = tuple(int(p) for p in self.patch_size)
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "in_channels", "out_channels",
                      "text_dim", "text_len", "freq_dim"):
@@ -120,6 +251,7 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)  # per resampling encoder stage
 
     def __post_init__(self) -> None:
+        check_types(self)
         self.dim_mult = tuple(self.dim_mult)
         self.temporal_downsample = tuple(self.temporal_downsample)
         for name in ("base_dim", "decoder_base_dim", "num_res_blocks"):
@@ -198,6 +330,7 @@ class StreamConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("frames_per_block", "local_window_frames", "sampling_steps",
                      "num_train_timesteps"):
             value = getattr(self, name)
@@ -246,6 +379,7 @@ class VideoConfig:
     latent_frames: int = 128
 
     def __post_init__(self) -> None:
+        check_types(self)
         multiple = VAE_SPATIAL_STRIDE * 2
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -282,6 +416,7 @@ class RuntimeConfig:
     compile: Literal["auto", "always", "never"] = "auto"
 
     def __post_init__(self) -> None:
+        check_types(self)
         _require(self.device == "auto" or self.device == "cpu" or self.device == "cuda"
                  or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
                  f"device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
@@ -292,27 +427,30 @@ SCALE_RULES = ("static_6", "static_4", "mse", "mae", "abs_max")
 
 @dataclass
 class QuantSettings:
-    """NVFP4 storage of the DiT's 300 block linears and of the KV cache (applied by `quant/`).
+    """Low-precision storage of the DiT's 300 block linears and of the KV cache (applied from
+    outside `core` by the builder, `longlive_cli/build.py`).
 
-    `mode`: w4a16 = packed weights dequantized on the fly for a bf16 GEMM (memory; any GPU),
-    w4a4 = weights and activations with exact NVFP4 numerics (emulated off Blackwell),
-    native = Blackwell FP4 tensor cores."""
+    `precision` is the one flag for inference and training. `mode` and `rule` choose the NVFP4
+    inference kernels (see `QuantMode`); training with `precision: nvfp4` always runs the official
+    AR rules (emulated fprop/dgrad/wgrad, `quant.linear.ar_training_config`)."""
 
-    precision: Literal["bf16", "nvfp4"] = "bf16"
-    mode: Literal["w4a16", "w4a4", "native"] = "w4a16"
+    precision: Precision = Precision.bf16
+    mode: QuantMode = QuantMode.w4a16
     rule: str = "mse"
-    kv_precision: Literal["bf16", "nvfp4"] = "bf16"
+    kv_precision: KVPrecision = KVPrecision.bf16
     kv_rule: str = "mse"
 
     def __post_init__(self) -> None:
+        check_types(self)
         for key in ("rule", "kv_rule"):
             _require(getattr(self, key) in SCALE_RULES,
                      f"{key} must be one of {', '.join(SCALE_RULES)} (got {getattr(self, key)!r})")
 
     @property
     def label(self) -> str:
-        weights = f"nvfp4 {self.mode} ({self.rule})" if self.precision == "nvfp4" else ""
-        kv = f"kv nvfp4 ({self.kv_rule})" if self.kv_precision == "nvfp4" else ""
+        """What the summaries call the storage, e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"."""
+        weights = f"nvfp4 {self.mode} ({self.rule})" if self.precision == Precision.nvfp4 else ""
+        kv = f"kv nvfp4 ({self.kv_rule})" if self.kv_precision == KVPrecision.nvfp4 else ""
         return ", ".join(part for part in (weights, kv) if part)
 
 
@@ -326,6 +464,9 @@ class Recipe:
     video: VideoConfig = field(default_factory=VideoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     quant: QuantSettings = field(default_factory=QuantSettings)
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
     @property
     def vae(self) -> VAEConfig:
@@ -346,56 +487,10 @@ class Recipe:
 # Recipe loading: YAML (OmegaConf) -> plain dict -> checked overlay onto the preset's dataclasses.
 
 
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", str(hint))
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ValueError(f"bad value for '{key}': {value!r} "
-                             f"(allowed: {', '.join(str(a) for a in allowed)})")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"union types are not supported in configs ({key})")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"bad value for '{key}': expected a list, got {value!r}")
-        args = typing.get_args(hint)
-        item_hint = args[0]
-        if len(args) != 2 or args[1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"bad value for '{key}': expected {len(args)} items, "
-                                 f"got {len(value)}")
-        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"bad value for '{key}': expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"bad value for '{key}': expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"bad value for '{key}': expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"bad value for '{key}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for '{key}'")
-
-
 def overlay(instance: Any, updates: dict[str, Any], prefix: str = "") -> Any:
     """Return a copy of dataclass `instance` with `updates` applied, checking keys and types."""
     if not isinstance(updates, dict):
         raise ValueError(f"'{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {updates!r}")
-    hints = typing.get_type_hints(type(instance))
     names = [f.name for f in fields(instance)]
     changes: dict[str, Any] = {}
     for key, value in updates.items():
@@ -403,13 +498,15 @@ def overlay(instance: Any, updates: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ValueError(f"unknown key '{full}' (allowed: {', '.join(names)})")
         current = getattr(instance, key)
-        if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = overlay(current, value, f"{full}.")
         else:
-            changes[key] = _coerce(value, hints[key], full)
+            changes[key] = value
     try:
         return dataclasses.replace(instance, **changes)
-    except ValueError as err:  # __post_init__ names the field; add the section path
+    except ConfigError as err:  # __post_init__ names the field; add the section path
+        raise ConfigError(f"{prefix}{err.key}", err.detail) from None
+    except ValueError as err:
         raise ValueError(f"{prefix}{err}" if prefix else str(err)) from None
 
 

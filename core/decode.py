@@ -23,7 +23,9 @@ import secrets
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -194,36 +196,52 @@ class DeviceDecoder:
             self.thread.join(timeout=60)
 
 
-def parse_decode_mode(mode: str) -> tuple[str, int | None]:
-    """`sync` | `stream` | `device:N` -> (kind, gpu index)."""
-    if mode in ("sync", "stream"):
-        return mode, None
-    if mode.startswith("device:") and mode[7:].isdigit():
-        return "device", int(mode[7:])
-    raise UserError(f"--decode {mode!r}: use sync, stream or device:N (N = the GPU for the VAE)")
+def check_crf(crf: int) -> None:
+    if not 0 <= crf <= 51:
+        raise UserError(f"--crf {crf}: x264 quality must be between 0 (lossless) and 51")
 
 
-def check_decode_mode(mode: str, main_device: torch.device) -> torch.device:
-    """Validate a decode mode before any work; returns the device the VAE must live on."""
-    kind, index = parse_decode_mode(mode)
-    if kind == "sync":
-        return main_device
-    if not torch.cuda.is_available():
-        raise UserError(f"--decode {mode} needs a CUDA GPU, and none is visible: use --decode sync")
-    if kind == "stream":
-        if main_device.type != "cuda":
-            raise UserError("--decode stream overlaps decoding on the generating GPU: it needs "
-                            "--device cuda; use --decode sync on a CPU")
-        return main_device
-    if index >= torch.cuda.device_count():
-        raise UserError(f"--decode {mode}: only {torch.cuda.device_count()} CUDA device(s) are "
-                        f"visible; pick device:0..device:{torch.cuda.device_count() - 1}")
-    return torch.device("cuda", index)
+@dataclass(frozen=True)
+class DecodeMode:
+    """Where the VAE decodes finished chunks: `sync` (in line), `stream` (a side CUDA stream of the
+    generating GPU) or `device` (its own GPU, `gpu`). Parsed once from the `--decode` text."""
+
+    kind: Literal["sync", "stream", "device"] = "sync"
+    gpu: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | DecodeMode) -> DecodeMode:
+        """`sync` | `stream` | `device:N`, or a one-line UserError."""
+        if isinstance(text, DecodeMode):
+            return text
+        if text in ("sync", "stream"):
+            return cls(text)
+        if text.startswith("device:") and text[7:].isdigit():
+            return cls("device", int(text[7:]))
+        raise UserError(f"--decode {text!r}: use sync, stream or device:N (N = the GPU for the VAE)")
+
+    def __str__(self) -> str:
+        return f"device:{self.gpu}" if self.kind == "device" else self.kind
+
+    def vae_device(self, main_device: torch.device) -> torch.device:
+        """The device the VAE must live on; a UserError when this machine cannot decode this way."""
+        if self.kind == "sync":
+            return main_device
+        if not torch.cuda.is_available():
+            raise UserError(f"--decode {self} needs a CUDA GPU, and none is visible: use --decode sync")
+        if self.kind == "stream":
+            if main_device.type != "cuda":
+                raise UserError("--decode stream overlaps decoding on the generating GPU: it needs "
+                                "--device cuda; use --decode sync on a CPU")
+            return main_device
+        if self.gpu >= torch.cuda.device_count():
+            raise UserError(f"--decode {self}: only {torch.cuda.device_count()} CUDA device(s) are "
+                            f"visible; pick device:0..device:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", self.gpu)
 
 
-def make_decoder(mode: str, vae, sink: FrameSink):
-    kind, _ = parse_decode_mode(mode)
-    return {"sync": SyncDecoder, "stream": StreamDecoder, "device": DeviceDecoder}[kind](vae, sink)
+def make_decoder(mode: DecodeMode, vae, sink: FrameSink):
+    return {"sync": SyncDecoder, "stream": StreamDecoder, "device": DeviceDecoder}[mode.kind](vae, sink)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,8 +258,7 @@ class VideoWriter:
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, fps: int = VIDEO_FPS,
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
                  max_queued_chunks: int = 2):
-        if not 0 <= crf <= 51:
-            raise UserError(f"--crf {crf}: x264 quality must be between 0 (lossless) and 51")
+        check_crf(crf)
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
         self.crf, self.preset = crf, preset

@@ -335,8 +335,9 @@ class CausalWanDiT(nn.Module):
                       cache, start_frame: int, rope_offset: float | Tensor = 0.0,
                       rewrite_at: int | None = None, keep_kv: bool = True) -> Tensor:
         """Velocity of one streamed chunk `[B, C, f, H, W]` starting at absolute latent frame
-        `start_frame`; reads and writes `cache` (a `core.kv_cache.KVCache`). `rewrite_at`
-        re-encodes frames the cache already holds at that buffer position (window recache).
+        `start_frame`; reads and writes `cache` (a `core.kv_cache.KVCache`, or any object with its
+        `layout` / `begin` / `commit`). `rewrite_at` re-encodes frames the cache already holds at
+        that buffer frame (window recache).
         `keep_kv=False`: later chunks will not read this call's keys/values (they are rewritten
         first), so the cache need not store them."""
         tokens, grid = self.patchify(x)
@@ -348,7 +349,7 @@ class CausalWanDiT(nn.Module):
         positions = frame_positions(frames, start_frame, rope_offset, device=x.device)
         rope = self.rope_table(grid, positions)
         e, e0 = self.time_embed(t)
-        attends = cache.begin(start_frame * tokens_per_frame, tokens.shape[1], rewrite_at, keep_kv=keep_kv)
+        attends = cache.begin(start_frame, frames, rewrite_at, keep_kv=keep_kv)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)
         cache.commit()
         return self.unpatchify(self.head(out, e), grid)
@@ -381,3 +382,9 @@ def random_init_(model: nn.Module, seed: int = 0, *, prefix: str = "",
 
 def count_parameters(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters())
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer as stored (each tensor once): what a format really
+    costs, whatever its layout."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

@@ -1,9 +1,10 @@
 """Prompt schedule to mp4: the end-to-end generation behind `longlive generate` / `multishot`.
 
-Stages: resolve devices and check the options (before any heavy work) -> load the DiT, VAE and
-text encoder -> encode the prompts (each distinct prompt once) -> draw the noise -> stream the
-latent chunks through the engine while a decoder turns each finished chunk into frames for the
-writer -> close the video (renamed into place only if everything succeeded) -> report.
+Stages: `prepare` (devices, options, output paths, files, the image: before any heavy work) ->
+the caller builds the models (`longlive_cli/build.py`) -> `generate_video`: encode the prompts
+(each distinct prompt once) -> draw the noise -> stream the latent chunks through the engine
+while a decoder turns each finished chunk into frames for the writer -> close the video (renamed
+into place only if everything succeeded) -> report.
 """
 
 from __future__ import annotations
@@ -17,20 +18,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.checkpoint import atomic_write, check_writable
 from core.config import VIDEO_FPS, Recipe
-from core.decode import VideoWriter, check_decode_mode, make_decoder
-from core.dit import CausalWanDiT
+from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
 from core.errors import UserError
-from core.hooks import ModelHooks
 from core.hub import ModelFiles, resolve_model_dir
-from core.optimize import (
-    DIT_BREAK_EVEN_CHUNKS,
-    VAE_BREAK_EVEN_CHUNKS,
-    compile_blocks,
-    compile_vae_decoder,
-    wants_compile,
-)
-from core.pipeline import stream_latents
+from core.pipeline import BuiltDiT, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
 
@@ -43,6 +36,9 @@ WAN_NEGATIVE_PROMPT = (
 
 @dataclass
 class GenerateRequest:
+    """What a `generate` / `multishot` run is asked for. `prepare` checks it once, before any
+    model is built; the models come from outside (`longlive_cli/build.py`)."""
+
     recipe: Recipe
     schedule: PromptSchedule
     output: Path
@@ -50,15 +46,16 @@ class GenerateRequest:
     checkpoint: Path | None = None  # default: <model-dir>/LongLive-2.0-5B/model_bf16.pt
     lora: Path | None = None
     image: Path | None = None  # image-to-video conditioning of the first frame
-    decode: str = "sync"  # sync | stream | device:N
+    decode: DecodeMode = field(default_factory=DecodeMode)
     crf: int = 18
     latents_out: Path | None = None
     negative_prompt: str = WAN_NEGATIVE_PROMPT
-    hooks: ModelHooks = field(default_factory=ModelHooks)  # quantized storage, wired in by the CLI
 
 
 @dataclass
 class GenerateReport:
+    """What a finished run did: sizes, settings, and the denoise / end-to-end rates."""
+
     output: Path
     video_frames: int
     latent_frames: int
@@ -68,7 +65,7 @@ class GenerateReport:
     steps: int
     precision: str
     device: str
-    decode: str
+    decode: DecodeMode
     denoise_seconds: float
     end_to_end_seconds: float
     peak_gpu_memory_gib: float | None
@@ -85,40 +82,11 @@ class GenerateReport:
 
 @dataclass
 class Models:
-    dit: CausalWanDiT
+    """What a run generates with (built by `longlive_cli/build.py`)."""
+
+    dit: BuiltDiT
     vae: torch.nn.Module
     text: object  # core.text.TextEncoder
-
-
-# -- stage: models --------------------------------------------------------------------------------
-
-
-def load_models(request: GenerateRequest, device: torch.device, dtype: torch.dtype,
-                vae_device: torch.device) -> Models:
-    """The tiny preset runs on seeded random weights (offline); the 5B loads the model folder."""
-    from core.text import TextEncoder
-    from core.vae import load_vae, random_vae
-
-    recipe = request.recipe
-    seed = recipe.runtime.seed
-    load_dit = request.hooks.load_dit or _load_bf16
-    if recipe.preset == "tiny":
-        dit = load_dit(recipe.model, request.checkpoint, request.lora, device, dtype, seed)
-        vae = random_vae(recipe.vae, seed, device=vae_device, dtype=dtype)
-        text = TextEncoder.tiny(seed=seed, device=device)
-        return Models(dit, vae, text)
-    files = ModelFiles(resolve_model_dir(request.model_dir))
-    checkpoint = request.checkpoint or files.generator
-    text = TextEncoder.from_model_dir(files.text_encoder_dir, device=device)
-    dit = load_dit(recipe.model, checkpoint, request.lora, device, dtype, seed)
-    vae = load_vae(files.vae, recipe.vae, device=vae_device, dtype=dtype)
-    return Models(dit, vae, text)
-
-
-def _load_bf16(config, checkpoint, lora, device, dtype, seed) -> CausalWanDiT:
-    from core.checkpoint import build_generator
-
-    return build_generator(config, checkpoint, lora, device=device, dtype=dtype, seed=seed)
 
 
 # -- stage: inputs --------------------------------------------------------------------------------
@@ -176,8 +144,6 @@ def draw_noise(recipe: Recipe, latent_frames: int, device: torch.device, dtype: 
 def save_latents(latents: Tensor, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    from core.checkpoint import atomic_write
-
     atomic_write(path, lambda temp: save_file({"latents": latents.contiguous().cpu()}, temp, metadata))
 
 
@@ -186,113 +152,136 @@ def save_latents(latents: Tensor, path: Path, metadata: dict[str, str]) -> None:
 
 @dataclass(frozen=True)
 class Placement:
+    """The checked request: devices, dtype, the model files, the decoded conditioning image."""
+
     device: torch.device
     dtype: torch.dtype
     vae_device: torch.device
-    image: Tensor | None  # the decoded conditioning image, [1, 3, 1, H, W]
+    files: ModelFiles | None  # the model folder; None: the tiny preset (nothing is read)
+    checkpoint: Path | None  # the generator file to load; None: seeded random weights
+    image: Tensor | None  # [1, 3, 1, H, W] in [-1, 1]
 
 
-def check_request(request: GenerateRequest) -> Placement:
-    """Every cheap check, before any heavy work or output: devices, decode mode, output path,
-    model files, the conditioning image."""
+def prepare(request: GenerateRequest) -> Placement:
+    """Every cheap check, once, before any heavy work or output: devices, decode mode, output
+    paths (probed for writing), quality, model files, the conditioning image (decoded here)."""
     recipe, schedule, stream = request.recipe, request.schedule, request.recipe.stream
     device = resolve_device(recipe.runtime.device)
     dtype = resolve_dtype(recipe.runtime.dtype, device)
-    vae_device = check_decode_mode(request.decode, device)
+    vae_device = request.decode.vae_device(device)
     if schedule.frames_per_block != stream.frames_per_block:
         raise UserError(f"the shot schedule uses {schedule.frames_per_block} frames per block but the "
                         f"recipe {stream.frames_per_block}: build the schedule from the recipe")
     if request.output.suffix.lower() != ".mp4":
         raise UserError(f"-o {request.output}: the output must be an .mp4 file")
-    if not request.output.parent.is_dir():
-        raise UserError(f"-o {request.output}: folder {request.output.parent} does not exist")
+    check_crf(request.crf)
+    check_writable(request.output, "-o")
+    if request.latents_out is not None:
+        check_writable(request.latents_out, "--latents-out")
+    files, checkpoint = None, request.checkpoint
     if recipe.preset != "tiny":
         files = ModelFiles(resolve_model_dir(request.model_dir))
         files.require(files.vae, *([] if request.checkpoint else [files.generator]))
-    if request.latents_out is not None and not request.latents_out.parent.is_dir():
-        raise UserError(f"--latents-out {request.latents_out}: folder {request.latents_out.parent} "
-                        f"does not exist")
+        checkpoint = checkpoint or files.generator
     for path, what in ((request.checkpoint, "--checkpoint"), (request.lora, "--lora")):
         if path is not None and not path.exists():
             raise UserError(f"{what} {path} not found: check the path")
     image = None
     if request.image is not None:
         image = read_image(request.image, recipe.video.height, recipe.video.width)
-    return Placement(device, dtype, vae_device, image)
+    return Placement(device, dtype, vae_device, files, checkpoint, image)
 
 
-def generate_video(request: GenerateRequest, on_chunk: Callable[[int, int], None] | None = None,
+def generate_video(request: GenerateRequest, placement: Placement, models: Models,
+                   on_chunk: Callable[[int, int], None] | None = None,
                    prompt_source: Callable[[], str | None] | None = None,
                    log: Callable[[str], None] = print) -> GenerateReport:
+    """Stream the request's schedule into its mp4 (stages in the module doc). `on_chunk(done,
+    total)` after each chunk; `prompt_source()` is polled before each chunk for an interactive
+    switch (a new prompt, or None); `log` gets one line per switch."""
     recipe, schedule = request.recipe, request.schedule
     stream, video = recipe.stream, recipe.video
-    placement = check_request(request)
-    device, dtype, vae_device = placement.device, placement.dtype, placement.vae_device
+    device, dtype = placement.device, placement.dtype
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-    models = load_models(request, device, dtype, vae_device)
-    if wants_compile(recipe.runtime.compile, device, schedule.num_chunks, DIT_BREAK_EVEN_CHUNKS):
-        compile_blocks(models.dit)
-    if wants_compile(recipe.runtime.compile, vae_device, schedule.num_chunks, VAE_BREAK_EVEN_CHUNKS):
-        compile_vae_decoder(models.vae)
     negative = request.negative_prompt if stream.uses_guidance else None
     contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
     first_image = None
     if placement.image is not None:
         first_image = image_latent(models.vae, placement.image, device, dtype)
     noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
-
     switches: list[tuple[int, int, str]] = []
+    switcher = None
+    if prompt_source is not None:
+        switcher = _prompt_switcher(models.text, schedule, prompt_source, switches, log, device, dtype)
+    chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
+                            image_latent=first_image, negative_context=negative_context,
+                            prompt_switch=switcher, kv_storage=models.dit.kv_storage)
+    timer = SpanTimer(device)
+    kept: list[Tensor] | None = [] if request.latents_out is not None else None
+    started = time.perf_counter()
+    frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, kept)
+    end_to_end = time.perf_counter() - started
+    if kept is not None:
+        save_latents(torch.cat(kept, dim=1), request.latents_out,
+                     {"shot_start_frames": json.dumps(schedule.shot_start_frames)})
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return GenerateReport(
+        output=request.output, video_frames=frames_written,
+        latent_frames=schedule.num_latent_frames, chunks=schedule.num_chunks, height=video.height,
+        width=video.width, steps=stream.sampling_steps,
+        precision=", ".join(filter(None, (str(dtype).split(".")[-1], models.dit.label))),
+        device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
+        end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
+
+
+def _prompt_switcher(text, schedule: PromptSchedule, prompt_source: Callable[[], str | None],
+                     switches: list[tuple[int, int, str]], log: Callable[[str], None], device: torch.device,
+                     dtype: torch.dtype) -> Callable[[int], Tensor | None]:
+    """The pipeline's `prompt_switch(chunk)`: a typed prompt's context, recorded in `switches`."""
 
     def prompt_switch(chunk: int) -> Tensor | None:
-        text = prompt_source() if prompt_source is not None else None
-        if not text:
+        prompt = prompt_source()
+        if not prompt:
             return None
         frame = schedule.chunk_start_frames[chunk]
-        switches.append((chunk, frame, text))
-        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {text!r}")
-        return models.text.encode([text]).to(device=device, dtype=dtype)
+        switches.append((chunk, frame, prompt))
+        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {prompt!r}")
+        return text.encode([prompt]).to(device=device, dtype=dtype)
 
-    metadata = {"title": schedule.shots[0].prompt[:200], "comment": json.dumps({
+    return prompt_switch
+
+
+def video_metadata(request: GenerateRequest) -> dict[str, str]:
+    """The mp4's title and `comment` (JSON: generator settings, shot starts and prompts)."""
+    recipe, schedule = request.recipe, request.schedule
+    return {"title": schedule.shots[0].prompt[:200], "comment": json.dumps({
         "generator": "longlive", "preset": recipe.preset, "seed": recipe.runtime.seed,
-        "steps": stream.sampling_steps, "shot_start_frames": schedule.shot_start_frames,
+        "steps": recipe.stream.sampling_steps, "shot_start_frames": schedule.shot_start_frames,
         "shot_prompts": [shot.prompt for shot in schedule.shots]})}
-    timer = SpanTimer(device)
-    latents_kept = [] if request.latents_out is not None else None
-    started = time.perf_counter()
+
+
+def _stream_into_video(request: GenerateRequest, vae, chunks, timer: SpanTimer,
+                       on_chunk: Callable[[int, int], None] | None, kept: list[Tensor] | None) -> int:
+    """Decode every chunk as it comes into the request's mp4 (renamed into place only if all went
+    well); `timer` spans the denoising of each chunk. Returns the frames written."""
+    video, total = request.recipe.video, request.schedule.num_chunks
     with VideoWriter(request.output, video.width, video.height, crf=request.crf,
-                     metadata=metadata) as writer:
-        decoder = make_decoder(request.decode, models.vae, writer.write)
+                     metadata=video_metadata(request)) as writer:
+        decoder = make_decoder(request.decode, vae, writer.write)
         try:
             timer.start()
-            for chunk in stream_latents(models.dit, noise, contexts, stream, schedule.scene_cuts,
-                                        image_latent=first_image, negative_context=negative_context,
-                                        prompt_switch=prompt_switch if prompt_source else None,
-                                        cache_transform=request.hooks.cache_transform):
+            for chunk in chunks:
                 timer.stop()
                 decoder.submit(chunk.latents)
-                if latents_kept is not None:
-                    latents_kept.append(chunk.latents)
+                if kept is not None:
+                    kept.append(chunk.latents)
                 if on_chunk is not None:
-                    on_chunk(chunk.index + 1, schedule.num_chunks)
+                    on_chunk(chunk.index + 1, total)
                 timer.start()
             decoder.finish()
         except BaseException:
             if hasattr(decoder, "close"):
                 decoder.close()
             raise
-    end_to_end = time.perf_counter() - started
-    if latents_kept is not None:
-        save_latents(torch.cat(latents_kept, dim=1), request.latents_out,
-                     {"shot_start_frames": json.dumps(schedule.shot_start_frames)})
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return GenerateReport(
-        output=request.output, video_frames=writer.frames_written,
-        latent_frames=schedule.num_latent_frames, chunks=schedule.num_chunks, height=video.height,
-        width=video.width, steps=stream.sampling_steps,
-        precision=", ".join(filter(None, (str(dtype).split(".")[-1], request.hooks.label))),
-        device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
-        end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
-
+    return writer.frames_written

@@ -15,6 +15,10 @@ Python ints so that no forward ever waits on the GPU:
 * all layers share one set of indices: a forward plans its write from the indices before the
   call (`plan`), every layer applies the same plan, and `commit` publishes the new indices.
 
+Callers speak in latent frames (`begin`, `pin_last_chunk`, `drop_history`, `held_frames`); tokens
+stay inside. Storage plugs in from outside: the cache is built with a `StorageFactory` that makes
+each layer's `LayerStorage` (dense `LayerKV` here, NVFP4 slots in `quant/kv.py`).
+
 Legend: B batch, K capacity (tokens), N heads, d head size, n new tokens.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -73,6 +78,8 @@ def _remove_range(segments: tuple[Segment, ...], lo: int, hi: int) -> list[Segme
 
 @dataclass(frozen=True)
 class CacheState:
+    """The indices every layer shares, as plain ints (updated by `commit`, never on the GPU)."""
+
     global_end: int = 0  # stream token index where the last written chunk ends
     local_end: int = 0  # buffer position where the last written chunk ends
     pinned_start: int = -1  # buffer position of the pinned shot sink (-1: none)
@@ -166,19 +173,48 @@ def slide_left(buffer: Tensor, roll: Roll) -> None:
             buffer[:, roll.src + offset:roll.src + offset + size]
 
 
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer's storage holds: keys and values `[batch, layout.capacity, heads, head_dim]`
+    of the working `dtype`, in frames of `layout.tokens_per_frame` tokens."""
+
+    layout: CacheLayout
+    batch: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+class LayerStorage(Protocol):
+    """The storage protocol of one layer (bf16 `LayerKV` here; NVFP4 in `quant/kv.py`).
+
+    `KVCache.begin` sets `plan` on every layer before a forward; `update_and_attend` applies it
+    (roll, write the new keys/values) and attends over the filled window `[0, plan.write_end)`;
+    `nbytes` is what the storage really costs."""
+
+    plan: WritePlan | None
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def update_and_attend(self, q_BnND: Tensor, k_BnND: Tensor, v_BnND: Tensor) -> Tensor: ...
+
+
+# (layer spec, device) -> one layer's storage: what a KVCache is built with.
+StorageFactory = Callable[[LayerSpec, "torch.device | str"], LayerStorage]
 
 
 class LayerKV:
-    """The key/value buffers of one layer; `plan` is set by `KVCache.begin` for each forward."""
+    """Dense key/value buffers of one layer in the working dtype."""
 
-    def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, capacity, heads, head_dim, dtype=dtype, device=device)
+    def __init__(self, spec: LayerSpec, device: torch.device | str):
+        shape = (spec.batch, spec.layout.capacity, spec.heads, spec.head_dim)
+        self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.plan: WritePlan | None = None
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes (every layer storage reports this; see `core.hooks.storage_bytes`)."""
         return 2 * self.k.numel() * self.k.element_size()
 
     # Index arithmetic and in-place writes stay eager under torch.compile (one graph break per
@@ -196,16 +232,33 @@ class LayerKV:
         return sdpa(q_BnND, self.k[:, :plan.write_end], self.v[:, :plan.write_end])
 
 
+@dataclass(frozen=True)
+class HeldFrames:
+    """Buffer frames [buffer_frame, +num_frames) hold the stream's latent frames [first_frame, ...)."""
+
+    buffer_frame: int
+    first_frame: int
+    num_frames: int
+
+
 class KVCache:
-    """Self-attention cache of all layers of one guidance branch."""
+    """Self-attention cache of all layers of one guidance branch. Callers speak in latent frames;
+    the token bookkeeping (`plan_write`) stays inside. `storage` builds each layer's storage
+    (default: dense `LayerKV` buffers)."""
 
     def __init__(self, layout: CacheLayout, num_layers: int, batch: int, heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 storage: StorageFactory = LayerKV):
         self.layout = layout
-        self.layers = [LayerKV(batch, layout.capacity, heads, head_dim, dtype, device)
-                       for _ in range(num_layers)]
+        spec = LayerSpec(layout, batch, heads, head_dim, dtype)
+        self.layers: tuple[LayerStorage, ...] = tuple(storage(spec, device) for _ in range(num_layers))
         self.state = CacheState()
         self._pending: WritePlan | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's storage (what the format costs, whatever its layout)."""
+        return sum(layer.nbytes for layer in self.layers)
 
     def reset(self) -> None:
         """Forget the stream (buffers are overwritten before they are read again)."""
@@ -214,21 +267,25 @@ class KVCache:
         for layer in self.layers:
             layer.plan = None
 
-    def begin(self, start_token: int, num_tokens: int, rewrite_at: int | None = None,
+    def begin(self, start_frame: int, num_frames: int, rewrite_at_frame: int | None = None,
               keep_kv: bool = True) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:
-        """Start a forward over stream tokens [start, start + n): one attention function per layer,
-        each applying the same plan to its own buffers.
+        """Start a forward over the stream's latent frames [start, start + n): one attention
+        function per layer, each applying the same plan to its own storage.
 
-        `rewrite_at` re-encodes tokens the buffer already holds at that buffer position instead
-        (no roll, no index change): they attend to the buffer up to their own end."""
+        `rewrite_at_frame` re-encodes frames the buffer already holds at that buffer frame instead
+        (no roll, no index change): they attend to the buffer up to their own end. `keep_kv=False`:
+        no later forward reads this call's keys/values before they are rewritten (a denoising
+        step), so a storage that pays to store may skip them."""
         assert self._pending is None, "previous forward was not committed"
-        if rewrite_at is None:
-            plan = plan_write(self.layout, self.state, start_token, num_tokens)
+        per_frame = self.layout.tokens_per_frame
+        start, count = start_frame * per_frame, num_frames * per_frame
+        if rewrite_at_frame is None:
+            plan = plan_write(self.layout, self.state, start, count)
         else:
-            assert Segment(rewrite_at, start_token, num_tokens) in self.state.segments, \
+            at = rewrite_at_frame * per_frame
+            assert Segment(at, start, count) in self.state.segments, \
                 "rewrite must target a segment the cache holds"
-            plan = WritePlan(roll=None, write_start=rewrite_at, write_end=rewrite_at + num_tokens,
-                             after=self.state)
+            plan = WritePlan(roll=None, write_start=at, write_end=at + count, after=self.state)
         plan = replace(plan, keep_kv=keep_kv)
         self._pending = plan
         for layer in self.layers:
@@ -242,17 +299,22 @@ class KVCache:
         for layer in self.layers:
             layer.plan = None
 
-    def pin_last_chunk(self, chunk_tokens: int, sink_tokens: int) -> None:
-        """Mark the chunk just written as the shot sink (no data moves)."""
+    def pin_last_chunk(self, num_frames: int) -> None:
+        """Mark the chunk just written (`num_frames` frames) as the shot sink: its first
+        `sink_frames` frames are protected (no data moves)."""
+        chunk_tokens = num_frames * self.layout.tokens_per_frame
         self.state = replace(self.state, pinned_start=self.state.local_end - chunk_tokens,
-                             pinned_len=min(sink_tokens, chunk_tokens))
+                             pinned_len=min(self.layout.sink_tokens, chunk_tokens))
 
-    def drop_history(self, start_token: int) -> None:
-        """Shot-clean recache: keep only the global sink; the next write lands right after it."""
+    def drop_history(self, start_frame: int) -> None:
+        """Shot-clean recache: keep only the global sink; the next write (of the chunk starting at
+        `start_frame`) lands right after it."""
         sink = self.layout.global_sink_tokens
-        self.state = CacheState(global_end=start_token, local_end=sink,
+        self.state = CacheState(global_end=start_frame * self.layout.tokens_per_frame, local_end=sink,
                                 segments=tuple(_remove_range(self.state.segments, sink, self.layout.capacity)))
 
-    def held_segments(self) -> tuple[Segment, ...]:
-        """The stream ranges the buffer holds, in buffer order."""
-        return self.state.segments
+    def held_frames(self) -> tuple[HeldFrames, ...]:
+        """The stream frames the buffer holds, in buffer order."""
+        per_frame = self.layout.tokens_per_frame
+        return tuple(HeldFrames(seg.buffer_start // per_frame, seg.stream_start // per_frame,
+                                seg.length // per_frame) for seg in self.state.segments)

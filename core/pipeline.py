@@ -17,10 +17,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.config import StreamConfig
+from core.config import StreamConfig, check_whole_blocks
 from core.dit import CausalWanDiT, TextConditioning
-from core.kv_cache import CacheLayout, KVCache
+from core.kv_cache import CacheLayout, KVCache, StorageFactory
 from core.sampler import FlowUniPCSampler
+
+
+@dataclass
+class BuiltDiT:
+    """A ready DiT and the KV-cache storage that goes with it (made by `longlive_cli/build.py`)."""
+
+    model: CausalWanDiT
+    kv_storage: StorageFactory | None = None  # None: dense caches in the model's dtype
+    label: str = ""  # the storage, for summaries ("" for plain bf16)
+    parameters: int = 0  # logical parameter count, whatever the storage
+    compiled: bool = False  # blocks compiled (core.optimize.compile_blocks)
 
 
 @dataclass(frozen=True)
@@ -48,18 +59,17 @@ def plan_chunks(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Ten
                 stream: StreamConfig, scene_cuts: Sequence[bool] | None = None,
                 image_latent: Tensor | None = None,
                 negative_context: Tensor | None = None) -> list[ChunkPlan]:
+    """Validate the inputs of a streaming run (one line per problem, ValueError) and cut it into
+    chunks: each chunk's frames, prompt, RoPE shot offset, and whether it starts a new shot and
+    is pinned as a shot sink."""
     cfg = model.config
     if noise.dim() != 5 or noise.shape[2] != cfg.in_channels:
         raise ValueError(f"noise must be [B, F, {cfg.in_channels}, H, W] (got {tuple(noise.shape)})")
     batch, frames = noise.shape[:2]
     fpb = stream.frames_per_block
-    if frames % fpb:
-        raise ValueError(f"noise has {frames} latent frames, not a multiple of "
-                         f"frames_per_block={fpb}: use {max(fpb, frames - frames % fpb)} or "
-                         f"{frames - frames % fpb + fpb}")
+    num_chunks = check_whole_blocks(frames, fpb, "noise")
     if noise.dtype != model.dtype:
         raise ValueError(f"noise dtype {noise.dtype} differs from the model dtype {model.dtype}")
-    num_chunks = frames // fpb
     if len(chunk_contexts) != num_chunks:
         raise ValueError(f"got {len(chunk_contexts)} chunk contexts for {num_chunks} chunks "
                          f"({frames} frames / {fpb} per block): give one per chunk")
@@ -95,10 +105,12 @@ def plan_chunks(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[Ten
 
 
 def allocate_cache(model: CausalWanDiT, stream: StreamConfig, batch: int, tokens_per_frame: int,
-                   device: torch.device | str) -> KVCache:
+                   device: torch.device | str, storage: StorageFactory | None = None) -> KVCache:
+    """A KV cache for `model` under `stream`; `storage` (default dense) builds each layer."""
     cfg = model.config
     layout = CacheLayout.from_stream(stream, tokens_per_frame)
-    return KVCache(layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, model.dtype, device)
+    return KVCache(layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, model.dtype, device,
+                   **({} if storage is None else {"storage": storage}))
 
 
 def tokens_per_frame(model: CausalWanDiT, height: int, width: int) -> int:
@@ -162,15 +174,13 @@ def recache_chunk(model: CausalWanDiT, latents_BfCHW: Tensor, plan: ChunkPlan,
     """Rewrite the chunk's K/V from its clean latents (t = 0); pin it at a scene cut."""
     if plan.pin_shot_sink and stream.shot_clean_recache:
         for branch in branches:
-            branch.cache.drop_history(plan.start_frame * branch.cache.layout.tokens_per_frame)
+            branch.cache.drop_history(plan.start_frame)
     zeros = torch.zeros(latents_BfCHW.shape[:2], device=latents_BfCHW.device, dtype=torch.float32)
     for branch in branches:
         _model_call(model, latents_BfCHW, zeros, branch, plan)
     if plan.pin_shot_sink:
         for branch in branches:
-            layout = branch.cache.layout
-            branch.cache.pin_last_chunk(plan.num_frames * layout.tokens_per_frame,
-                                        layout.sink_tokens)
+            branch.cache.pin_last_chunk(plan.num_frames)
 
 
 def recache_window(model: CausalWanDiT, clean_BFCHW: Tensor, frame_offsets: Tensor,
@@ -179,20 +189,18 @@ def recache_window(model: CausalWanDiT, clean_BFCHW: Tensor, frame_offsets: Tens
     as LongLive 1.0 does): clean latents at t = 0, each held range at its own buffer position and
     RoPE position, attending to the ranges before it, in buffer order."""
     cache = branch.cache
-    per_frame = cache.layout.tokens_per_frame
-    for seg in cache.held_segments():
-        first, count = seg.stream_start // per_frame, seg.length // per_frame
-        latents = clean_BFCHW[:, first:first + count]
+    for held in cache.held_frames():
+        frames = slice(held.first_frame, held.first_frame + held.num_frames)
+        latents = clean_BFCHW[:, frames]
         zeros = torch.zeros(latents.shape[:2], device=latents.device, dtype=torch.float32)
         model.forward_chunk(latents.permute(0, 2, 1, 3, 4), zeros, branch.text, cache=cache,
-                            start_frame=first, rope_offset=frame_offsets[first:first + count],
-                            rewrite_at=seg.buffer_start)
+                            start_frame=held.first_frame, rope_offset=frame_offsets[frames],
+                            rewrite_at=held.buffer_frame)
 
 
 # -- the loop ---------------------------------------------------------------------------------
 
 PromptSwitch = Callable[[int], Tensor | None]
-CacheTransform = Callable[[KVCache, torch.device], KVCache]  # (cache on meta, device) -> cache
 
 
 @torch.no_grad()
@@ -200,12 +208,11 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
                    stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                    image_latent: Tensor | None = None, negative_context: Tensor | None = None,
                    prompt_switch: PromptSwitch | None = None,
-                   cache_transform: CacheTransform | None = None) -> Iterator[LatentChunk]:
+                   kv_storage: StorageFactory | None = None) -> Iterator[LatentChunk]:
     """Yield every finished latent chunk in order (see `generate_latents`).
 
-    `cache_transform(cache, device)` replaces every cache, allocated on `meta` for it (no bf16
-    buffers ever exist): how another storage (e.g. `quant.kv.quantize_kv_cache`) plugs in without
-    the pipeline knowing about it.
+    `kv_storage` builds every cache layer's storage (default dense, in the model's dtype): how
+    another format (e.g. `quant.kv.nvfp4_storage`) plugs in without the pipeline knowing it.
 
     `prompt_switch(chunk_index)` is asked before every chunk after the first; a returned context
     replaces the prompt from that chunk on (until the schedule's next scene cut) and the cached
@@ -214,10 +221,9 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
                         negative_context)
     batch, _, _, height, width = noise.shape
     tokens = tokens_per_frame(model, height, width)
+
     def new_cache() -> KVCache:
-        if cache_transform is None:
-            return allocate_cache(model, stream, batch, tokens, noise.device)
-        return cache_transform(allocate_cache(model, stream, batch, tokens, "meta"), noise.device)
+        return allocate_cache(model, stream, batch, tokens, noise.device, kv_storage)
 
     branches = [Branch(new_cache())]
     if stream.uses_guidance:
@@ -252,18 +258,19 @@ def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequenc
                      stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                      image_latent: Tensor | None = None,
                      negative_context: Tensor | None = None,
-                     cache_transform: CacheTransform | None = None) -> Tensor:
+                     kv_storage: StorageFactory | None = None) -> Tensor:
     """Denoise `noise [B, F, C, H, W]` chunk by chunk; returns the final latents (same shape).
 
     `chunk_contexts`: one text-encoder output `[B, <=text_len, text_dim]` per chunk of
     `stream.frames_per_block` frames. `scene_cuts`: per chunk, True where a new shot starts
     (RoPE shot offset, and a pinned shot sink when `stream.multi_shot_sink`). `image_latent`
     `[B, 1, C, H, W]`: image-to-video conditioning of frame 0. `negative_context`: the
-    negative prompt, required when `stream.guidance_scale != 1`.
+    negative prompt, required when `stream.guidance_scale != 1`. `kv_storage`: the KV cache
+    format (see `stream_latents`).
     """
     output = torch.empty_like(noise)
     for chunk in stream_latents(model, noise, chunk_contexts, stream, scene_cuts,
                                 image_latent=image_latent, negative_context=negative_context,
-                                cache_transform=cache_transform):
+                                kv_storage=kv_storage):
         output[:, chunk.start_frame:chunk.start_frame + chunk.latents.shape[1]] = chunk.latents
     return output

@@ -4,14 +4,20 @@ streaming engine on random weights (no downloads)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.config import chunk_video_frames
+from core.decode import DecodeMode
 from core.errors import UserError
+from core.optimize import wants_compile
 from longlive_cli.app import app
+from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt, quant_flags, resolve_recipe
 
 
 @app.command()
@@ -34,65 +40,74 @@ def bench(
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
-    decode: Annotated[str | None, typer.Option(
-        help="Also decode and write every chunk: sync, stream or device:N (end-to-end fps).")] = None,
-    precision: Annotated[str | None, typer.Option(help="DiT block linears: bf16 or nvfp4.")] = None,
-    quant_mode: Annotated[str | None, typer.Option(help="With --precision nvfp4: w4a16, w4a4 or native.")] = None,
-    kv_precision: Annotated[str | None, typer.Option(help="KV cache storage: bf16 or nvfp4.")] = None,
+    decode: Annotated[DecodeMode | None, typer.Option(
+        parser=DecodeMode.parse, metavar="sync|stream|device:N",
+        help="Also decode and write every chunk (end-to-end fps).")] = None,
+    precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
 ) -> None:
     """Measure the engine: s/block, fps and peak memory at a resolution, steps and window."""
+    chosen = resolve_recipe(preset, recipe, set_ or [], {
+        "video": {"height": height, "width": width},
+        "stream": {"sampling_steps": steps, "local_window_frames": window, "sink_frames": sink,
+                   "frames_per_block": frames_per_block},
+        "runtime": {"device": device, "dtype": dtype, "attention": attention, "seed": seed,
+                    "compile": None if compile is None else ("always" if compile else "never")},
+        "quant": quant_flags(precision, quant_mode, kv_precision),
+    })
+    _run(chosen, frames, checkpoint, lora, decode, vae, json_output)
+
+
+def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool) -> None:
     from core.benchmark import run_benchmark, run_vae_benchmark
-    from core.runtime import resolve_device
-    from longlive_cli.options import resolve_recipe
-    from longlive_cli.precision import model_hooks
+    from core.runtime import resolve_device, resolve_dtype
+    from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
     from longlive_cli.progress import chunk_progress
 
-    chosen = resolve_recipe(preset, recipe, set_ or [], {
-        "video.height": height, "video.width": width, "stream.sampling_steps": steps,
-        "stream.local_window_frames": window, "stream.sink_frames": sink,
-        "stream.frames_per_block": frames_per_block, "runtime.device": device,
-        "runtime.dtype": dtype, "runtime.attention": attention,
-        "runtime.compile": None if compile is None else ("always" if compile else "never"),
-        "runtime.seed": seed, "quant.precision": precision, "quant.mode": quant_mode,
-        "quant.kv_precision": kv_precision,
-    })
-    if chosen.preset != "tiny" and resolve_device(chosen.runtime.device).type != "cuda":
+    target = resolve_device(chosen.runtime.device)
+    if chosen.preset != "tiny" and target.type != "cuda":
         raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
                         f"use --preset tiny on a CPU")
     if vae:
-        result = run_vae_benchmark(chosen)
-        if json_output:
-            print(json.dumps(result.to_dict(), indent=2))
-        else:
-            Console().print(f"VAE streaming decode {result.height}x{result.width} ({result.dtype}, "
-                            f"{result.device_name}): {result.seconds_per_chunk:.3f} s per "
-                            f"{result.latents_per_chunk}-latent chunk of {result.frames_per_chunk} frames "
-                            f"(first chunk {result.first_chunk_seconds:.3f} s)", highlight=False)
+        _print_vae(run_vae_benchmark(chosen), json_output)
         return
     if decode is not None:
-        from core.decode import check_decode_mode
-
-        check_decode_mode(decode, resolve_device(chosen.runtime.device))
+        decode.vae_device(target)
+    spec = DiTSpec.from_recipe(chosen, target, resolve_dtype(chosen.runtime.dtype, target),
+                               checkpoint=Path(checkpoint) if checkpoint else None,
+                               lora=Path(lora) if lora else None,
+                               compile=wants_compile(chosen.runtime.compile, target))
+    check_dit_spec(spec)
     console = Console(stderr=json_output)
-    progress = chunk_progress(4 * chosen.stream.frames_per_block, console)
+    progress = chunk_progress(chunk_video_frames(chosen.stream.frames_per_block), console)
     with progress:
         task = progress.add_task(f"bench {chosen.preset}", total=None)
 
         def on_chunk(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
         try:
-            result = run_benchmark(chosen, frames, on_chunk, checkpoint=checkpoint, lora=lora,
-                                   decode=decode, hooks=model_hooks(chosen))
+            result = run_benchmark(chosen, build_dit(spec), frames, on_chunk, decode=decode)
         except ValueError as err:
             raise UserError(str(err)) from None
     if json_output:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         Console().print(result_table(result))
+
+
+def _print_vae(result, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    Console().print(f"VAE streaming decode {result.height}x{result.width} ({result.dtype}, "
+                    f"{result.device_name}): {result.seconds_per_chunk:.3f} s per "
+                    f"{result.latents_per_chunk}-latent chunk of {result.frames_per_chunk} frames "
+                    f"(first chunk {result.first_chunk_seconds:.3f} s)", highlight=False)
 
 
 def _gib(value: float | None) -> str:

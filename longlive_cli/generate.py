@@ -12,8 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.config import VIDEO_FPS, chunk_video_frames
+from core.decode import DecodeMode
 from core.errors import UserError
 from longlive_cli.app import app
+from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt, quant_flags
 
 PresetOpt = Annotated[str | None, typer.Option(help="wan2.2-ti2v-5b (default) or tiny (offline, CPU).")]
 RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
@@ -30,23 +33,14 @@ WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels, a multiple 
 StepsOpt = Annotated[int | None, typer.Option(help="Sampling steps: 4 or 2.")]
 ImageOpt = Annotated[str | None, typer.Option(help="Image-to-video: condition the first frame on this image.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Noise seed.")]
-DecodeOpt = Annotated[str, typer.Option(help="sync, stream (side CUDA stream) or device:N (VAE on GPU N).")]
+DecodeOpt = Annotated[DecodeMode, typer.Option(
+    parser=DecodeMode.parse, metavar="sync|stream|device:N",
+    help="sync, stream (side CUDA stream) or device:N (VAE on GPU N).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (written atomically).")]
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")]
-PrecisionOpt = Annotated[str | None, typer.Option(
-    help="DiT block linears: bf16 or nvfp4 (a packed --checkpoint from convert-nvfp4 loads as is).")]
-QuantModeOpt = Annotated[str | None, typer.Option(
-    help="With --precision nvfp4: w4a16 (packed weights, bf16 GEMM), w4a4 (NVFP4 numerics) or native (Blackwell).")]
-KvPrecisionOpt = Annotated[str | None, typer.Option(help="KV cache storage: bf16 or nvfp4.")]
-
-
-def quant_flags(precision, quant_mode, kv_precision) -> dict[str, object]:
-    return {"quant.precision": precision, "quant.mode": quant_mode, "quant.kv_precision": kv_precision}
-
-
 def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant):
     from longlive_cli.options import resolve_recipe
 
@@ -54,8 +48,8 @@ def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant):
         raise UserError(f"--steps {steps}: the LongLive sampler runs 4 or 2 steps "
                         f"(other counts: --set stream.sampling_steps=N)")
     return resolve_recipe(preset, recipe, sets or [], {
-        "video.height": height, "video.width": width, "stream.sampling_steps": steps,
-        "runtime.seed": seed, "runtime.device": device, **quant})
+        "video": {"height": height, "width": width}, "stream": {"sampling_steps": steps},
+        "runtime": {"seed": seed, "device": device}, "quant": quant})
 
 
 def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
@@ -73,14 +67,14 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
     if seconds is not None:
         if seconds <= 0:
             raise UserError(f"--seconds {seconds}: the length must be positive")
-        return durations_to_chunks([round(seconds * 24)], fpb)[0]
+        return durations_to_chunks([round(seconds * VIDEO_FPS)], fpb)[0]
     return None
 
 
 def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
          interactive: bool = False) -> None:
-    from core.generate import GenerateRequest, check_request, generate_video
-    from longlive_cli.precision import model_hooks
+    from core.generate import GenerateRequest, generate_video, prepare
+    from longlive_cli.build import build_models, check_dit_spec, generation_spec
     from longlive_cli.progress import chunk_progress
 
     console = Console(stderr=True)
@@ -89,18 +83,22 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
         model_dir=Path(model_dir) if model_dir else None,
         checkpoint=Path(checkpoint) if checkpoint else None, lora=Path(lora) if lora else None,
         image=Path(image) if image else None, decode=decode, crf=crf,
-        latents_out=Path(latents_out) if latents_out else None, hooks=model_hooks(recipe))
-    check_request(request)  # every cheap check before any output
+        latents_out=Path(latents_out) if latents_out else None)
+    placement = prepare(request)  # every cheap check, once, before any model or output
+    spec = generation_spec(request, placement)
+    check_dit_spec(spec)
     for span in schedule.spans:
         console.print(f"shot {span.index + 1}: chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}, "
                       f"frame {span.start_frame} ({span.start_seconds:.2f} s), "
                       f"{'cut' if span.scene_cut else 'same scene'}: {span.prompt[:70]!r}", highlight=False)
     prompts = _stdin_prompts(console) if interactive else None
-    progress = chunk_progress(4 * recipe.stream.frames_per_block, console)
+    progress = chunk_progress(chunk_video_frames(recipe.stream.frames_per_block), console)
     with progress:
         task = progress.add_task("generate", total=schedule.num_chunks)
         try:
-            report = generate_video(request, lambda done, total: progress.update(task, completed=done),
+            models = build_models(request, placement, spec)
+            report = generate_video(request, placement, models,
+                                    lambda done, total: progress.update(task, completed=done),
                                     prompts, log=lambda text: progress.console.print(text, highlight=False))
         except ValueError as err:  # config / shape validation from the engine
             raise UserError(str(err)) from None
@@ -136,7 +134,7 @@ def _summary(report) -> Table:
     table.add_column()
     peak = "n/a (CPU)" if report.peak_gpu_memory_gib is None else f"{report.peak_gpu_memory_gib:.2f} GiB"
     for key, value in (
-        ("video", f"{report.video_frames} frames, {report.video_frames / 24:.2f} s at 24 fps, "
+        ("video", f"{report.video_frames} frames, {report.video_frames / VIDEO_FPS:.2f} s at {VIDEO_FPS} fps, "
                   f"{report.width}x{report.height}"),
         ("steps / precision", f"{report.steps} / {report.precision} on {report.device}, decode {report.decode}"),
         ("denoise fps", f"{report.denoise_fps:.1f} ({report.denoise_seconds:.2f} s)"),

@@ -1,33 +1,32 @@
-"""Shared option handling: recipe + flags -> a validated Recipe, errors as UserError."""
+"""Shared option handling: recipe + typed flags -> a validated Recipe, errors as UserError."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated
 
 import torch
+import typer
 
-from core.config import Recipe, load_recipe
+from core.config import KVPrecision, Precision, QuantMode, Recipe, load_recipe, overlay
 from core.errors import UserError
 
+# Flags by recipe section: {"video": {"height": 480, "width": None}, ...}; None = not given.
+Flags = Mapping[str, Mapping[str, object]]
 
-def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str],
-                   flags: dict[str, object]) -> Recipe:
-    """Preset < recipe file < --set < explicit flags. `flags` maps dotted keys to values (None =
-    not given)."""
-    overrides = list(sets) + [f"{key}={_yaml(value)}" for key, value in flags.items()
-                              if value is not None]
+
+def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags) -> Recipe:
+    """Preset < recipe file < --set < explicit flags. Flags are applied to the typed recipe as
+    they are (validated once by the configs), never turned back into text."""
+    given = {section: {key: value for key, value in values.items() if value is not None}
+             for section, values in flags.items()}
     try:
-        result = load_recipe(recipe, overrides, preset=preset)
+        result = load_recipe(recipe, sets, preset=preset)
+        result = overlay(result, {section: values for section, values in given.items() if values})
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     check_device(result.runtime.device)
     return result
-
-
-def _yaml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def check_device(device: str) -> None:
@@ -39,3 +38,22 @@ def check_device(device: str) -> None:
         if index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) "
                             f"are visible; pick cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+# Options shared by generate, multishot and bench.
+PrecisionOpt = Annotated[Precision | None, typer.Option(
+    help="DiT block linears (a packed --checkpoint from convert-nvfp4 loads as is).")]
+QuantModeOpt = Annotated[QuantMode | None, typer.Option(
+    help="With --precision nvfp4: w4a16 (packed weights, bf16 GEMM), w4a4 (NVFP4 numerics) or native (Blackwell).")]
+KvPrecisionOpt = Annotated[KVPrecision | None, typer.Option(help="KV cache storage.")]
+
+
+def quant_flags(precision, quant_mode, kv_precision) -> dict[str, object]:
+    return {"precision": precision, "mode": quant_mode, "kv_precision": kv_precision}
+
+
+# The process layout of multi-GPU commands (`sp.launcher.Launch`).
+NprocOpt = Annotated[int, typer.Option(help="Processes (GPUs) per node; more than 1 re-executes under torchrun.")]
+NnodesOpt = Annotated[int, typer.Option(help="Number of nodes.")]
+NodeRankOpt = Annotated[int, typer.Option(help="This node's rank (multi-node).")]
+RdzvOpt = Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")]

@@ -27,32 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.checkpoint import (
-    _load_file,
-    check_shapes,
-    check_state_dict,
-    merge_lora,
-    read_lora_state_dict,
-    read_state_dict,
-)
-from core.config import MODEL_PRESETS, ModelConfig
-from core.dit import CausalWanDiT
+from core.checkpoint import _load_file, check_shapes, read_shapes, read_state_dict
+from core.config import QuantMode
 from core.errors import UserError, first_line
-from quant.linear import (
-    DEFAULT_EXCLUDE,
-    FORMAT_NAME,
-    NVFP4Linear,
-    QuantConfig,
-    dequantize_tensor,
-    is_nvfp4_file,
-    nvfp4_layers,
-    quantize_model,
-    save_quantized,
-    select_linears,
-)
+from quant.linear import NVFP4Config, nvfp4_layers, quantize_model, select_linears
 from quant.nvfp4 import BLOCK, RULES, NVFP4Tensor, check_rule, from_blocked
+from quant.nvfp4_linear import NVFP4Linear, dequantize_tensor
+from quant.packed import FORMAT_NAME, is_nvfp4_file, save_quantized
 
-STORAGE_MODES = ("w4a16", "w4a4")  # the default runtime mode written into the file
+STORAGE_MODES = (QuantMode.w4a16, QuantMode.w4a4)  # the default runtime mode written into the file
 OFFICIAL_SUFFIX = "quantized_weight_values"
 OFFICIAL_FORMAT = "longlive_generator_nvfp4"
 PathLike = str | Path
@@ -127,16 +110,7 @@ def file_sha256(path: PathLike) -> str:
     return digest.hexdigest()
 
 
-def resolve_model_config(preset: str | ModelConfig) -> tuple[ModelConfig, str]:
-    """(config, name for the metadata) from a preset name or a config."""
-    if isinstance(preset, ModelConfig):
-        return preset, "custom"
-    if preset not in MODEL_PRESETS:
-        raise UserError(f"--preset {preset}: unknown model preset (choose one of {', '.join(MODEL_PRESETS)})")
-    return ModelConfig.preset(preset), preset
-
-
-def _check_paths(src: Path, dst: Path) -> None:
+def check_paths(src: Path, dst: Path) -> None:
     if not src.exists():
         raise UserError(f"checkpoint {src} not found: check the path")
     if dst.suffix != ".safetensors":
@@ -145,71 +119,30 @@ def _check_paths(src: Path, dst: Path) -> None:
         raise UserError(f"output {dst} is the input file: choose another output path")
 
 
-def detect_source(path: PathLike, *, use_ema: bool = False) -> tuple[str, dict[str, Tensor]]:
-    """("longlive-nvfp4" | "official-nvfp4" | "bf16", the state dict with bare names; empty for
-    our own format)."""
-    if is_nvfp4_file(path):  # an unreadable file is reported by read_state_dict
-        return FORMAT_NAME, {}
-    state_dict = read_state_dict(path, use_ema=use_ema)
-    if any(name.endswith(OFFICIAL_SUFFIX) for name in state_dict):
-        return "official-nvfp4", state_dict
-    return "bf16", state_dict
-
-
-def convert(src: PathLike, dst: PathLike, preset: str | ModelConfig, *, lora: PathLike | None = None,
-            rule: str | None = None, mode: str = "w4a16", use_ema: bool = False,
-            device: torch.device | str = "cpu", on_layer: LayerCallback | None = None) -> ConvertReport:
-    """The `convert-nvfp4` command: dispatch on the source kind."""
-    src, dst = Path(src), Path(dst)
-    _check_paths(src, dst)
-    _check_mode(mode)
-    if rule is not None:
-        check_rule(rule)
-    kind, state_dict = detect_source(src, use_ema=use_ema)
-    if kind == FORMAT_NAME:
-        raise UserError(f"{src} is already a packed NVFP4 checkpoint ({FORMAT_NAME}): use it directly "
-                        f"(e.g. --checkpoint {src})")
-    if kind == "official-nvfp4":
-        if lora is not None:
-            raise UserError(f"{src} is an official NVFP4 export (already quantized): a LoRA cannot be merged "
-                            f"into it; convert the bf16 base with --lora instead (pitfall 27)")
-        return import_official_nvfp4(src, dst, preset, rule=rule, mode=mode, on_layer=on_layer,
-                                     _state_dict=state_dict)
-    return convert_checkpoint(src, dst, preset, lora=lora, rule=rule or "mse", mode=mode, use_ema=use_ema,
-                              device=device, on_layer=on_layer, _state_dict=state_dict)
-
-
-def _check_mode(mode: str) -> None:
-    if mode == "native":
+def check_storage_mode(mode: QuantMode) -> None:
+    if mode == QuantMode.native:
         raise UserError("--mode native is a runtime mode, not a storage mode: convert with --mode w4a16 "
-                        "(the packed weights are the same) and run with --mode native on a Blackwell GPU")
-    if mode not in STORAGE_MODES:
-        raise UserError(f"--mode {mode}: choose one of {', '.join(STORAGE_MODES)}")
+                        "(the packed weights are the same) and run with --quant-mode native on a Blackwell GPU")
 
 
-def convert_checkpoint(src: PathLike, dst: PathLike, preset: str | ModelConfig, lora: PathLike | None = None,
-                       rule: str = "mse", mode: str = "w4a16", use_ema: bool = False, *,
-                       device: torch.device | str = "cpu", on_layer: LayerCallback | None = None,
-                       _state_dict: Mapping[str, Tensor] | None = None) -> ConvertReport:
-    """A bf16 (or fp32) generator file -> our packed NVFP4 file. With `lora`, the LoRA is merged
-    into fp32 weights first, then everything is rounded to bf16 and quantized (as the official
-    export). Quantization runs on `device` (a GPU is ~100x faster than the CPU reference)."""
-    src, dst = Path(src), Path(dst)
-    _check_paths(src, dst)
-    _check_mode(mode)
-    check_rule(rule)
-    config, preset_name = resolve_model_config(preset)
-    state_dict = read_state_dict(src, use_ema=use_ema) if _state_dict is None else _state_dict
-    with torch.device("meta"):
-        model = CausalWanDiT(config)
-    check_state_dict(model, state_dict, str(src))
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if lora is not None:
-        model = merge_lora(model.float(), read_lora_state_dict(lora), source=str(lora))
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
+def detect_source(path: Path) -> str:
+    """"longlive-nvfp4" (ours), "official-nvfp4" (a FourOverSix export) or "bf16", from the
+    file's metadata and tensor names only (no weights are read)."""
+    if is_nvfp4_file(path):  # an unreadable file is reported by read_shapes
+        return FORMAT_NAME
+    if any(name.endswith(OFFICIAL_SUFFIX) for name in read_shapes(path)):
+        return "official-nvfp4"
+    return "bf16"
 
+
+def quantize_checkpoint(model: torch.nn.Module, src: Path, dst: Path, *, preset_name: str, rule: str = "mse",
+                        mode: QuantMode = QuantMode.w4a16, lora: Path | None = None, use_ema: bool = False,
+                        on_layer: LayerCallback | None = None) -> ConvertReport:
+    """A loaded bf16 generator (`src`, LoRA already merged in fp32 by the builder) -> our packed
+    NVFP4 file, with one report line per layer. Quantization runs where the model lives (a GPU is
+    ~100x faster than the CPU reference)."""
     report = ConvertReport(source=src, output=dst, rule=rule, mode=mode, imported=False)
-    total = len(select_linears(model, DEFAULT_EXCLUDE))
+    total = len(select_linears(model))
 
     def record(name: str, linear: torch.nn.Linear, layer: NVFP4Linear) -> None:
         weight = linear.weight.detach()
@@ -221,7 +154,7 @@ def convert_checkpoint(src: PathLike, dst: PathLike, preset: str | ModelConfig, 
             on_layer(len(report.layers), total, entry)
 
     with torch.no_grad():
-        quantize_model(model, QuantConfig(mode=mode, weight_rule=rule, activation_rule=rule), on_layer=record)
+        quantize_model(model, NVFP4Config(mode=mode, weight_rule=rule, activation_rule=rule), on_layer=record)
     metadata = {"preset": preset_name, "source": src.name, "source_sha256": file_sha256(src),
                 "use_ema": str(bool(use_ema)).lower()}
     if lora is not None:
@@ -285,18 +218,13 @@ def _unpack_official_layer(prefix: str, state_dict: Mapping[str, Tensor], rule: 
                        amax=amax.reshape(()).float(), rule=rule)
 
 
-def import_official_nvfp4(path_model_4o6_pt: PathLike, dst: PathLike, preset: str | ModelConfig,
-                          rule: str | None = None, mode: str = "w4a16", *,
-                          on_layer: LayerCallback | None = None,
-                          _state_dict: Mapping[str, Tensor] | None = None) -> ConvertReport:
-    """An official materialised NVFP4 export -> our file, bit for bit the same weights. The scale
-    rule comes from the file's metadata; files without it need `rule` (pitfall 10: the divisor
-    depends on it and is stored nowhere else)."""
-    src, dst = Path(path_model_4o6_pt), Path(dst)
-    _check_paths(src, dst)
-    _check_mode(mode)
-    config, preset_name = resolve_model_config(preset)
-    state_dict = read_state_dict(src) if _state_dict is None else _state_dict
+def import_official_nvfp4(src: Path, dst: Path, model: torch.nn.Module, *, preset_name: str,
+                          rule: str | None = None, mode: QuantMode = QuantMode.w4a16,
+                          on_layer: LayerCallback | None = None) -> ConvertReport:
+    """An official materialised NVFP4 export -> our file, bit for bit the same weights, through
+    `model` (the DiT on `meta`, filled here). The scale rule comes from the file's metadata; files
+    without it need `rule` (pitfall 10: the divisor depends on it and is stored nowhere else)."""
+    state_dict = read_state_dict(src)
     file_rule, file_activation_rule = _official_rules(src)
     if rule is not None:
         check_rule(rule)
@@ -331,10 +259,8 @@ def import_official_nvfp4(path_model_4o6_pt: PathLike, dst: PathLike, preset: st
         if on_layer is not None:
             on_layer(len(report.layers), len(prefixes), report.layers[-1])
 
-    quant_config = QuantConfig(mode=mode, weight_rule=rule, activation_rule=file_activation_rule or rule, exclude=())
-    with torch.device("meta"):
-        model = CausalWanDiT(config)
-    quantize_model(model, quant_config, filter=lambda module_name, _: module_name in packed_layers)
+    quant_config = NVFP4Config(mode=mode, weight_rule=rule, activation_rule=file_activation_rule or rule)
+    quantize_model(model, quant_config, filter=lambda module_name, _: module_name in packed_layers, exclude=())
     missing_layers = sorted(packed_layers - set(nvfp4_layers(model)))
     if missing_layers:
         raise UserError(f"{src} has NVFP4 layers that are not linears of the {preset_name} model "

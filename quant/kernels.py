@@ -306,14 +306,9 @@ def quantize_triton(
             G=QUANT_GROUPS,
             **_launch_options(),
         )
-    lead = x.shape[:-1]
-    k = x.shape[-1]
-    return NVFP4Tensor(
-        codes=codes.reshape(*lead, k // 2),
-        scales=scales.view(torch.float8_e4m3fn).reshape(*lead, k // BLOCK),
-        amax=amax_t,
-        rule=rule,
-    )
+    lead, k = x.shape[:-1], x.shape[-1]
+    return NVFP4Tensor(codes=codes.reshape(*lead, k // 2),
+                       scales=scales.view(torch.float8_e4m3fn).reshape(*lead, k // BLOCK), amax=amax_t, rule=rule)
 
 
 def dequantize_triton(t: NVFP4Tensor, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None):

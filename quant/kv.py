@@ -1,11 +1,12 @@
 """NVFP4 storage for the streaming KV cache (LongLive 2.0's `kv_quant`, reference-systems.md §3.5).
 
-A drop-in for `core.kv_cache.LayerKV`, swapped into a fresh `KVCache` from outside
-(`quantize_kv_cache`); `core` knows nothing about it. Per layer, keys and values are each stored
-as NVFP4: E2M1 codes, one E4M3 scale per 16 elements along head_dim, and one fp32 amax per
-*slot*. A slot is one latent frame (`tokens_per_frame` tokens), finer than the official slot of
-one chunk: every offset the cache uses (writes, rolls, rewrites, evictions) is a whole number of
-frames, so every move is a move of whole slots and a stored entry is never requantized.
+A `core.kv_cache.LayerStorage`: a cache built with `nvfp4_storage(...)` as its storage factory
+holds NVFP4 layers from the start (no bf16 buffers ever exist); `core` knows nothing about it.
+Per layer, keys and values are each stored as NVFP4: E2M1 codes, one E4M3 scale per 16 elements
+along head_dim, and one fp32 amax per *slot*. A slot is one latent frame (`tokens_per_frame`
+tokens), finer than the official slot of one chunk: every offset the cache uses (writes, rolls,
+rewrites, evictions) is a whole number of frames, so every move is a move of whole slots and a
+stored entry is never requantized.
 
 Each call, the held history `[0, write_start)` is dequantized into one window buffer shared by
 all layers (and by every cache built with the same `WindowBuffer`); the current chunk's own keys
@@ -31,8 +32,7 @@ from torch import Tensor
 
 from core.attention import sdpa
 from core.config import ModelConfig, StreamConfig
-from core.hooks import storage_bytes
-from core.kv_cache import CacheLayout, CacheState, KVCache, LayerKV, Roll, slide_left
+from core.kv_cache import CacheLayout, KVCache, LayerSpec, Roll, StorageFactory, slide_left
 from quant.kernels import quantize_triton
 from quant.nvfp4 import (
     NVFP4Tensor,
@@ -195,28 +195,25 @@ class WindowBuffer:
 
 
 class NVFP4LayerKV:
-    """NVFP4 key/value storage of one layer, with `LayerKV`'s interface (`plan`,
-    `update_and_attend`)."""
+    """NVFP4 key/value storage of one layer (the `core.kv_cache.LayerStorage` protocol: `plan`,
+    `update_and_attend`, `nbytes`)."""
 
-    def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, tokens_per_frame: int,
-                 device, *, rule: str = "mse", center_keys: bool = True, window: WindowBuffer | None = None):
+    def __init__(self, spec: LayerSpec, device, *, rule: str = "mse", center_keys: bool = True,
+                 window: WindowBuffer | None = None):
         self.rule = check_rule(rule)
         self.center_keys = center_keys
-        self.tokens_per_frame = tokens_per_frame
-        self.shape = (batch, capacity, heads, head_dim)
-        self.keys = FrameSlots(batch, capacity, heads, head_dim, tokens_per_frame, rule, center_keys, device)
-        self.values = FrameSlots(batch, capacity, heads, head_dim, tokens_per_frame, rule, False, device)
+        per_frame = spec.layout.tokens_per_frame
+        self.tokens_per_frame = per_frame
+        self.shape = (spec.batch, spec.layout.capacity, spec.heads, spec.head_dim)
+        self.keys = FrameSlots(*self.shape, per_frame, rule, center_keys, device)
+        self.values = FrameSlots(*self.shape, per_frame, rule, False, device)
         self.window = window if window is not None else WindowBuffer()
         self.plan = None
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes (the shared window is not counted); core.hooks.storage_bytes reads this."""
+        """Storage bytes (the shared window is not counted)."""
         return self.keys.nbytes + self.values.nbytes
-
-    def current_keys(self, k_BnND: Tensor) -> Tensor:
-        """The current chunk's keys as attended (unquantized; a subclass may transform them)."""
-        return k_BnND
 
     @torch.compiler.disable
     def update_and_attend(self, q_BnND: Tensor, k_BnND: Tensor, v_BnND: Tensor) -> Tensor:
@@ -233,37 +230,26 @@ class NVFP4LayerKV:
         window_k, window_v = self.window.get(self.shape, k_BnND.dtype, k_BnND.device)
         self.keys.dequantize_into(window_k, plan.write_start)
         self.values.dequantize_into(window_v, plan.write_start)
-        window_k[:, plan.write_start:plan.write_end] = self.current_keys(k_BnND)
+        window_k[:, plan.write_start:plan.write_end] = k_BnND
         window_v[:, plan.write_start:plan.write_end] = v_BnND
         return sdpa(q_BnND, window_k[:, :plan.write_end], window_v[:, :plan.write_end])
 
 
-def quantize_kv_cache(cache: KVCache, rule: str = "mse", window: WindowBuffer | None = None, *,
-                      center_keys: bool = True, device: torch.device | str | None = None) -> KVCache:
-    """Replace every layer of a fresh (empty) cache by NVFP4 storage, in place; returns the cache.
-    Pass the same `window` to the caches of both guidance branches to share one window buffer.
-    `device`: where the storage goes (default: the cache's); a cache built on `meta` and swapped
-    onto the real device never allocates its bf16 buffers."""
+def nvfp4_storage(rule: str = "mse", window: WindowBuffer | None = None, *,
+                  center_keys: bool = True) -> StorageFactory:
+    """A `KVCache` storage factory: every layer NVFP4 (`NVFP4LayerKV`), all sharing one
+    dequantized `window` (pass the same one to the caches of both guidance branches)."""
     check_rule(rule)
-    assert cache.state == CacheState() and cache._pending is None, "quantize a fresh cache (before any forward)"
     window = window if window is not None else WindowBuffer()
-    for i, layer in enumerate(cache.layers):
-        assert isinstance(layer, LayerKV), "cache is already quantized"
-        batch, capacity, heads, head_dim = layer.k.shape
-        cache.layers[i] = NVFP4LayerKV(batch, capacity, heads, head_dim, cache.layout.tokens_per_frame,
-                                       device if device is not None else layer.k.device, rule=rule,
-                                       center_keys=center_keys, window=window)
-    return cache
+
+    def make(spec: LayerSpec, device) -> NVFP4LayerKV:
+        return NVFP4LayerKV(spec, device, rule=rule, center_keys=center_keys, window=window)
+
+    return make
 
 
 # --------------------------------------------------------------------------------------------
 # Memory
-
-
-def kv_cache_bytes(cache: KVCache) -> int:
-    """Bytes of the cache's storage (keys and values of all layers; no window, no activations):
-    each NVFP4 layer's `nbytes`, each bf16 layer's buffers (`core.hooks.storage_bytes`)."""
-    return storage_bytes(cache)
 
 
 @dataclass(frozen=True)
@@ -284,11 +270,12 @@ def kv_memory_5b_720p(center_keys: bool = True, rule: str = "mse") -> KVMemory:
     tokens_per_frame = (704 // 16 // 2) * (1280 // 16 // 2)  # VAE stride 16, patch 2x2 -> 22 x 40
     layout = CacheLayout.from_stream(StreamConfig(), tokens_per_frame)
 
-    def meta_cache() -> KVCache:
-        return KVCache(layout, config.num_layers, 1, config.num_heads, config.head_dim, torch.bfloat16, "meta")
+    def meta_cache(**storage) -> KVCache:
+        return KVCache(layout, config.num_layers, 1, config.num_heads, config.head_dim, torch.bfloat16, "meta",
+                       **storage)
 
-    bf16 = kv_cache_bytes(meta_cache())
-    nvfp4 = kv_cache_bytes(quantize_kv_cache(meta_cache(), rule, center_keys=center_keys))
+    bf16 = meta_cache().nbytes
+    nvfp4 = meta_cache(storage=nvfp4_storage(rule, center_keys=center_keys)).nbytes
     window = 2 * layout.capacity * config.num_heads * config.head_dim * 2
     return KVMemory(bf16_bytes=bf16, nvfp4_bytes=nvfp4, window_bytes=window)
 

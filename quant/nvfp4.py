@@ -69,6 +69,11 @@ def rule_divisor(rule: str) -> float:
 
 @dataclass(frozen=True, eq=False)
 class NVFP4Tensor:
+    """A tensor in NVFP4 (reference-systems.md §3.1): E2M1 codes two per byte, one E4M3 scale per
+    16 elements along the last dim, one fp32 amax for the whole tensor, and the scale `rule`
+    whose divisor dequantization needs (the files record it: the tensors cannot).
+    Value = code * scale * amax / divisor(rule)."""
+
     codes: torch.Tensor  # uint8 [..., K/2], low nibble = even element
     scales: torch.Tensor  # float8_e4m3fn [..., K/16], plain row-major (not swizzled)
     amax: torch.Tensor  # fp32 scalar tensor, shape []

@@ -5,8 +5,8 @@ the instance with Ulysses attention over the group. Every other stage (patch emb
 embedding, cross-attention, FFN, head, loss) works on the rank's own frames.
 
 Gradients and the loss. Each rank's loss is `sum over its masked frames / global valid count`
-(`global_valid_count`), so the losses of an SP group sum to the single-process loss and the exact
-gradient is the SUM of the group's gradients (`all_reduce_gradients`). A reducer that AVERAGES
+(the mask summed over the SP group), so the losses of an SP group sum to the single-process loss
+and the exact gradient is the SUM of the group's gradients (`all_reduce_gradients`). A reducer that AVERAGES
 over the SP ranks too (FSDP/DDP over the whole world) gives 1/sp of it: scale the local loss by
 `sp_size` there if the exact value matters (Adam is nearly invariant to it, gradient clipping is
 not). Every rank must run backward, including ranks whose loss is zero: the all-to-alls of the
@@ -121,34 +121,7 @@ def naive_teacher_forcing(model: CausalWanDiT, layout: NaiveLayout, noisy_x: Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss and gradients.
-
-
-def frame_loss_mask(layout: BalancedLayout, batch: int, num_valid_frames: int | Tensor | None = None,
-                    device: torch.device | str = "cpu") -> Tensor:
-    """`[B, F_loc]` float mask by global frame index: 0 from `num_valid_frames` on (an int or `[B]`,
-    padded samples)."""
-    mask = torch.ones(batch, layout.local_frames, device=device)
-    if num_valid_frames is None:
-        return mask
-    frames = torch.tensor(layout.frame_range, device=device)
-    valid = torch.as_tensor(num_valid_frames, device=device).reshape(-1, 1)
-    return mask * (frames[None, :] < valid)
-
-
-def global_valid_count(mask_BF: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """The loss denominator: the mask's sum over every rank of the SP group (fp32 scalar)."""
-    count = mask_BF.detach().float().sum()
-    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return count
-
-
-def teacher_forcing_loss(velocity: Tensor, target: Tensor, weight_BF: Tensor, mask_BF: Tensor,
-                         group: dist.ProcessGroup | None) -> Tensor:
-    """This rank's share of the weighted flow-matching loss: `sum(mean_CHW (v - target)^2 * w * mask)`
-    over its frames divided by the group's valid count; the shares sum to the single-process loss."""
-    frame_mse_BF = (velocity.float() - target.float()).square().mean(dim=(1, 3, 4))
-    return (frame_mse_BF * weight_BF * mask_BF).sum() / global_valid_count(mask_BF, group)
+# Gradients.
 
 
 @torch.no_grad()

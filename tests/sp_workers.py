@@ -21,10 +21,8 @@ from sp.plan import (
     all_reduce_gradients,
     apply_sequence_parallel,
     balanced_teacher_forcing,
-    frame_loss_mask,
     naive_teacher_forcing,
     remove_sequence_parallel,
-    teacher_forcing_loss,
 )
 from sp.ulysses import PaddedMask, ulysses_attention
 from sp.vae_halo import halo_windows, scatter_raw_windows
@@ -78,6 +76,13 @@ def weighted_loss(velocity, target, weight, mask, denominator):
     return (frame_mse * weight * mask).sum() / denominator
 
 
+def group_valid_count(mask: torch.Tensor, group) -> torch.Tensor:
+    """The loss denominator under SP: the mask summed over the group (reference-systems.md §4.6)."""
+    count = mask.sum()
+    dist.all_reduce(count, group=group)
+    return count
+
+
 def gradients(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
@@ -115,9 +120,9 @@ def balanced_step(case: Case, group, sp_rank: int, sp_size: int, mesh=None) -> d
     x = make_inputs(case)
     velocity = balanced_teacher_forcing(model, layout, layout.shard(x.noisy, 2), layout.shard(x.t, 1),
                                         layout.prompts(x.context, case.prompt_chunks), layout.shard(x.clean, 2))
-    mask = frame_loss_mask(layout, case.batch, case.num_valid_frames)
-    assert torch.equal(mask, layout.shard(x.mask, 1))
-    loss = teacher_forcing_loss(velocity, layout.shard(x.target, 2), layout.shard(x.weight, 1), mask, group)
+    mask = layout.shard(x.mask, 1)
+    loss = weighted_loss(velocity, layout.shard(x.target, 2), layout.shard(x.weight, 1), mask,
+                         group_valid_count(mask, group))
     loss.backward()
     all_reduce_gradients(model, mesh if mesh is not None else group)
     total = loss.detach().clone()
@@ -134,7 +139,7 @@ def naive_step(case: Case, group, sp_rank: int, sp_size: int) -> dict:
         target, weight, mask = layout.shard(x.target, 2), layout.shard(x.weight, 1), layout.shard(x.mask, 1)
     else:  # no loss-bearing frames on this rank
         target, weight, mask = velocity.detach(), x.weight[:, :0], x.mask[:, :0]
-    loss = teacher_forcing_loss(velocity, target, weight, mask, group)
+    loss = weighted_loss(velocity, target, weight, mask, group_valid_count(mask, group))
     loss.backward()
     all_reduce_gradients(model, group)
     total = loss.detach().clone()

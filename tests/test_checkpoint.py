@@ -177,21 +177,30 @@ def test_load_into_materialised_model_keeps_its_dtype(tmp_path):
         assert torch.equal(target.state_dict()[name], tensor.double()), name
 
 
-def test_build_generator_from_checkpoint(tmp_path):
+def build(checkpoint=None, lora=None, dtype=torch.float32, seed=0) -> CausalWanDiT:
+    """The builder of every command (longlive_cli/build.py), checks included."""
+    from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
+
+    spec = DiTSpec(TINY, torch.device("cpu"), dtype, checkpoint=checkpoint, lora=lora, seed=seed)
+    check_dit_spec(spec)
+    return build_dit(spec).model
+
+
+def test_build_from_checkpoint(tmp_path):
     source = tiny_model(seed=1)
     path = write_layout("generator", source, source, tmp_path)
-    model = ckpt.build_generator(TINY, path)
+    model = build(path)
     assert not model.training
     assert_same_model(model, source)
-    half = ckpt.build_generator(TINY, path, dtype=torch.bfloat16)
+    half = build(path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
-def test_build_generator_random_is_seeded():
-    a, b = ckpt.build_generator(TINY, seed=3), ckpt.build_generator(TINY, seed=3)
+def test_build_random_is_seeded():
+    a, b = build(seed=3), build(seed=3)
     assert_same_model(a, b)
     assert_same_model(a, tiny_model(seed=3))
-    assert not torch.equal(a.head.head.weight, ckpt.build_generator(TINY, seed=4).head.head.weight)
+    assert not torch.equal(a.head.head.weight, build(seed=4).head.head.weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +294,7 @@ def test_lora_only_file_as_generator(tmp_path):
     path = tmp_path / "lora.pt"
     torch.save({"generator_lora": lora_tensors(tiny_model(), 4)[0], "step": 5}, path)
     with pytest.raises(UserError, match="LoRA-only"):
-        ckpt.build_generator(TINY, path)
+        build(path)
 
 
 def test_non_dict_file(tmp_path):
@@ -329,7 +338,8 @@ def test_lora_merge(tmp_path, alpha, file_layout):
     else:
         torch.save(lora, lora_path)
 
-    merged = ckpt.build_generator(TINY, base_path, lora_path, lora_alpha=alpha)
+    merged = ckpt.merge_lora(build(base_path), ckpt.read_lora_state_dict(lora_path), alpha=alpha,
+                             source=str(lora_path))
     scale = (alpha or rank) / rank
 
     assert type(merged) is CausalWanDiT
@@ -390,7 +400,7 @@ def test_bad_lora(tmp_path, kind, pattern):
     path = tmp_path / "lora.pt"
     torch.save({"generator_lora": bad_lora(kind), "step": 1}, path)
     with pytest.raises(UserError, match=pattern) as excinfo:
-        ckpt.build_generator(TINY, lora=path)
+        build(lora=path)
     assert str(path) in one_line_error(excinfo)
 
 

@@ -14,11 +14,14 @@ import torch
 
 from core.checkpoint import merge_lora, save_generator, to_official_keys
 from core.config import ModelConfig
+from core.dit import CausalWanDiT
 from core.errors import UserError
 from longlive_cli.app import main
-from quant.convert import convert, convert_checkpoint, import_official_nvfp4
-from quant.linear import NVFP4Linear, QuantConfig, load_quantized, nvfp4_layers, quantize_model
+from longlive_cli.convert import convert
+from quant.linear import NVFP4Config, nvfp4_layers, quantize_model
 from quant.nvfp4 import quantize, to_blocked
+from quant.nvfp4_linear import NVFP4Linear
+from quant.packed import load_packed
 from tests.conftest import text_context, tiny_model
 
 TINY = ModelConfig.preset("tiny")
@@ -46,7 +49,13 @@ def packed_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def reference_quantized(model, rule="mse"):
-    return quantize_model(model.to(torch.bfloat16), QuantConfig(weight_rule=rule, activation_rule=rule))
+    return quantize_model(model.to(torch.bfloat16), NVFP4Config(weight_rule=rule, activation_rule=rule))
+
+
+def load_quantized(path, config: ModelConfig, mode="w4a16", dtype=torch.bfloat16) -> CausalWanDiT:
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    return load_packed(path, model, mode).to(dtype=dtype).eval()
 
 
 def sha256(path: Path) -> str:
@@ -60,7 +69,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_convert_round_trip(tmp_path, suffix):
     source = save_generator(tiny_model(seed=4, dtype=torch.bfloat16), tmp_path / f"gen{suffix}")
-    report = convert_checkpoint(source, tmp_path / "q.safetensors", "tiny", rule="mse")
+    report = convert(source, tmp_path / "q.safetensors", "tiny", rule="mse")
     loaded = load_quantized(report.output, TINY, dtype=torch.bfloat16)
     expected = reference_quantized(tiny_model(seed=4))
     assert packed_equal(loaded, expected)
@@ -77,7 +86,7 @@ def test_convert_round_trip(tmp_path, suffix):
 def test_packed_file_is_under_0_3_of_the_bf16_file(tmp_path):
     model = tiny_model(seed=1, dtype=torch.bfloat16, **WIDE.__dict__)
     source = save_generator(model, tmp_path / "wide.pt")
-    report = convert_checkpoint(source, tmp_path / "wide.safetensors", WIDE)
+    report = convert(source, tmp_path / "wide.safetensors", WIDE)
     assert report.output_bytes == (tmp_path / "wide.safetensors").stat().st_size
     assert report.file_ratio <= 0.30, report.file_ratio  # measured 0.2945
     loaded = load_quantized(report.output, WIDE)
@@ -96,7 +105,7 @@ def test_convert_merges_the_lora_first(tmp_path):
         lora[f"base_model.model.{name}.lora_B.weight"] = torch.randn(linear.out_features, 4, generator=g) * 0.1
     torch.save({"generator_lora": lora}, tmp_path / "lora.pt")
     source = save_generator(base, tmp_path / "gen.pt")
-    report = convert_checkpoint(source, tmp_path / "q.safetensors", "tiny", lora=tmp_path / "lora.pt")
+    report = convert(source, tmp_path / "q.safetensors", "tiny", lora=tmp_path / "lora.pt")
     merged = merge_lora(tiny_model(seed=2, dtype=torch.bfloat16).float(), lora)
     loaded = load_quantized(report.output, TINY)
     assert packed_equal(loaded, reference_quantized(merged))
@@ -109,10 +118,10 @@ def test_ema_weights_and_storage_mode(tmp_path):
     ema = tiny_model(seed=6, dtype=torch.bfloat16)
     torch.save({"generator": to_official_keys(tiny_model(seed=5, dtype=torch.bfloat16).state_dict()),
                 "generator_ema": to_official_keys(ema.state_dict())}, tmp_path / "train.pt")
-    report = convert_checkpoint(tmp_path / "train.pt", tmp_path / "q.safetensors", "tiny", mode="w4a4",
+    report = convert(tmp_path / "train.pt", tmp_path / "q.safetensors", "tiny", mode="w4a4",
                                 use_ema=True, rule="static_6")
     loaded = load_quantized(report.output, TINY, mode="w4a4")
-    expected = quantize_model(ema, QuantConfig(mode="w4a4", weight_rule="static_6", activation_rule="static_6"))
+    expected = quantize_model(ema, NVFP4Config(mode="w4a4", weight_rule="static_6", activation_rule="static_6"))
     assert packed_equal(loaded, expected)
     metadata = safetensors.safe_open(str(report.output), "pt").metadata()
     assert metadata["mode"] == "w4a4" and metadata["rule"] == "static_6" and metadata["use_ema"] == "true"
@@ -152,7 +161,7 @@ def official_export(model, rule: str, with_metadata: bool = True, values_padded_
 def test_import_official_export(tmp_path, rule):
     model = tiny_model(seed=7, dtype=torch.bfloat16)
     torch.save(official_export(model, rule), tmp_path / "model_4o6.pt")
-    report = import_official_nvfp4(tmp_path / "model_4o6.pt", tmp_path / "q.safetensors", "tiny")
+    report = convert(tmp_path / "model_4o6.pt", tmp_path / "q.safetensors", "tiny")
     assert report.imported and report.rule == rule and len(report.layers) == 20
     assert all(layer.sqnr_db is None for layer in report.layers)
     loaded = load_quantized(report.output, TINY)
@@ -185,12 +194,12 @@ def test_import_needs_the_rule_when_the_file_has_none(tmp_path):
     path = tmp_path / "model_4o6.pt"
     torch.save(official_export(tiny_model(seed=7, dtype=torch.bfloat16), "mse", with_metadata=False), path)
     with pytest.raises(UserError, match="does not record its scale rule: pass --rule"):
-        import_official_nvfp4(path, tmp_path / "q.safetensors", "tiny")
-    report = import_official_nvfp4(path, tmp_path / "q.safetensors", "tiny", rule="mse")
+        convert(path, tmp_path / "q.safetensors", "tiny")
+    report = convert(path, tmp_path / "q.safetensors", "tiny", rule="mse")
     assert report.rule == "mse"
     torch.save(official_export(tiny_model(seed=7, dtype=torch.bfloat16), "mse"), path)
     with pytest.raises(UserError, match="was quantized with scale rule 'mse', not 'static_6'"):
-        import_official_nvfp4(path, tmp_path / "q2.safetensors", "tiny", rule="static_6")
+        convert(path, tmp_path / "q2.safetensors", "tiny", rule="static_6")
 
 
 def test_cli_dispatches_official_exports(tmp_path, capsys):
@@ -223,7 +232,7 @@ def write_input(tmp_path: Path, kind: str) -> Path:
         model = tiny_model(dtype=torch.bfloat16, **({"ffn_dim": 512} if kind == "wide" else {}))
         good = save_generator(model, tmp_path / ("good.safetensors" if kind == "truncated-st" else "good.pt"))
         if kind == "nvfp4":
-            return convert_checkpoint(good, tmp_path / "q.safetensors", "tiny").output
+            return convert(good, tmp_path / "q.safetensors", "tiny").output
         if kind == "wide":
             return good
         data = good.read_bytes()
@@ -240,7 +249,7 @@ def write_input(tmp_path: Path, kind: str) -> Path:
     ("wide", [], "does not match the model"),
     ("wide", ["--rule", "nvfp4"], "unknown NVFP4 scale rule 'nvfp4'"),
     ("wide", ["--mode", "native"], "--mode native is a runtime mode, not a storage mode"),
-    ("wide", ["--mode", "w8a8"], "--mode w8a8: choose one of w4a16, w4a4"),
+    ("wide", ["--mode", "w8a8"], "'w8a8' is not one of 'w4a16', 'w4a4', 'native'"),
     ("wide", ["--preset", "big"], "--preset big: unknown model preset"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, kind, extra, needle):

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from core.decode import (
+    DecodeMode,
     DeviceDecoder,
     SyncDecoder,
     VideoWriter,
-    check_decode_mode,
-    parse_decode_mode,
     to_uint8_frames,
 )
 from core.errors import UserError
@@ -130,11 +129,19 @@ def test_writer_rejects_bad_frames_and_quality(tmp_path):
                                           ("device:x", "use sync, stream or device:N")])
 def test_bad_decode_modes(mode, needle):
     with pytest.raises(UserError, match=needle):
-        parse_decode_mode(mode)
+        DecodeMode.parse(mode)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("mode", ["stream", "device:1"])
 def test_gpu_decode_modes_need_cuda(mode):
     with pytest.raises(UserError, match="needs a CUDA GPU"):
-        check_decode_mode(mode, torch.device("cpu"))
+        DecodeMode.parse(mode).vae_device(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("text,kind,gpu", [("sync", "sync", None), ("stream", "stream", None),
+                                           ("device:3", "device", 3)])
+def test_decode_modes_parse_once_and_print_back(text, kind, gpu):
+    mode = DecodeMode.parse(text)
+    assert (mode.kind, mode.gpu, str(mode)) == (kind, gpu, text)
+    assert DecodeMode.parse(mode) is mode

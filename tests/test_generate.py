@@ -15,6 +15,7 @@ import core.generate as gen
 from core.config import load_recipe
 from core.shots import load_schedule, single_prompt_schedule
 from longlive_cli.app import main
+from longlive_cli.build import build_models, generation_spec
 
 SMALL = ["--preset", "tiny", "--height", "64", "--width", "64"]
 
@@ -103,7 +104,10 @@ def test_interactive_prompt_switch_is_logged_with_its_frame(tmp_path):
     prompts = iter([None, "a storm begins"])
     logged = []
     request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 4, 2), tmp_path / "i.mp4")
-    report = gen.generate_video(request, prompt_source=lambda: next(prompts, None), log=logged.append)
+    placement = gen.prepare(request)
+    models = build_models(request, placement, generation_spec(request, placement))
+    report = gen.generate_video(request, placement, models, prompt_source=lambda: next(prompts, None),
+                                log=logged.append)
     assert report.switches == [(2, 4 * 2 * 2 - 3, "a storm begins")]
     assert "switch at chunk 2 (frame 13" in logged[0]
     assert len(read_video(tmp_path / "i.mp4")[0]) == 29

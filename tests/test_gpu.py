@@ -75,10 +75,10 @@ def test_compiled_blocks_match_eager():
 
 
 def _decoded_frames(mode: str, vae, chunks) -> list:
-    from core.decode import make_decoder
+    from core.decode import DecodeMode, make_decoder
 
     got = []
-    decoder = make_decoder(mode, vae, lambda frames: got.append(frames.copy()))
+    decoder = make_decoder(DecodeMode.parse(mode), vae, lambda frames: got.append(frames.copy()))
     for latents in chunks:
         decoder.submit(latents)
     decoder.finish()

@@ -9,15 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from core.optimize import compile_blocks
-from quant.linear import (
-    DequantScratch,
-    GemmRules,
-    NVFP4Linear,
-    NVFP4TrainLinear,
-    QuantConfig,
-    quantize_model,
-)
+from quant.linear import NVFP4Config, quantize_model
 from quant.nvfp4 import dequantize, quantize
+from quant.nvfp4_linear import DequantScratch, NVFP4Linear
+from quant.nvfp4_train import NVFP4TrainingConfig, NVFP4TrainLinear
 from tests.conftest import text_context, tiny_model
 from tests.test_quant_linear import gaussian, linear_with, reference_train_step
 
@@ -49,7 +44,7 @@ def test_w4a16_cuda_equals_cpu_reference(shape, rule):
 
 def test_scratch_is_shared_and_never_feeds_autograd():
     model = tiny_model(dtype=torch.bfloat16).cuda()
-    quantize_model(model, QuantConfig())
+    quantize_model(model, NVFP4Config())
     q, ffn = model.blocks[0].self_attn.q, model.blocks[1].ffn[2]
     with torch.no_grad():
         a, b = q.dequantized_weight(torch.bfloat16), ffn.dequantized_weight(torch.bfloat16)
@@ -77,7 +72,8 @@ def test_w4a4_cuda_equals_definition(dtype):
         assert torch.equal(layer(x), expected.reshape(2, 300, 256))
 
 
-@pytest.mark.parametrize("rules", [GemmRules("static_6", "mse", "mse", True), GemmRules("mse", "mse", "mse", False)])
+@pytest.mark.parametrize("rules", [NVFP4TrainingConfig("static_6", "mse", "mse", True),
+                                   NVFP4TrainingConfig("mse", "mse", "mse", False)])
 def test_train_gemms_cuda_equal_the_reference(rules):
     weight, bias = gaussian((256, 512), 10, torch.bfloat16), gaussian((256,), 11, torch.bfloat16, 0.1)
     layer = NVFP4TrainLinear(linear_with(weight, bias).cuda(), rules, seed=7)
@@ -104,7 +100,7 @@ def test_compiled_equals_eager():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1.6e-2, atol=1e-2)
 
     model = tiny_model(dtype=torch.bfloat16).cuda()
-    quantize_model(model, QuantConfig())
+    quantize_model(model, NVFP4Config())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 48, 4, 8, 8, generator=g).cuda()
     t = torch.tensor([[900.0, 900.0, 400.0, 400.0]], device="cuda")

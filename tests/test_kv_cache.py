@@ -48,10 +48,11 @@ class ChunkIdCache:
         self.stream = stream
         self.cache = KVCache(layout, num_layers=1, batch=1, heads=1, head_dim=1,
                              dtype=torch.float32, device="cpu")
+        self.chunk_frames = stream.frames_per_block
         self.chunk_tokens = stream.frames_per_block * tokens_per_frame
 
     def forward(self, chunk: int, value: float | None = None) -> None:
-        attend, = self.cache.begin(chunk * self.chunk_tokens, self.chunk_tokens)
+        attend, = self.cache.begin(chunk * self.chunk_frames, self.chunk_frames)
         kv = torch.full((1, self.chunk_tokens, 1, 1), float(chunk if value is None else value))
         attend(kv, kv, kv)
         self.cache.commit()
@@ -61,7 +62,7 @@ class ChunkIdCache:
         for _ in range(self.stream.sampling_steps + 1):
             self.forward(chunk)
         if cut and self.stream.pins_shot_sink:
-            self.cache.pin_last_chunk(self.chunk_tokens, self.cache.layout.sink_tokens)
+            self.cache.pin_last_chunk(self.chunk_frames)
 
     def contents(self) -> list[int]:
         filled = self.cache.layers[0].k[0, :self.cache.state.local_end, 0, 0]
@@ -119,11 +120,11 @@ def test_token_arithmetic_matches_chunk_model(seed):
     for c in range(num_chunks):
         cache.chunk(c, cut=c in cuts)
         assert cache.contents() == expected[c], f"chunk {c}: {stream}, cuts {sorted(cuts)}"
-        # the segment bookkeeping names the same chunks, in buffer order, each whole
-        segments = cache.cache.held_segments()
-        assert [seg.stream_start // cache.chunk_tokens for seg in segments] == expected[c]
-        assert all(seg.length == cache.chunk_tokens and seg.buffer_start == i * cache.chunk_tokens
-                   for i, seg in enumerate(segments))
+        # the bookkeeping names the same chunks, in buffer order, each whole
+        held = cache.cache.held_frames()
+        assert [h.first_frame // cache.chunk_frames for h in held] == expected[c]
+        assert all(h.num_frames == cache.chunk_frames and h.buffer_frame == i * cache.chunk_frames
+                   for i, h in enumerate(held))
 
 
 def test_only_first_forward_of_a_chunk_rolls_and_every_forward_writes():
@@ -146,9 +147,9 @@ def test_shot_clean_recache_drops_history():
         cache.chunk(c)
     for _ in range(stream.sampling_steps):
         cache.forward(4)
-    cache.cache.drop_history(4 * cache.chunk_tokens)
+    cache.cache.drop_history(4 * cache.chunk_frames)
     cache.forward(4)
-    cache.cache.pin_last_chunk(cache.chunk_tokens, cache.cache.layout.sink_tokens)
+    cache.cache.pin_last_chunk(cache.chunk_frames)
     assert cache.contents() == [0, 4]
     assert cache.cache.state.pinned_start == cache.cache.layout.global_sink_tokens
 

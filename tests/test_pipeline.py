@@ -101,7 +101,7 @@ def test_bfloat16_streaming_runs_and_stays_finite():
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("frames", "noise has 7 latent frames, not a multiple of frames_per_block=2"),
+    ("frames", "noise: 7 latent frames are not a multiple of frames_per_block=2; use 6 or 8"),
     ("contexts", "got 3 chunk contexts for 4 chunks"),
     ("context_shape", "chunk context 1 must be"),
     ("cuts", "got 2 scene-cut flags for 4 chunks"),

@@ -23,17 +23,16 @@ def sqnr_db(x: torch.Tensor, reference: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode, threshold", [("w4a16", 28.0), ("w4a4", 26.0)])
 def test_streaming_run_with_nvfp4_weights_and_cache_stays_close_to_full_precision(mode, threshold):
-    from quant.kv import quantize_kv_cache
-    from quant.linear import QuantConfig, quantize_model
+    from quant.kv import nvfp4_storage
+    from quant.linear import NVFP4Config, quantize_model
 
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 12, 48, 4, 4, generator=g)
     contexts = [text_context(1, seed=i) for i in range(6)]
     stream = StreamConfig(**SMALL_STREAM)
     reference = generate_latents(tiny_model(), noise, contexts, stream)
-    model = quantize_model(tiny_model(), QuantConfig(mode=mode))
-    quantized = generate_latents(model, noise, contexts, stream,
-                                 cache_transform=lambda cache, device: quantize_kv_cache(cache, device=device))
+    model = quantize_model(tiny_model(), NVFP4Config(mode=mode))
+    quantized = generate_latents(model, noise, contexts, stream, kv_storage=nvfp4_storage())
     # measured: w4a16 30.4 dB, w4a4 28.4 dB (fp32 tiny model, mse rules; weights alone 30.6 / 28.7)
     assert sqnr_db(quantized, reference) >= threshold
 
@@ -60,8 +59,9 @@ def test_bench_reports_the_packed_sizes(capsys):
 
 @pytest.mark.parametrize("flags, needle", [
     (["--precision", "nvfp4", "--quant-mode", "native"], "Blackwell"),
-    (["--precision", "fp4"], "quant.precision"),
-    (["--kv-precision", "int4"], "quant.kv_precision"),
+    (["--precision", "fp4"], "'fp4' is not one of 'bf16', 'nvfp4'"),
+    (["--kv-precision", "int4"], "'int4' is not one of 'bf16', 'nvfp4'"),
+    (["--precision", "nvfp4", "--set", "quant.mode=w2a2"], "bad value for 'quant.mode': 'w2a2' (allowed: w4a16"),
     (["--precision", "nvfp4", "--set", "quant.rule=median"], "rule must be one of"),
 ])
 def test_bad_precision_choices_are_one_line_exit_2(tmp_path, capsys, flags, needle):

@@ -19,7 +19,6 @@ import torch
 from core.attention import sdpa
 from core.config import StreamConfig
 from core.errors import UserError
-from core.hooks import storage_bytes
 from core.kv_cache import CacheLayout, KVCache
 from core.pipeline import generate_latents, stream_latents
 from quant.kv import (
@@ -28,9 +27,8 @@ from quant.kv import (
     WindowBuffer,
     dequantize_slots,
     dequantize_slots_reference,
-    kv_cache_bytes,
     kv_memory_5b_720p,
-    quantize_kv_cache,
+    nvfp4_storage,
 )
 from quant.nvfp4 import dequantize, quantize
 from tests.conftest import text_context, tiny_model
@@ -70,6 +68,7 @@ class SlowReference:
         self.values: dict[int, torch.Tensor] = {}
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # ... -> (keys, values) quantized once
         self.calls = 0
+        self.last_plan = None
         layer.update_and_attend = self  # KVCache.begin hands out this attribute
 
     def held_frames(self, plan, end: int) -> list[int]:
@@ -85,6 +84,7 @@ class SlowReference:
 
     def __call__(self, q, k, v):
         plan, layer = self.layer.plan, self.layer
+        self.last_plan = plan
         out = self.attend(q, k, v)
         per_frame = layer.tokens_per_frame
         held = self.held_frames(plan, plan.write_start)
@@ -122,46 +122,44 @@ def test_streaming_storage_and_attention_equal_slow_reference(center_keys, guida
     noise, contexts = inputs(batch)
     stream = StreamConfig(**STREAM, guidance_scale=guidance)
     window = WindowBuffer()
-    references: list[SlowReference] = []
-    caches: list[KVCache] = []
+    base = nvfp4_storage(window=window, center_keys=center_keys)
+    references: list[SlowReference] = []  # one per layer, the caches' layers in build order
 
-    def transform(cache, device):
-        quantize_kv_cache(cache, window=window, center_keys=center_keys, device=device)
-        references.extend(SlowReference(layer) for layer in cache.layers)
-        caches.append(cache)
-        return cache
+    def storage(spec, device):
+        layer = base(spec, device)
+        references.append(SlowReference(layer))
+        return layer
 
     pointers = None
     switch = {3: text_context(batch, 77)}
     for _ in stream_latents(model, noise, contexts, stream, scene_cuts=[False, False, True, False, False],
                             negative_context=text_context(batch, 50), prompt_switch=switch.get,
-                            cache_transform=transform):
-        layer = caches[0].layers[0]
+                            kv_storage=storage):
+        layer = references[0].layer
         now = [t.data_ptr() for t in (layer.keys.codes, layer.keys.scales, layer.keys.amax, window.k)]
         assert pointers is None or now == pointers  # in-place storage, one window
         pointers = now
-    assert len(caches) == (2 if guidance != 1.0 else 1)
-    # 5 chunks x (2 steps + recache), plus the switch's re-encoding of 3 held segments
-    assert all(ref.calls == 5 * 3 + (3 if ref.layer in caches[0].layers else 0) for ref in references)
-    for cache in caches:
-        end = cache.state.local_end
-        for layer in cache.layers:
-            reference = next(ref for ref in references if ref.layer is layer)
-            held = reference.held_frames(type("Plan", (), {"after": cache.state}), end)
-            per_frame = layer.tokens_per_frame
-            assert held != list(range(len(held)))  # frames were evicted
-            for slot, frame in enumerate(held):
-                tokens = slice(slot * per_frame, (slot + 1) * per_frame)
-                for stored, written, centred in ((layer.keys, reference.keys, center_keys),
-                                                 (layer.values, reference.values, False)):
-                    x = written[frame]
-                    if centred:
-                        x = x - x.mean(dim=1, keepdim=True).to(torch.bfloat16).float()
-                    for b in range(batch):
-                        once = quantize(x[b], layer.rule)
-                        assert torch.equal(stored.codes[b, tokens], once.codes)
-                        assert torch.equal(stored.scales[b, tokens].view(torch.uint8), once.scales.view(torch.uint8))
-                        assert torch.equal(stored.amax[b, slot], once.amax)
+    layers = model.config.num_layers
+    assert len(references) == layers * (2 if guidance != 1.0 else 1)
+    # 5 chunks x (2 steps + recache), plus the switch's re-encoding of 3 held segments (positive branch)
+    assert all(ref.calls == 5 * 3 + (3 if i < layers else 0) for i, ref in enumerate(references))
+    for reference in references:
+        layer, state = reference.layer, reference.last_plan.after
+        held = reference.held_frames(reference.last_plan, state.local_end)
+        per_frame = layer.tokens_per_frame
+        assert held != list(range(len(held)))  # frames were evicted
+        for slot, frame in enumerate(held):
+            tokens = slice(slot * per_frame, (slot + 1) * per_frame)
+            for stored, written, centred in ((layer.keys, reference.keys, center_keys),
+                                             (layer.values, reference.values, False)):
+                x = written[frame]
+                if centred:
+                    x = x - x.mean(dim=1, keepdim=True).to(torch.bfloat16).float()
+                for b in range(batch):
+                    once = quantize(x[b], layer.rule)
+                    assert torch.equal(stored.codes[b, tokens], once.codes)
+                    assert torch.equal(stored.scales[b, tokens].view(torch.uint8), once.scales.view(torch.uint8))
+                    assert torch.equal(stored.amax[b, slot], once.amax)
 
 
 @pytest.mark.parametrize("center_keys", [False, True])
@@ -170,11 +168,8 @@ def test_generation_close_to_unquantized_cache(center_keys):
     noise, contexts = inputs(seed=3)
     stream = StreamConfig(**STREAM)
     exact = generate_latents(model, noise, contexts, stream)
-    window = WindowBuffer()
-    def transform(cache, device):
-        return quantize_kv_cache(cache, window=window, center_keys=center_keys, device=device)
-
-    quantized = generate_latents(model, noise, contexts, stream, cache_transform=transform)
+    quantized = generate_latents(model, noise, contexts, stream,
+                                 kv_storage=nvfp4_storage(window=WindowBuffer(), center_keys=center_keys))
     assert sqnr_db(quantized, exact) >= MIN_LATENT_SQNR_DB
     assert not torch.equal(quantized, exact)
 
@@ -186,9 +181,9 @@ def attention_sqnr(center_keys: bool, offset: float, seed: int = 0) -> float:
     batch, per_frame, heads, head_dim = 1, 32, 2, 32
     layout = CacheLayout(capacity=6 * per_frame, sink_tokens=per_frame, global_sink_tokens=0,
                          tokens_per_frame=per_frame)
-    cache = KVCache(layout, 1, batch, heads, head_dim, torch.float32, "cpu")
+    cache = KVCache(layout, 1, batch, heads, head_dim, torch.float32, "cpu",
+                    storage=nvfp4_storage(center_keys=center_keys))
     exact = KVCache(layout, 1, batch, heads, head_dim, torch.float32, "cpu")
-    quantize_kv_cache(cache, center_keys=center_keys)
     channel_offset = torch.zeros(heads, head_dim)
     channel_offset[:, torch.randperm(head_dim, generator=g)[:4]] = offset * torch.sign(torch.randn(heads, 4,
                                                                                                   generator=g))
@@ -196,8 +191,7 @@ def attention_sqnr(center_keys: bool, offset: float, seed: int = 0) -> float:
     for chunk in range(5):
         k, v, q = (torch.randn(batch, 2 * per_frame, heads, head_dim, generator=g) for _ in range(3))
         k = k + channel_offset
-        (attend,), (attend_exact,) = cache.begin(2 * chunk * per_frame, 2 * per_frame), \
-            exact.begin(2 * chunk * per_frame, 2 * per_frame)
+        (attend,), (attend_exact,) = cache.begin(2 * chunk, 2), exact.begin(2 * chunk, 2)
         out, ref = attend(q, k, v), attend_exact(q, k, v)
         cache.commit()
         exact.commit()
@@ -223,32 +217,23 @@ def test_memory_5b_720p_at_least_3_5x_smaller():
     assert kv_memory_5b_720p(center_keys=False).ratio >= memory.ratio
 
 
-def test_kv_cache_bytes_counts_the_allocated_storage():
+def test_cache_nbytes_counts_the_allocated_storage():
     layout = CacheLayout(capacity=12, sink_tokens=4, global_sink_tokens=0, tokens_per_frame=4)
-    cache = KVCache(layout, 2, 2, 3, 32, torch.bfloat16, "cpu")
-    assert kv_cache_bytes(cache) == 2 * 2 * 2 * 12 * 3 * 32 * 2
+    dense = KVCache(layout, 2, 2, 3, 32, torch.bfloat16, "cpu")
+    assert dense.nbytes == 2 * 2 * 2 * 12 * 3 * 32 * 2  # layers x (k, v) x batch x tokens x heads x d x 2 B
     window = WindowBuffer()
-    quantize_kv_cache(cache, window=window)
-    tensors = [t for layer in cache.layers for slots in (layer.keys, layer.values)
-               for t in (slots.codes, slots.scales, slots.amax, slots.mean) if t is not None]
-    assert kv_cache_bytes(cache) == sum(t.numel() * t.element_size() for t in tensors)
+    cache = KVCache(layout, 2, 2, 3, 32, torch.bfloat16, "cpu", storage=nvfp4_storage(window=window))
+    codes, scales = 2 * 12 * 3 * 16, 2 * 12 * 3 * 2  # uint8 codes (d/2), e4m3 scales (d/16)
+    amax, key_mean = 2 * 3 * 4, 2 * 3 * 3 * 32 * 2  # fp32 per (batch, frame); bf16 per (batch, frame, head, d)
+    assert cache.nbytes == 2 * (2 * (codes + scales + amax) + key_mean)
     assert all(isinstance(layer, NVFP4LayerKV) and layer.window is window for layer in cache.layers)
-    assert storage_bytes(cache) == kv_cache_bytes(cache)  # what `longlive bench` reports
-    from_meta = quantize_kv_cache(KVCache(layout, 2, 2, 3, 32, torch.bfloat16, "meta"), device="cpu")
-    assert kv_cache_bytes(from_meta) == kv_cache_bytes(cache)
-    assert all(layer.keys.codes.device.type == "cpu" for layer in from_meta.layers)
+    on_meta = KVCache(layout, 2, 2, 3, 32, torch.bfloat16, "meta", storage=nvfp4_storage())
+    assert on_meta.nbytes == cache.nbytes  # how `longlive bench` sizes a cache without allocating it
 
 
-def test_quantize_kv_cache_needs_a_fresh_cache_and_a_known_rule():
-    layout = CacheLayout(capacity=12, sink_tokens=4, global_sink_tokens=0, tokens_per_frame=4)
-    cache = KVCache(layout, 1, 1, 2, 32, torch.float32, "cpu")
+def test_nvfp4_storage_needs_a_known_rule():
     with pytest.raises(UserError, match="scale rule"):
-        quantize_kv_cache(cache, rule="nope")
-    (attend,) = cache.begin(0, 4)
-    attend(*(torch.randn(1, 4, 2, 32) for _ in range(3)))
-    cache.commit()
-    with pytest.raises(AssertionError, match="fresh cache"):
-        quantize_kv_cache(cache)
+        nvfp4_storage(rule="nope")
 
 
 INTERPRETED_KERNEL = """

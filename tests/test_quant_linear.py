@@ -16,26 +16,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.checkpoint import block_linear_names
-from core.config import ModelConfig
-from core.dit import CausalWanDiT
+from core.config import ModelConfig, QuantMode
+from core.dit import CausalWanDiT, module_bytes
 from core.errors import UserError
 from quant import linear as ql
-from quant.linear import (
-    DEFAULT_EXCLUDE,
-    GemmRules,
-    NVFP4Linear,
-    NVFP4TrainLinear,
-    QuantConfig,
-    load_quantized,
-    model_weight_bytes,
-    quantize_model,
-    save_quantized,
-    select_linears,
-)
+from quant import packed
+from quant.linear import DEFAULT_EXCLUDE, NVFP4Config, quantize_model, select_linears
 from quant.nvfp4 import RULES, dequantize, quantize, random_hadamard_transform
+from quant.nvfp4_linear import NVFP4Linear
+from quant.nvfp4_train import NVFP4TrainingConfig, NVFP4TrainLinear
+from quant.packed import save_quantized
 from tests.conftest import text_context, tiny_model
 
 TINY = ModelConfig.preset("tiny")
+
+
+def swap_config(mode: str = "w4a16", **rules):
+    """The swap config of a mode name ("train": the training layers)."""
+    return NVFP4TrainingConfig(**rules) if mode == "train" else NVFP4Config(mode=mode, **rules)
+
+
+def load_quantized(path, config: ModelConfig, mode=QuantMode.w4a16, dtype=torch.bfloat16) -> CausalWanDiT:
+    with torch.device("meta"):
+        model = CausalWanDiT(config)
+    return packed.load_packed(path, model, mode).to(dtype=dtype).eval()
 
 
 def gaussian(shape, seed, dtype=torch.float32, scale=None):
@@ -74,7 +78,6 @@ def test_selection_is_the_300_block_linears_of_the_5b():
     with torch.device("meta"):
         model = CausalWanDiT(ModelConfig.preset("wan2.2-ti2v-5b"))
     assert select_linears(model) == block_linear_names(30)
-    assert QuantConfig().exclude == DEFAULT_EXCLUDE
 
 
 @pytest.mark.parametrize("exclude,expected", [
@@ -91,25 +94,30 @@ def test_select_linears_patterns(exclude, expected):
     assert select_linears(model, exclude) == (every if expected is None else expected)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(mode="w8a8"), "mode must be one of w4a16, w4a4, native, train"),
-    (dict(weight_rule="nvfp4"), "weight_rule must be one of static_6"),
-    (dict(activation_rule="max"), "activation_rule must be one of"),
-    (dict(gradient_rule=""), "gradient_rule must be one of"),
-    (dict(weight_2d="yes"), "weight_2d must be true or false"),
-    (dict(exclude="head.head"), "exclude must be a list"),
-    (dict(exclude=("re:(",)), "not a valid regex"),
-    (dict(seed=1.5), "seed must be an integer"),
+@pytest.mark.parametrize("config,kwargs,needle", [
+    (NVFP4Config, dict(mode="w8a8"), "bad value for 'mode': 'w8a8' (allowed: w4a16, w4a4, native)"),
+    (NVFP4Config, dict(weight_rule="nvfp4"), "weight_rule must be one of static_6"),
+    (NVFP4Config, dict(activation_rule="max"), "activation_rule must be one of"),
+    (NVFP4Config, dict(weight_2d="yes"), "bad value for 'weight_2d': expected true or false"),
+    (NVFP4TrainingConfig, dict(gradient_rule=""), "gradient_rule must be one of"),
+    (NVFP4TrainingConfig, dict(seed=1.5), "bad value for 'seed': expected an integer"),
 ])
-def test_quant_config_validation(kwargs, needle):
+def test_swap_config_validation(config, kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        config(**kwargs)
+
+
+@pytest.mark.parametrize("exclude,needle", [("head.head", "exclude must be a list"), (("re:(",), "not a valid regex")])
+def test_exclude_validation(exclude, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
-        QuantConfig(**kwargs)
+        select_linears(tiny_model(), exclude)
 
 
-def test_weight_2d_default_follows_mode():
-    assert QuantConfig(mode="train").weight_2d is True
-    assert QuantConfig(mode="w4a16").weight_2d is False
-    assert QuantConfig(mode="train", weight_2d=False).weight_2d is False
+def test_weight_tiles_default_per_config():
+    assert NVFP4TrainingConfig().weight_2d is True and NVFP4Config().weight_2d is False
+    official = ql.ar_training_config()
+    assert (official.weight_rule, official.activation_rule, official.gradient_rule, official.weight_2d) == \
+        ("static_6", "mse", "mse", True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +128,7 @@ def test_weight_2d_default_follows_mode():
 def test_swap_replaces_exactly_the_block_linears(mode):
     model = tiny_model()
     before = {name: p for name, p in model.named_parameters()}
-    quantize_model(model, QuantConfig(mode=mode))
+    quantize_model(model, swap_config(mode))
     kind = NVFP4TrainLinear if mode == "train" else NVFP4Linear
     swapped = [n for n, m in model.named_modules() if isinstance(m, kind)]
     plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -144,7 +152,7 @@ def test_swap_replaces_exactly_the_block_linears(mode):
 
 def test_filter_narrows_the_selection():
     model = tiny_model()
-    quantize_model(model, QuantConfig(), filter=lambda name, m: m.out_features == 256)
+    quantize_model(model, NVFP4Config(), filter=lambda name, m: m.out_features == 256)
     assert [n for n, m in model.named_modules() if isinstance(m, NVFP4Linear)] == \
         ["blocks.0.ffn.0", "blocks.1.ffn.0"]
 
@@ -152,39 +160,35 @@ def test_filter_narrows_the_selection():
 def test_inner_dim_not_multiple_of_16_is_a_user_error():
     model = nn.Sequential(nn.Linear(24, 32))
     with pytest.raises(UserError, match=r"0 has in_features=24, not a multiple of 16") as info:
-        quantize_model(model, QuantConfig(exclude=()))
+        quantize_model(model, NVFP4Config(), exclude=())
     assert "\n" not in str(info.value)
 
 
 def test_native_mode_needs_blackwell(monkeypatch):
-    message = ("--mode native needs an NVIDIA Blackwell GPU (compute capability 10.x or 12.x, "
-               "found {}); use --mode w4a16 or w4a4")
+    message = ("--quant-mode native needs an NVIDIA Blackwell GPU (compute capability 10.x or 12.x, "
+               "found {}); use --quant-mode w4a16 or w4a4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError) as info:
-        quantize_model(tiny_model(), QuantConfig(mode="native"))
+        ql.check_native_supported()
     assert str(info.value) == message.format("no GPU")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     with pytest.raises(UserError) as info:
-        quantize_model(tiny_model(), QuantConfig(mode="native"))
+        ql.check_native_supported("cuda")
     assert str(info.value) == message.format("NVIDIA H200 sm_90")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
-    ql.check_mode_supported("native", "cuda")  # a B200 passes
+    ql.check_native_supported("cuda")  # a B200 passes
     with pytest.raises(UserError) as info:
-        ql.check_mode_supported("native", "cpu")
+        ql.check_native_supported("cpu")
     assert str(info.value) == message.format("--device cpu")
-    for mode in ("w4a16", "w4a4", "train"):
-        ql.check_mode_supported(mode, "cpu")
-    with pytest.raises(UserError, match="--mode fp8: choose one of w4a16, w4a4, native, train"):
-        ql.check_mode_supported("fp8", "cpu")
 
 
 def test_swapping_in_parts_keeps_one_scratch():
     model = tiny_model()
     for index in range(2):
-        quantize_model(model, QuantConfig(), filter=lambda name, _, i=index: name.startswith(f"blocks.{i}."))
+        quantize_model(model, NVFP4Config(), filter=lambda name, _, i=index: name.startswith(f"blocks.{i}."))
     scratches = {id(m.scratch) for m in ql.nvfp4_layers(model).values()}
     assert len(scratches) == 1 and model.blocks[0].ffn[0].scratch.numel == 256 * 128
 
@@ -255,7 +259,7 @@ def test_tiny_dit_forward_sqnr(mode, floor_db):
     # Measured (rules mse): w4a16 27.67 dB, w4a4 24.98 dB of the 2-layer DiT output against fp32.
     model = tiny_model()
     reference = dit_forward(model)
-    quantize_model(model, QuantConfig(mode=mode))
+    quantize_model(model, swap_config(mode))
     measured = sqnr_db(reference, dit_forward(model))
     assert measured >= floor_db, measured
 
@@ -271,7 +275,7 @@ def test_compiled_layer_equals_eager():
 
 def test_dtype_casts_keep_the_packed_weight():
     model = tiny_model()
-    quantize_model(model, QuantConfig())
+    quantize_model(model, NVFP4Config())
     layer = model.blocks[0].self_attn.q
     codes, scales, amax = layer.weight_codes.clone(), layer.weight_scales.clone(), layer.weight_amax.clone()
     model.to(torch.bfloat16)
@@ -282,21 +286,21 @@ def test_dtype_casts_keep_the_packed_weight():
     assert layer.weight_amax.dtype == torch.float32 and torch.equal(layer.weight_amax, amax)
 
 
-def test_model_weight_bytes():
+def test_module_bytes():
     model = tiny_model(dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    assert model_weight_bytes(model) == 2 * params
-    quantize_model(model, QuantConfig())
+    assert module_bytes(model) == 2 * params
+    quantize_model(model, NVFP4Config())
     packed = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NVFP4Linear))
     # each quantized weight: 2 bytes/element -> 1/2 (codes) + 1/16 (scales) bytes/element + 4 (amax)
-    assert model_weight_bytes(model) == 2 * (params - packed) + packed * 9 // 16 + 4 * 20
+    assert module_bytes(model) == 2 * (params - packed) + packed * 9 // 16 + 4 * 20
 
 
 # ----------------------------------------------------------------------------------------------
 # Train mode: all three GEMMs against a slow step-by-step reference with the same noise.
 
 
-def reference_train_step(x, weight, bias, dy, rules: GemmRules, seed: int):
+def reference_train_step(x, weight, bias, dy, rules: NVFP4TrainingConfig, seed: int):
     """§3.3 written out with quant.nvfp4 only, on x's device: returns (y, dx, dw, db)."""
     dev = x.device
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -338,22 +342,22 @@ def test_2d_tiles_make_w_and_w_transposed_share_scales(rule):
 
 
 def test_set_mode_switches_every_layer():
-    model = quantize_model(tiny_model(), QuantConfig())
-    ql.set_mode(model, "w4a4")
-    assert {m.mode for m in ql.nvfp4_layers(model).values()} == {"w4a4"}
-    with pytest.raises(UserError, match="--mode train: a packed NVFP4 model runs in"):
+    model = quantize_model(tiny_model(), NVFP4Config())
+    ql.set_mode(model, QuantMode.w4a4)
+    assert {m.mode for m in ql.nvfp4_layers(model).values()} == {QuantMode.w4a4}
+    with pytest.raises(ValueError, match="'train' is not a valid QuantMode"):
         ql.set_mode(model, "train")
 
 
-TRAIN_RULES = GemmRules(weight_rule="static_6", activation_rule="mse", gradient_rule="mse", weight_2d=True)
+TRAIN_RULES = NVFP4TrainingConfig(weight_rule="static_6", activation_rule="mse", gradient_rule="mse", weight_2d=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [(2, 24), (1, 32)])  # 48 tokens (padded to 48), 32 tokens
 @pytest.mark.parametrize("rules,bias", [
     (TRAIN_RULES, True),  # the AR training config (§3.4)
-    (GemmRules("mse", "mse", "mse", True), False),  # the DMD generator config
-    (GemmRules("mse", "static_6", "abs_max", False), True),  # 1-D weight blocks
+    (NVFP4TrainingConfig("mse", "mse", "mse", True), False),  # the DMD generator config
+    (NVFP4TrainingConfig("mse", "static_6", "abs_max", False), True),  # 1-D weight blocks
 ])
 def test_train_gemms_equal_the_reference(dtype, tokens, rules, bias):
     weight = gaussian((48, 64), 10, dtype).requires_grad_()
@@ -387,14 +391,14 @@ def test_train_noise_is_seeded_per_layer():
     assert all(torch.equal(a, b) for a, b in zip(grads(5), grads(5), strict=True))
     assert not any(torch.equal(a, b) for a, b in zip(grads(5), grads(6), strict=True))
     model = tiny_model()
-    quantize_model(model, QuantConfig(mode="train", seed=100))
+    quantize_model(model, NVFP4TrainingConfig(seed=100))
     assert [m.seed for m in model.modules() if isinstance(m, NVFP4TrainLinear)] == list(range(100, 120))
 
 
 def test_train_mode_model_trains_and_keeps_state_dict_names():
     model = tiny_model()
     names = list(model.state_dict())
-    quantize_model(model, QuantConfig(mode="train"))
+    quantize_model(model, NVFP4TrainingConfig())
     assert list(model.state_dict()) == names
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 48, 2, 4, 4, generator=g)
@@ -410,7 +414,7 @@ def test_train_mode_model_trains_and_keeps_state_dict_names():
 @functools.cache
 def _quantized_tiny(mode: str, rule: str) -> CausalWanDiT:
     model = tiny_model(dtype=torch.bfloat16)
-    return quantize_model(model, QuantConfig(mode=mode, weight_rule=rule, activation_rule=rule))
+    return quantize_model(model, NVFP4Config(mode=mode, weight_rule=rule, activation_rule=rule))
 
 
 def quantized_tiny(mode="w4a16", rule="mse") -> CausalWanDiT:
@@ -444,7 +448,7 @@ def test_load_in_another_mode_and_dtype(tmp_path):
     assert all(m.mode == "w4a4" for m in ql.nvfp4_layers(loaded).values())
     assert loaded.head.head.weight.dtype == torch.float32
     assert loaded.blocks[0].ffn[0].weight_scales.dtype == torch.float8_e4m3fn
-    with pytest.raises(UserError, match="--mode train: a packed NVFP4 checkpoint runs in"):
+    with pytest.raises(ValueError, match="bad value for 'mode': 'train'"):
         load_quantized(path, TINY, mode="train")
 
 
@@ -489,7 +493,7 @@ def test_is_nvfp4_file(tmp_path, kind, expected):
         torch.save({"generator": {}}, path)
     else:
         path = write_bad(tmp_path, kind)
-    assert ql.is_nvfp4_file(path) is expected
+    assert packed.is_nvfp4_file(path) is expected
 
 
 def test_wrong_preset_and_missing_file(tmp_path):

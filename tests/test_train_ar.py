@@ -48,10 +48,10 @@ def test_tiny_recipe_trains_logs_checkpoints_and_exports(tmp_path):
     assert done == ["step_00000002", "step_00000004"]
     assert all((logdir / "checkpoints" / name / "COMPLETE").exists() for name in done)
     # The export is a generator file the tiny preset loads, and generate makes a video from it.
-    from core.checkpoint import build_generator
-    from core.config import ModelConfig
+    from core.checkpoint import check_state_dict, read_shapes
+    from tests.conftest import tiny_model
 
-    build_generator(ModelConfig.preset("tiny"), export)
+    check_state_dict(tiny_model(), read_shapes(export), str(export))
     video = tmp_path / "from-training.mp4"
     assert main(["generate", "a red circle moves", "--preset", "tiny", "--checkpoint", str(export), "--frames", "8",
                  "--height", "64", "--width", "64", "-o", str(video)]) == 0
@@ -154,17 +154,20 @@ def test_tiny_recipe_lowers_the_loss(tmp_path):
 
 
 def test_nvfp4_training_runs_the_official_ar_rules_on_the_block_linears(tmp_path):
-    from quant.linear import NVFP4TrainLinear, ar_training_config
-    from sp.launcher import quantize_for_training
+    from core.config import Precision
+    from core.train.ar import TrainPlan
+    from core.train.config import load_train_recipe
+    from longlive_cli.parallelize import parallelize
+    from quant.nvfp4_train import NVFP4TrainLinear
     from tests.conftest import tiny_model
 
-    config = ar_training_config()
-    assert (config.mode, config.weight_rule, config.activation_rule, config.gradient_rule, config.weight_2d) == \
-        ("train", "static_6", "mse", "mse", True)
-    from core.train.config import load_train_recipe
-
-    model = quantize_for_training(tiny_model(), load_train_recipe("train_ar_tiny", ["train.precision=nvfp4"]))
-    assert sum(isinstance(m, NVFP4TrainLinear) for m in model.modules()) == 2 * 10  # 2 blocks x 10 linears
+    recipe = load_train_recipe("train_ar_tiny", ["quant.precision=nvfp4"])
+    assert recipe.quant.precision == Precision.nvfp4
+    model = parallelize(tiny_model(), recipe, TrainPlan(torch.device("cpu")))
+    layers = [m for m in model.modules() if isinstance(m, NVFP4TrainLinear)]
+    assert len(layers) == 2 * 10  # 2 blocks x 10 linears
+    assert {(m.rules.weight_rule, m.rules.activation_rule, m.rules.gradient_rule, m.rules.weight_2d)
+            for m in layers} == {("static_6", "mse", "mse", True)}
     logdir = tmp_path / "nvfp4"
     assert main(["train-ar", "train_ar_tiny", "--precision", "nvfp4", "--logdir", str(logdir), "--max-steps", "2"]) == 0
     assert [m["step"] for m in metrics(logdir)] == [1, 2]

@@ -106,7 +106,7 @@ def test_timestep_distribution():
     assert abs(correlation) < 5 / math.sqrt(4000)
     # bf16 collapses the grid near 1000 (spacing 4): far fewer distinct values than indices
     assert len(torch.unique(t[index < 20])) < 10
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="12 latent frames are not a multiple of frames_per_block=8; use 8 or 16"):
         sample_block_timesteps(1, 12, 8, g)
 
 

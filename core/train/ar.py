@@ -5,8 +5,14 @@ error recycling corrupts the inputs -> `[clean | noisy]` forward -> weighted flo
 backward, clip, AdamW, EMA -> the step's prediction errors go back into the buffers.
 
 Everything that depends on how the step is spread over processes goes through a `TrainPlan`
-(one process here; `sp/launcher.py` provides the sequence-parallel one), so this file stays the
-same on 1 or N GPUs.
+(one process here; `sp/train_plan.py` provides the sequence-parallel one), and the model comes
+ready from outside (built and parallelized by `longlive_cli/`), so this file stays the same on
+1 or N GPUs.
+
+Random draws are made per sample: the ranks of an SP group draw the whole clip's timesteps and
+noise from one generator (seeded `seed + dp_rank`) and keep their own frames, so an SP step splits
+exactly the step one process would take (the official code seeds `seed + global_rank`, which is
+statistically the same but not comparable run to run).
 
 Legend: B batch, C latent channels, F latent frames, H/W latent size, K prompts (chunks).
 """
@@ -25,8 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from core.config import VAE_TEMPORAL_STRIDE, VAEConfig
-from core.dit import CausalWanDiT
+from core.config import VAEConfig, raw_frames
 from core.errors import UserError
 from core.runtime import resolve_dtype
 from core.train.config import TrainRecipe
@@ -41,8 +46,8 @@ log = logging.getLogger("longlive.train")
 
 
 class TrainPlan:
-    """One process holds every frame. Subclasses (sp/launcher.py) split frames over an SP group,
-    shard parameters with FSDP and reduce over the world."""
+    """One process holds every frame. `sp/train_plan.py` splits frames over an SP group and
+    reduces over the world; how the model is parallelized is decided outside (`parallelize`)."""
 
     rank = 0
     world_size = 1
@@ -61,9 +66,6 @@ class TrainPlan:
 
     def local_frames(self, num_frames: int) -> range:
         return range(num_frames)
-
-    def prepare_model(self, model: CausalWanDiT) -> nn.Module:
-        return model
 
     def encode(self, vae: nn.Module, video_BCTHW: Tensor) -> Tensor:
         """This rank's normalized latents `[B, 48, F_local, h, w]`."""
@@ -97,25 +99,6 @@ class TrainPlan:
 
     def barrier(self) -> None:
         """No-op on one process."""
-
-
-# -- model preparation ------------------------------------------------------------------------------
-
-
-def checkpoint_blocks(model: CausalWanDiT) -> None:
-    """Non-reentrant activation checkpointing of every block, keeping parameter names (the
-    block's forward is wrapped on the instance, not the module)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        forward = block.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _forward(*args, **kwargs)
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
     if plan.is_main and not (root / "video").is_dir():
         from core.train.synthetic import make_synthetic_dataset
 
-        raw = 1 + VAE_TEMPORAL_STRIDE * (recipe.data.latent_frames - 1)
+        raw = raw_frames(recipe.data.latent_frames)
         make_synthetic_dataset(root, samples=8, clips_per_sample=2, frames=raw, height=recipe.data.height,
                                width=recipe.data.width, seed=recipe.runtime.seed)
     plan.barrier()
@@ -219,9 +202,14 @@ class TrainResult:
 
 
 class Trainer:
+    """The AR training loop. `build_model()` returns the generator ready to train (fp32 master
+    weights, parallelized for `plan`: `longlive_cli/parallelize.py`)."""
+
     def __init__(self, recipe: TrainRecipe, options: RunOptions, plan: TrainPlan,
+                 build_model: Callable[[], nn.Module],
                  on_step: Callable[[StepStats, int], None] | None = None):
         self.recipe, self.options, self.plan = recipe, options, plan
+        self.build_model = build_model
         self.on_step = on_step
         self.device = plan.device
         self.dtype = resolve_dtype(recipe.runtime.dtype, self.device)
@@ -234,24 +222,12 @@ class Trainer:
     # -- setup ------------------------------------------------------------------------------------
 
     def _seed(self) -> None:
-        seed = self.recipe.runtime.seed + self.plan.rank  # independent noise/timesteps per rank (§4.7)
+        seed = self.recipe.runtime.seed + self.plan.dp_rank  # one stream per sample (module doc)
         random.seed(seed)
         torch.manual_seed(seed)
         if self.recipe.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-
-    def _build_model(self) -> nn.Module:
-        from core.checkpoint import build_generator
-
-        init = self.recipe.train.init or None
-        # fp32 master weights: FSDP computes in bf16 (MixedPrecisionPolicy), one GPU via autocast.
-        model = build_generator(self.recipe.model, init, device=self.device, dtype=torch.float32,
-                                seed=self.recipe.runtime.seed)
-        model.train()
-        if self.recipe.train.activation_checkpointing:
-            checkpoint_blocks(model)
-        return self.plan.prepare_model(model)
 
     def _data(self):
         from core.train.data import ShardedSampler, VideoClipDataset
@@ -291,15 +267,12 @@ class Trainer:
         video = batch.video.to(self.device, self.dtype, non_blocking=True)
         x0 = plan.encode(self.vae, video).to(torch.float32)  # [B, C, F_loc, h, w]
         frames = plan.local_frames(d.latent_frames)
-        batch_size = x0.shape[0]
         prompts = [p for sample in batch.prompts for p in sample]  # sample-major, one per chunk
         chunks = len(batch.prompts[0])
         context = plan.local_context(self.prompts(prompts), chunks)
 
         holds_first = frames.start == 0
-        t, index = self.schedule.sample_block_timesteps(batch_size, len(frames), self.fpb, self.generator,
-                                                        i2v=d.i2v and holds_first)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        t, index, noise = self._draw(x0, d.latent_frames, frames)
         valid = batch.num_valid_latent_frames.to(self.device)
         frame_idx = torch.tensor(list(frames), device=self.device)
         frame_mask = (frame_idx[None, :] < valid[:, None]).float()
@@ -324,86 +297,115 @@ class Trainer:
         tokens = 2 * x0[:, 0].numel() // (pt * ph * pw)  # clean + noisy tokens of this rank
         return loss.detach(), tokens
 
+    def _draw(self, x0: Tensor, num_frames: int, frames: range) -> tuple[Tensor, Tensor, Tensor]:
+        """The whole clip's per-block timesteps and noise, then this rank's frames of them."""
+        batch, channels, _, height, width = x0.shape
+        t, index = self.schedule.sample_block_timesteps(batch, num_frames, self.fpb, self.generator,
+                                                        i2v=self.recipe.data.i2v)
+        noise = torch.randn((batch, channels, num_frames, height, width), generator=self.generator,
+                            device=self.device, dtype=x0.dtype)
+        local = slice(frames.start, frames.stop)
+        return t[:, local], index[:, local], noise[:, :, local]
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        """Train to `max_steps` from the newest complete checkpoint (or from scratch): log every
+        step, checkpoint every `checkpoint_every` steps and at the end, export if asked."""
         from core.train.plots import write_loss_curve
 
         self._seed()
-        plan, recipe = self.plan, self.recipe
         dataset, sampler = self._data()
-        self.vae = build_vae(recipe, self.device, self.dtype)
-        self.prompts = PromptEncoder(recipe, self.device, self.dtype)
-        model = self._build_model()
-        o = recipe.optim
+        self.vae = build_vae(self.recipe, self.device, self.dtype)
+        self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)
+        model = self.build_model().train()
+        o = self.recipe.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                       weight_decay=o.weight_decay)
         ema = EMA(model, decay=o.ema_decay, start_step=o.ema_start_step)
-        self.recycler = None
-        if recipe.error_recycling.enabled:
-            recycle_gen = torch.Generator().manual_seed(recipe.runtime.seed * 7919 + plan.rank)
-            self.recycler = ErrorRecycler(recipe.error_recycling, generator=recycle_gen,
-                                          sp_rank=plan.sp_rank, sp_size=plan.sp_size)
-        manager = CheckpointManager(self.logdir, keep=recipe.train.keep_checkpoints)
-        model_config = {"preset": recipe.preset, **recipe.model.__dict__}
-        start_step, resumed = 0, None
-        latest = manager.latest() if self.options.resume else None
-        if latest is not None:
-            manager.check_compatible(model_config, latest)
-            extra = manager.load(latest, model, optimizer)
-            start_step = resumed = int(extra["step"])
-            ema.load_state_dict(extra["ema"])
-            sampler.load_state_dict(extra["sampler"])
-            if self.recycler is not None and "recycler" in extra:
-                self.recycler.load_state_dict(extra["recycler"])
-            set_rng_state(extra["rng"])
-            self.generator.set_state(extra["generator"])
-            if plan.is_main:
-                log.info("resumed from %s (step %d)", latest, start_step)
-
+        self.recycler = self._recycler()
+        manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
+        resumed = self._restore(manager, model, optimizer, ema, sampler) if self.options.resume else None
+        start_step = resumed or 0
         writer = self._tensorboard()
         history: list[StepStats] = []
         batches = self._batches(dataset, sampler)
         for step in range(start_step, self.max_steps):
-            started = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            losses, tokens = [], 0
-            for _ in range(o.grad_accum):
-                loss, n = self.micro_step(model, next(batches), step)
-                sampler.advance(1)
-                losses.append(loss)
-                tokens += n
-            plan.sync_gradients(model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
-            ema.update(model, step)
-            # The group's loss shares sum to the sample's loss; average over replicas for the log.
-            loss_value = float(plan.world_mean(plan.sp_sum(torch.stack(losses).mean())))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - started
-            stats = StepStats(step + 1, loss_value, float(_full_value(grad_norm)), o.lr, seconds,
-                              tokens * plan.world_size / seconds)
+            stats = self._step(step, model, optimizer, ema, batches, sampler)
             history.append(stats)
-            if plan.is_main:
+            if self.plan.is_main:
                 self._log(writer, stats)
-            if self.on_step is not None and plan.is_main:
-                self.on_step(stats, self.max_steps)
-            if not math.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {step + 1}: lower optim.lr or check the data")
-            if (step + 1) % recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
-                extra = {"step": step + 1, "ema": ema.state_dict(), "sampler": sampler.state_dict(),
-                         "rng": rng_state(), "generator": self.generator.get_state()}
-                if self.recycler is not None:
-                    extra["recycler"] = self.recycler.state_dict()
-                manager.save(step + 1, model, optimizer, model_config, extra)
+                if self.on_step is not None:
+                    self.on_step(stats, self.max_steps)
+            if not math.isfinite(stats.loss):
+                raise UserError(f"the loss became {stats.loss} at step {step + 1}: lower optim.lr or check the data")
+            if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
+                self._save(manager, step + 1, model, optimizer, ema, sampler)
         if writer is not None:
             writer.close()
         export = self._export(model, ema) if self.options.export is not None else None
-        if plan.is_main and history:
+        if self.plan.is_main and history:
             write_loss_curve(self.logdir / "loss.png", [s.step for s in history], [s.loss for s in history])
         return TrainResult(steps_run=len(history), final_step=max(start_step, self.max_steps), history=history,
                            export=export, resumed_from=resumed)
+
+    def _recycler(self) -> ErrorRecycler | None:
+        config = self.recipe.error_recycling
+        if not config.enabled:
+            return None
+        generator = torch.Generator().manual_seed(self.recipe.runtime.seed * 7919 + self.plan.rank)
+        return ErrorRecycler(config, generator=generator, sp_rank=self.plan.sp_rank, sp_size=self.plan.sp_size)
+
+    def _model_config(self) -> dict:
+        return {"preset": self.recipe.preset, **self.recipe.model.__dict__}
+
+    def _restore(self, manager: CheckpointManager, model, optimizer, ema: EMA, sampler) -> int | None:
+        """Load the newest complete checkpoint, if any; returns its step."""
+        latest = manager.latest()
+        if latest is None:
+            return None
+        manager.check_compatible(self._model_config(), latest)
+        extra = manager.load(latest, model, optimizer)
+        ema.load_state_dict(extra["ema"])
+        sampler.load_state_dict(extra["sampler"])
+        if self.recycler is not None and "recycler" in extra:
+            self.recycler.load_state_dict(extra["recycler"])
+        set_rng_state(extra["rng"])
+        self.generator.set_state(extra["generator"])
+        step = int(extra["step"])
+        if self.plan.is_main:
+            log.info("resumed from %s (step %d)", latest, step)
+        return step
+
+    def _step(self, step: int, model, optimizer, ema: EMA, batches, sampler) -> StepStats:
+        """One optimizer step (with gradient accumulation); its logged statistics."""
+        plan, o = self.plan, self.recipe.optim
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses, tokens = [], 0
+        for _ in range(o.grad_accum):
+            loss, n = self.micro_step(model, next(batches), step)
+            sampler.advance(1)
+            losses.append(loss)
+            tokens += n
+        plan.sync_gradients(model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        ema.update(model, step)
+        # The group's loss shares sum to the sample's loss; average over replicas for the log.
+        loss_value = float(plan.world_mean(plan.sp_sum(torch.stack(losses).mean())))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        return StepStats(step + 1, loss_value, float(_full_value(grad_norm)), o.lr, seconds,
+                         tokens * plan.world_size / seconds)
+
+    def _save(self, manager: CheckpointManager, step: int, model, optimizer, ema: EMA, sampler) -> None:
+        extra = {"step": step, "ema": ema.state_dict(), "sampler": sampler.state_dict(),
+                 "rng": rng_state(), "generator": self.generator.get_state()}
+        if self.recycler is not None:
+            extra["recycler"] = self.recycler.state_dict()
+        manager.save(step, model, optimizer, self._model_config(), extra)
 
     def _tensorboard(self):
         if not self.plan.is_main:

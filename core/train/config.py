@@ -10,7 +10,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.config import ModelConfig, RuntimeConfig, overlay, pop_preset, read_recipe_data, require
+from core.config import (
+    ModelConfig,
+    QuantSettings,
+    RuntimeConfig,
+    check_types,
+    overlay,
+    pop_preset,
+    read_recipe_data,
+    require,
+)
 from core.train.recycle import RecycleConfig
 
 
@@ -35,6 +44,7 @@ class DataConfig:
     vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"
 
     def __post_init__(self) -> None:
+        check_types(self)
         require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
                 f"data: latent_frames > 0 and height/width multiples of 32 "
                 f"(got {self.latent_frames}, {self.height}x{self.width})")
@@ -52,6 +62,7 @@ class OptimConfig:
     ema_start_step: int = 100
 
     def __post_init__(self) -> None:
+        check_types(self)
         require(self.lr > 0 and self.grad_accum >= 1 and 0 <= self.ema_decay < 1,
                 f"optim: lr > 0, grad_accum >= 1, ema_decay in [0, 1) "
                 f"(got {self.lr}, {self.grad_accum}, {self.ema_decay})")
@@ -67,11 +78,11 @@ class LoopConfig:
     keep_checkpoints: int = 20
     log_every: int = 1
     init: str = ""  # generator weights to start from; empty: seeded random (tiny) / required (5B)
-    precision: Literal["bf16", "nvfp4"] = "bf16"
     activation_checkpointing: bool = True
     deterministic: bool = False  # same parameters after a kill + resume as in one run
 
     def __post_init__(self) -> None:
+        check_types(self)
         require(self.max_steps >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1,
                 "train: max_steps, checkpoint_every and keep_checkpoints must be >= 1")
 
@@ -84,12 +95,17 @@ class ParallelConfig:
     vae_halo_latents: int = 28
 
     def __post_init__(self) -> None:
+        check_types(self)
         require(self.sp >= 1 and self.max_restarts >= 0 and self.vae_halo_latents >= 0,
                 "parallel: sp >= 1, max_restarts >= 0, vae_halo_latents >= 0")
 
 
 @dataclass
 class TrainRecipe:
+    """`quant.precision: nvfp4` trains the 300 block linears with the official AR NVFP4 numerics
+    (the other `quant` keys select inference kernels and do not apply). `runtime.compile: always`
+    compiles the blocks; `auto` does not compile training."""
+
     preset: str = "wan2.2-ti2v-5b"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -98,6 +114,10 @@ class TrainRecipe:
     error_recycling: RecycleConfig = field(default_factory=RecycleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

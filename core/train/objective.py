@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.config import check_whole_blocks
+
 
 def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
     """Timestep shift of flow matching: s u / (1 + (s - 1) u)."""
@@ -91,9 +93,7 @@ class FlowMatchSchedule:
         image frame: t = 0 there (its index keeps the block's value, as in the reference). Under SP
         pass `i2v` only on the rank that holds global frame 0. Tensors live on the generator's device.
         """
-        if frames % frames_per_block != 0:
-            raise ValueError(f"{frames} frames are not a whole number of {frames_per_block}-frame blocks "
-                             f"(use a frame count that is a multiple of {frames_per_block})")
+        check_whole_blocks(frames, frames_per_block, "the training clip")
         index = torch.randint(0, self.steps, (batch, frames), generator=generator, device=generator.device)
         blocks = index.view(batch, frames // frames_per_block, frames_per_block)
         index = blocks[:, :, :1].expand_as(blocks).reshape(batch, frames)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from core.config import require
+from core.config import check_types, require
 from core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class RecycleConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
+        check_types(self)
         for name in ("context_inject_prob", "latent_inject_prob", "noise_inject_prob", "clean_prob",
                      "clean_buffer_update_prob"):
             value = getattr(self, name)

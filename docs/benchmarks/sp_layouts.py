@@ -26,19 +26,15 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from core.config import ModelConfig  # noqa: E402
-from core.dit import CausalWanDiT, random_init_  # noqa: E402
-from core.train.ar import checkpoint_blocks  # noqa: E402
+from longlive_cli.build import DiTSpec, build_dit  # noqa: E402
+from longlive_cli.parallelize import checkpoint_blocks  # noqa: E402
 from sp.balanced import BalancedLayout, NaiveLayout  # noqa: E402
 from sp.fsdp import shard_model  # noqa: E402
 from sp.plan import apply_sequence_parallel, balanced_teacher_forcing, naive_teacher_forcing  # noqa: E402
 
 
 def build(config: ModelConfig, precision: str, device: torch.device):
-    with torch.device("meta"):
-        model = CausalWanDiT(config)
-    model.to_empty(device=device)
-    random_init_(model, seed=0)
-    model.train()
+    model = build_dit(DiTSpec(config, device, torch.float32, seed=0)).model.train()
     if precision == "nvfp4":
         from quant.linear import ar_training_config, quantize_model
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
 
 from quant.kernels import dequantize_triton  # noqa: E402
-from quant.linear import DequantScratch, NVFP4Linear  # noqa: E402
+from quant.nvfp4_linear import DequantScratch, NVFP4Linear  # noqa: E402
 
 SHAPES = ((3072, 3072), (14336, 3072), (3072, 14336))  # [N, K]: q/k/v/o, ffn.0, ffn.2
 

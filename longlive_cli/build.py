@@ -1,0 +1,201 @@
+"""The one place where `core` and `quant` meet to make a DiT: a typed spec in, a ready model out.
+
+`build_dit(spec)` is used by every command that needs the generator (generate, multishot, bench,
+train-ar, convert-nvfp4, distill). It builds the `CausalWanDiT` on `meta` (the only construction
+outside `core/dit.py`), fills it from a checkpoint (bf16, official layouts, or a packed NVFP4
+file) or with seeded random weights, merges a LoRA in fp32, casts, swaps the block linears for
+the spec's precision, and returns the model with the KV-cache storage that goes with it.
+
+`check_dit_spec(spec)` runs first, cheaply, before anything heavy: file existence, packed-file
+rules and the Blackwell gate of `--quant-mode native` are checked once, here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import check_state_dict, load_generator, merge_lora, read_lora_state_dict, read_shapes
+from core.config import KVPrecision, ModelConfig, Precision, QuantMode, QuantSettings, Recipe
+from core.dit import CausalWanDiT, count_parameters, random_init_
+from core.errors import UserError
+from core.generate import GenerateRequest, Models, Placement
+from core.kv_cache import StorageFactory
+from core.pipeline import BuiltDiT
+
+
+def meta_dit(config: ModelConfig) -> CausalWanDiT:
+    """A `CausalWanDiT` with no storage (on `meta`): every model of the toolkit starts here."""
+    with torch.device("meta"):
+        return CausalWanDiT(config)
+
+
+@dataclass(frozen=True)
+class DiTSpec:
+    """Everything that decides the DiT a run gets. `checkpoint` None: seeded random weights."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+    checkpoint: Path | None = None
+    lora: Path | None = None
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    seed: int = 0
+    use_ema: bool = False
+    compile: bool = False  # torch.compile the blocks (core/optimize.py)
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, device: torch.device, dtype: torch.dtype, *,
+                    checkpoint: Path | None = None, lora: Path | None = None, compile: bool = False) -> DiTSpec:
+        return cls(recipe.model, device, dtype, checkpoint=checkpoint, lora=lora, quant=recipe.quant,
+                   seed=recipe.runtime.seed, compile=compile)
+
+
+def is_packed(path: Path | None) -> bool:
+    """A packed NVFP4 file of ours (`longlive convert-nvfp4`)."""
+    from quant.packed import is_nvfp4_file  # quant is imported only by runs that may need it
+
+    return path is not None and is_nvfp4_file(path)
+
+
+def check_dit_spec(spec: DiTSpec) -> None:
+    """Every check that needs no model, one line each (UserError)."""
+    for path, flag in ((spec.checkpoint, "--checkpoint"), (spec.lora, "--lora")):
+        if path is not None and not path.exists():
+            raise UserError(f"{flag} {path} not found: check the path")
+    if spec.checkpoint is not None and not is_packed(spec.checkpoint):
+        # names and shapes from the header / memory-mapped pickle: a wrong file fails in a second
+        check_state_dict(meta_dit(spec.config), read_shapes(spec.checkpoint, use_ema=spec.use_ema),
+                         str(spec.checkpoint))
+    if is_packed(spec.checkpoint):
+        if spec.quant.precision != Precision.nvfp4:
+            raise UserError(f"--checkpoint {spec.checkpoint} is a packed NVFP4 file: add --precision nvfp4")
+        if spec.lora is not None:
+            raise UserError(f"--lora cannot be merged into the packed NVFP4 file {spec.checkpoint}: convert the "
+                            f"bf16 checkpoint with `longlive convert-nvfp4 --lora` instead")
+    if spec.quant.precision == Precision.nvfp4 and spec.quant.mode == QuantMode.native:
+        from quant.linear import check_native_supported
+
+        check_native_supported(spec.device)
+
+
+def build_dit(spec: DiTSpec) -> BuiltDiT:
+    """The ready model (eval mode) and its KV-cache storage. Run `check_dit_spec` first."""
+    model = meta_dit(spec.config)
+    parameters = count_parameters(model)
+    quantize = _block_quantizer(spec)
+    if is_packed(spec.checkpoint):
+        from quant.packed import load_packed
+
+        model = load_packed(spec.checkpoint, model, spec.quant.mode).to(device=spec.device, dtype=spec.dtype)
+    elif spec.checkpoint is not None or spec.lora is not None:
+        model = _load(model, spec)
+        if quantize is not None:
+            quantize(model, "")
+    else:  # random weights, block by block: a quantized 5B never exists whole in bf16
+        _materialize_random(model, spec, quantize)
+    if spec.device.type == "cuda":
+        torch.cuda.empty_cache()
+    if spec.compile:
+        from core.optimize import compile_blocks
+
+        compile_blocks(model)
+    return BuiltDiT(model.eval(), _kv_storage(spec.quant), spec.quant.label, parameters, spec.compile)
+
+
+def _load(model: CausalWanDiT, spec: DiTSpec) -> CausalWanDiT:
+    if spec.checkpoint is not None:
+        load_generator(model, spec.checkpoint, use_ema=spec.use_ema)
+    else:
+        model.to_empty(device=spec.device)
+        random_init_(model, spec.seed)
+    if spec.lora is not None:
+        # Merge from fp32 weights like the official inference (it merges before the bf16 cast), so
+        # W' is rounded to the working dtype once; on the target device, so the 5B's fp32 copy
+        # lands in GPU memory rather than host memory.
+        model = merge_lora(model.to(device=spec.device, dtype=torch.float32),
+                           read_lora_state_dict(spec.lora), source=str(spec.lora))
+    return model.to(device=spec.device, dtype=spec.dtype)
+
+
+def _materialize_random(model: CausalWanDiT, spec: DiTSpec,
+                        quantize: Callable[[CausalWanDiT, str], None] | None) -> None:
+    """Seeded random weights (`random_init_`, by parameter index), one block at a time, each block
+    quantized as soon as it exists."""
+    index_of = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    model.to(spec.dtype)
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to_empty(device=spec.device)
+    random_init_(model, spec.seed, index_of=index_of)  # everything but the (still meta) blocks
+    for index, block in enumerate(model.blocks):
+        block.to_empty(device=spec.device)
+        prefix = f"blocks.{index}."
+        random_init_(model, spec.seed, prefix=prefix, index_of=index_of)
+        if quantize is not None:
+            quantize(model, prefix)
+
+
+def _block_quantizer(spec: DiTSpec) -> Callable[[CausalWanDiT, str], None] | None:
+    """`quantize(model, prefix)`: swap the selected linears under `prefix` for the spec's precision."""
+    if spec.quant.precision == Precision.bf16:
+        return None
+    from quant.linear import NVFP4Config, quantize_model
+
+    config = NVFP4Config(mode=spec.quant.mode, weight_rule=spec.quant.rule, activation_rule=spec.quant.rule)
+
+    def quantize(model: CausalWanDiT, prefix: str) -> None:
+        quantize_model(model, config, filter=lambda name, _: name.startswith(prefix))
+
+    return quantize
+
+
+def _kv_storage(quant: QuantSettings) -> StorageFactory | None:
+    if quant.kv_precision == KVPrecision.bf16:
+        return None
+    from quant.kv import nvfp4_storage
+
+    return nvfp4_storage(quant.kv_rule)  # one dequantized window shared by every cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The models of a generate / multishot run.
+
+
+def generation_spec(request: GenerateRequest, placement: Placement) -> DiTSpec:
+    """The DiT a generation request asks for; blocks compiled on a GPU when the video is long
+    enough to win the compile time back (`runtime.compile: auto`)."""
+    from core.optimize import DIT_BREAK_EVEN_CHUNKS, wants_compile
+
+    recipe = request.recipe
+    compile_blocks = wants_compile(recipe.runtime.compile, placement.device, request.schedule.num_chunks,
+                                   DIT_BREAK_EVEN_CHUNKS)
+    return DiTSpec.from_recipe(recipe, placement.device, placement.dtype, checkpoint=placement.checkpoint,
+                               lora=request.lora, compile=compile_blocks)
+
+
+def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) -> Models:
+    """DiT (`build_dit`), VAE and text encoder: seeded random weights for the tiny preset
+    (offline), the model folder's files for the 5B."""
+    from core.optimize import VAE_BREAK_EVEN_CHUNKS, compile_vae_decoder, wants_compile
+    from core.text import TextEncoder
+    from core.vae import load_vae, random_vae
+
+    recipe, device = request.recipe, placement.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed = recipe.runtime.seed
+    if placement.files is None:
+        text = TextEncoder.tiny(seed=seed, device=device)
+        vae = random_vae(recipe.vae, seed, device=placement.vae_device, dtype=placement.dtype)
+    else:
+        text = TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=device)
+        vae = load_vae(placement.files.vae, recipe.vae, device=placement.vae_device, dtype=placement.dtype)
+    dit = build_dit(spec)
+    if wants_compile(recipe.runtime.compile, placement.vae_device, request.schedule.num_chunks,
+                     VAE_BREAK_EVEN_CHUNKS):
+        compile_vae_decoder(vae)
+    return Models(dit, vae, text)
