@@ -79,7 +79,7 @@ def test_presets() -> None:
 
 @pytest.mark.parametrize("field, value, message", [
     ("base_dim", 0, "base_dim must be a positive integer"),
-    ("num_res_blocks", 1.5, "num_res_blocks must be a positive integer"),
+    ("num_res_blocks", 1.5, "bad value for 'num_res_blocks': expected an integer"),
     ("z_dim", 16, "z_dim must be 48"),
     ("dim_mult", (4,), "dim_mult must be at least two"),
     ("temporal_downsample", (True, True), "temporal_downsample must be 3 booleans"),
