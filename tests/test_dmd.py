@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import core.pipeline as pipeline
 import core.train.dmd as dmd
 from core.attention import sdpa
 from core.config import StreamConfig
@@ -141,7 +142,7 @@ def last_step_by_hand(model, noise, contexts, stream, cuts, recache_noise, image
             x0[:, :1] = image
         call((1 - s0) * x0 + s0 * recache_noise[:, f], torch.zeros(batch, fpb), c, text, offset)
         if cuts and cuts[c] and c > 0 and stream.pins_shot_sink:
-            cache.pin_last_chunk(fpb * S, stream.sink_frames * S)
+            cache.pin_last_chunk(fpb)
         out.append(x0)
     return torch.cat(out, dim=1)
 
@@ -171,8 +172,13 @@ def test_last_exit_step_is_generate_latents_with_grid_sigma(steps, batch, cuts, 
 # -- the training cache: equal to the rolling cache until a pinned sink leaves the window ---------
 
 
-def rollout_cache_transform(cache, device):
-    return RolloutKVCache(cache.layout, len(cache.layers))
+@pytest.fixture
+def training_caches(monkeypatch):
+    """`generate_latents` with the rollout's training cache in place of the rolling one."""
+    def allocate(model, stream, batch, tokens_per_frame, device, storage=None):
+        return RolloutKVCache(CacheLayout.from_stream(stream, tokens_per_frame), model.config.num_layers)
+
+    return lambda: monkeypatch.setattr(pipeline, "allocate_cache", allocate)
 
 
 @pytest.mark.parametrize("stream_kw,cuts", [
@@ -182,17 +188,18 @@ def rollout_cache_transform(cache, device):
     ({"sink_frames": 0, "multi_shot_sink": False}, None),
     ({"frames_per_block": 1, "local_window_frames": 5, "sink_frames": 1}, None),
 ])
-def test_training_cache_attends_what_the_rolling_cache_holds(stream_kw, cuts):
+def test_training_cache_attends_what_the_rolling_cache_holds(stream_kw, cuts, training_caches):
     model = tiny_model()
     stream = StreamConfig(**{**SMALL_STREAM, **stream_kw})
     frames = 14 if stream.frames_per_block == 2 else 7
     noise, contexts, _ = inputs(frames, 1, fpb=stream.frames_per_block)
     rolling = generate_latents(model, noise, contexts, stream, cuts)
-    training = generate_latents(model, noise, contexts, stream, cuts, cache_transform=rollout_cache_transform)
+    training_caches()
+    training = generate_latents(model, noise, contexts, stream, cuts)
     torch.testing.assert_close(training, rolling, rtol=1e-6, atol=1e-6)
 
 
-def test_training_cache_drops_a_pinned_sink_the_rolling_cache_protects():
+def test_training_cache_drops_a_pinned_sink_the_rolling_cache_protects(training_caches):
     """Cut at chunk 2 (window of 3 chunks, 1-chunk sink): at chunk 4 the rolling cache holds
     [c0, c2 (pinned, protected), c4] while the training window is [c0, c3, c4]; from chunk 5 on
     both attend c0, the pinned c2 and the newest chunk again (reference-systems.md §6.3)."""
@@ -205,7 +212,8 @@ def test_training_cache_drops_a_pinned_sink_the_rolling_cache_protects():
     assert attended_ranges(layout, pin, 10 * S) == [(0, 2 * S), (6 * S, 10 * S)]
     assert attended_ranges(layout, pin, 12 * S) == [(0, 2 * S), (4 * S, 6 * S), (10 * S, 12 * S)]
     rolling = generate_latents(model, noise, contexts, stream, cuts)
-    training = generate_latents(model, noise, contexts, stream, cuts, cache_transform=rollout_cache_transform)
+    training_caches()
+    training = generate_latents(model, noise, contexts, stream, cuts)
     torch.testing.assert_close(training[:, :8], rolling[:, :8], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(training[:, 8:10], rolling[:, 8:10], atol=1e-3)
 
@@ -295,8 +303,9 @@ class OfficialInPlaceCache:
         self.k = [torch.zeros(1, tokens, 4, 32) for _ in range(num_layers)]
         self.v = [torch.zeros(1, tokens, 4, 32) for _ in range(num_layers)]
 
-    def begin(self, start_token, num_tokens, rewrite_at=None, keep_kv=True):
-        self.span = (start_token, start_token + num_tokens)
+    def begin(self, start_frame, num_frames, rewrite_at_frame=None, keep_kv=True):
+        per_frame = self.layout.tokens_per_frame
+        self.span = (start_frame * per_frame, (start_frame + num_frames) * per_frame)
         self.new = [None] * len(self.k)
         return [lambda q, k, v, i=i: self._attend(i, q, k, v) for i in range(len(self.k))]
 
@@ -314,7 +323,7 @@ class OfficialInPlaceCache:
         for i, (k, v) in enumerate(self.new):
             self.k[i][:, start:end], self.v[i][:, start:end] = k, v
 
-    def pin_last_chunk(self, chunk_tokens, sink_tokens):
+    def pin_last_chunk(self, num_frames):
         pass
 
 

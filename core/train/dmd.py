@@ -192,10 +192,11 @@ class RolloutKVCache:
 
     # -- the DiT's cache protocol (`forward_chunk`): begin -> one attend per layer -> commit --
 
-    def begin(self, start_token: int, num_tokens: int, rewrite_at: int | None = None,
+    def begin(self, start_frame: int, num_frames: int, rewrite_at_frame: int | None = None,
               keep_kv: bool = True) -> list[Attend]:
-        assert rewrite_at is None, "a training rollout never re-encodes its window"
-        return self.open_write(start_token, start_token + num_tokens, keep_kv)
+        assert rewrite_at_frame is None, "a training rollout never re-encodes its window"
+        per_frame = self.layout.tokens_per_frame
+        return self.open_write(start_frame * per_frame, (start_frame + num_frames) * per_frame, keep_kv)
 
     def commit(self) -> None:
         self.close_write()
@@ -222,10 +223,12 @@ class RolloutKVCache:
             self.current = (self._write.start, self._write.end)
         self._write = None
 
-    def pin_last_chunk(self, chunk_tokens: int, sink_tokens: int) -> None:
+    def pin_last_chunk(self, num_frames: int) -> None:
         """Mark the chunk just written as the shot sink (as `core.kv_cache.KVCache` does)."""
+        chunk_tokens = num_frames * self.layout.tokens_per_frame
         assert self.current is not None and self.current[1] - self.current[0] == chunk_tokens
-        self.pin = CacheState(pinned_start=self.current[0], pinned_len=min(sink_tokens, chunk_tokens))
+        self.pin = CacheState(pinned_start=self.current[0],
+                              pinned_len=min(self.layout.sink_tokens, chunk_tokens))
 
 
 def rollout_cache(generator: CausalWanDiT, stream: StreamConfig, height: int, width: int) -> RolloutKVCache:
@@ -296,8 +299,7 @@ def _recache(generator: CausalWanDiT, x0: Tensor, noise_BfCHW: Tensor, chunk: _C
     s0 = grid.t_to_sigma(torch.zeros(x0.shape[:2], device=x0.device))
     _velocity(generator, _noised(x0, noise_BfCHW, s0), 0.0, chunk)
     if chunk.plan.pin_shot_sink:
-        layout = chunk.cache.layout
-        chunk.cache.pin_last_chunk(chunk.plan.num_frames * layout.tokens_per_frame, layout.sink_tokens)
+        chunk.cache.pin_last_chunk(chunk.plan.num_frames)
 
 
 def _exit_steps(exit_step: int | Sequence[int], num_chunks: int, steps: int) -> list[int]:
