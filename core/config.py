@@ -75,10 +75,13 @@ class Choice(str, enum.Enum):
 
 
 class Precision(Choice):
-    """Storage and numerics of the DiT's 300 block linears."""
+    """Storage and numerics of the DiT's 300 block linears: bf16 (the working dtype), nvfp4
+    (packed 4-bit, see `QuantMode`), fp8 (e4m3 per-output-channel weights, per-token activations,
+    FP8 tensor-core GEMMs on Hopper and newer; quant/fp8.py)."""
 
     bf16 = "bf16"
     nvfp4 = "nvfp4"
+    fp8 = "fp8"
 
 
 class KVPrecision(Choice):
@@ -449,7 +452,8 @@ class QuantSettings:
     @property
     def label(self) -> str:
         """What the summaries call the storage, e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"."""
-        weights = f"nvfp4 {self.mode} ({self.rule})" if self.precision == Precision.nvfp4 else ""
+        weights = {Precision.nvfp4: f"nvfp4 {self.mode} ({self.rule})", Precision.fp8: "fp8 w8a8"}.get(
+            self.precision, "")
         kv = f"kv nvfp4 ({self.kv_rule})" if self.kv_precision == KVPrecision.nvfp4 else ""
         return ", ".join(part for part in (weights, kv) if part)
 

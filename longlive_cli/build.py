@@ -80,6 +80,10 @@ def check_dit_spec(spec: DiTSpec) -> None:
         from quant.linear import check_native_supported
 
         check_native_supported(spec.device)
+    if spec.quant.precision == Precision.fp8:
+        from quant.fp8 import check_fp8_supported
+
+        check_fp8_supported(spec.device)
 
 
 def build_dit(spec: DiTSpec) -> BuiltDiT:
@@ -140,17 +144,19 @@ def _materialize_random(model: CausalWanDiT, spec: DiTSpec,
 
 
 def _block_quantizer(spec: DiTSpec) -> Callable[[CausalWanDiT, str], None] | None:
-    """`quantize(model, prefix)`: swap the selected linears under `prefix` for the spec's precision."""
+    """`quantize(model, prefix)`: swap the selected linears under `prefix` for the spec's precision
+    (weights quantized from their current values: any LoRA is merged by then)."""
     if spec.quant.precision == Precision.bf16:
         return None
+    if spec.quant.precision == Precision.fp8:
+        from quant.fp8 import FP8Config, quantize_fp8
+
+        fp8 = FP8Config()
+        return lambda model, prefix: quantize_fp8(model, fp8, filter=lambda name, _: name.startswith(prefix))
     from quant.linear import NVFP4Config, quantize_model
 
-    config = NVFP4Config(mode=spec.quant.mode, weight_rule=spec.quant.rule, activation_rule=spec.quant.rule)
-
-    def quantize(model: CausalWanDiT, prefix: str) -> None:
-        quantize_model(model, config, filter=lambda name, _: name.startswith(prefix))
-
-    return quantize
+    nvfp4 = NVFP4Config(mode=spec.quant.mode, weight_rule=spec.quant.rule, activation_rule=spec.quant.rule)
+    return lambda model, prefix: quantize_model(model, nvfp4, filter=lambda name, _: name.startswith(prefix))
 
 
 def _kv_storage(quant: QuantSettings) -> StorageFactory | None:

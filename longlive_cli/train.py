@@ -61,6 +61,9 @@ def load_job_recipe(job: TrainJob, world: int):
             recipe = overlay(recipe, {"quant": {"precision": job.precision}})
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
+    if recipe.quant.precision == Precision.fp8:
+        raise UserError("--precision fp8 is an inference format (FP8Linear has no backward): train with bf16 or "
+                        "nvfp4, then generate with --precision fp8")
     d, loop = recipe.data, recipe.train
     check_sp_config(world, recipe.parallel.sp, d.latent_frames, loop.frames_per_block,
                     recipe.model.num_heads, prompt_chunks=d.latent_frames // loop.frames_per_block)

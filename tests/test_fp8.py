@@ -30,7 +30,7 @@ from quant.fp8 import (
     quantize_fp8,
     quantize_rows_reference,
 )
-from quant.kv import WindowBuffer, quantize_kv_cache
+from quant.kv import WindowBuffer, nvfp4_storage
 from quant.linear import DEFAULT_EXCLUDE, select_linears
 from tests.conftest import SMALL_STREAM, tiny_model
 from tests.test_pipeline import inputs
@@ -279,6 +279,5 @@ def test_streaming_run_sqnr_floor_alone_and_with_the_nvfp4_kv_cache():
     assert sqnr_db(reference, quantized) >= 37.0
     window = WindowBuffer()
     with_kv = generate_latents(quantize_fp8(tiny_model(0)), noise, contexts, stream,
-                               cache_transform=lambda cache, device: quantize_kv_cache(cache, "mse", window,
-                                                                                        device=device))
+                               kv_storage=nvfp4_storage("mse", window))
     assert sqnr_db(reference, with_kv) >= 37.0

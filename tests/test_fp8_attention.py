@@ -26,7 +26,7 @@ from quant.fp8_attention import (
     quantize_qkv,
     sqnr_db,
 )
-from quant.kv import WindowBuffer, quantize_kv_cache
+from quant.kv import WindowBuffer, nvfp4_storage
 from tests.conftest import SMALL_STREAM, tiny_model
 from tests.test_pipeline import inputs
 
@@ -98,8 +98,7 @@ def test_streaming_run_fp8_attention_beats_the_nvfp4_kv_cache(monkeypatch):
     reference = generate_latents(tiny_model(0), noise, contexts, stream)
     window = WindowBuffer()
     nvfp4 = generate_latents(tiny_model(0), noise, contexts, stream,
-                             cache_transform=lambda cache, device: quantize_kv_cache(cache, "mse", window,
-                                                                                      device=device))
+                             kv_storage=nvfp4_storage("mse", window))
     numerics = BACKENDS["fa3"].numerics
     monkeypatch.setattr(core.kv_cache, "sdpa",
                         lambda q, k, v, mask=None: fp8_attention_reference(q, k, v, numerics).to(q.dtype))

@@ -45,6 +45,19 @@ def test_generate_with_nvfp4_weights_and_cache(tmp_path, capsys):
     assert "nvfp4 w4a16 (mse), kv nvfp4 (mse)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags, label", [(["--precision", "fp8"], "fp8 w8a8"),
+                                          (["--precision", "fp8", "--kv-precision", "nvfp4"], "fp8 w8a8, kv nvfp4")])
+def test_generate_with_fp8_weights(tmp_path, capsys, flags, label):
+    video = tmp_path / "fp8.mp4"
+    assert main(["generate", "a red ball", *FAST, *flags, "-o", str(video)]) == 0
+    assert video.stat().st_size > 0 and label in capsys.readouterr().out
+
+
+def test_fp8_is_not_a_training_format(tmp_path, capsys):
+    assert main(["train-ar", "train_ar_tiny", "--precision", "fp8", "--logdir", str(tmp_path / "run")]) == 2
+    assert "fp8 is an inference format" in capsys.readouterr().err
+
+
 def test_bench_reports_the_packed_sizes(capsys):
     sizes = {}
     for flags in ([], ["--precision", "nvfp4", "--kv-precision", "nvfp4"]):

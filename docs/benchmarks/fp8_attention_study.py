@@ -45,7 +45,7 @@ from quant.fp8_attention import (  # noqa: E402
     fp8_attention_reference,
     sqnr_db,
 )
-from quant.kv import FrameSlots, WindowBuffer, quantize_kv_cache  # noqa: E402
+from quant.kv import FrameSlots, WindowBuffer, nvfp4_storage  # noqa: E402
 
 TOKENS_PER_FRAME = 880
 WINDOW = 32 * TOKENS_PER_FRAME
@@ -117,8 +117,7 @@ def streaming(seed: int) -> dict:
     reference = generate_latents(tiny_model(seed), noise, contexts, stream)
     window = WindowBuffer()
     nvfp4 = generate_latents(tiny_model(seed), noise, contexts, stream,
-                             cache_transform=lambda cache, device: quantize_kv_cache(cache, "mse", window,
-                                                                                      device=device))
+                             kv_storage=nvfp4_storage("mse", window))
     row = {"nvfp4 kv": sqnr_db(reference, nvfp4)}
     for name in ("cudnn", "fa3", "head+blockP"):
         with cache_attention(RECIPES[name]):
