@@ -66,12 +66,13 @@ def channels_last_vae_decoder(vae) -> None:
 
 def warm_up_vae_decoder(vae, latent_height: int, latent_width: int, frames_per_block: int) -> None:
     """Run (and so compile) every kind of decoder slice ahead of a timed or latency-sensitive run:
-    the first chunk of a video and a later one."""
+    chunks of `frames_per_block` latents until the first cell and a later one are done."""
     param = next(vae.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(0)
-    latents = torch.randn(1, vae.config.z_dim, 2 * frames_per_block, latent_height, latent_width,
-                          generator=generator, device=param.device, dtype=param.dtype)
     decoder = vae.streaming_decoder()
+    chunks = max(2, -(-2 * decoder.plan.latents_per_cell // frames_per_block))
+    generator = torch.Generator(device=param.device).manual_seed(0)
+    latents = torch.randn(1, vae.config.z_dim, chunks * frames_per_block, latent_height, latent_width,
+                          generator=generator, device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        decoder.decode(latents[:, :, :frames_per_block])
-        decoder.decode(latents[:, :, frames_per_block:])
+        for chunk in latents.split(frames_per_block, dim=2):
+            decoder.decode(chunk)

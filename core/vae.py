@@ -74,7 +74,6 @@ class DecodePlan:
 PER_LATENT_PLAN = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Patchify: 2x2 space-to-depth, channel index c*4 + r*2 + q (c colour, r column offset, q row
 # offset). Swapping r and q still "works" but gives a different image.
@@ -120,9 +119,9 @@ def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ..
 class CausalCache:
     """What the causal layers of one encoder or decoder pass carry from one step to the next.
 
-    For each temporal convolution, the last input frames it needs as past context; and whether
-    the current step is the first of the video (it follows special rules). One object per video:
-    independent streams never share state.
+    For each temporal convolution, the last input frames it needs as past context; and, for the
+    encoder, whether the current step is the first of the video (it follows special rules; the
+    decoder is told per call). One object per video: independent streams never share state.
     """
 
     def __init__(self) -> None:
@@ -332,8 +331,8 @@ class Upsample(nn.Module):
         C = conv.out_channels
         B, _, T, H, W = x.shape
         weight = subpixel_weight(conv.weight).unsqueeze(2)
-        if conv.weight.is_contiguous(memory_format=torch.channels_last):  # keep channels-last weights so
-            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):  # channels-last weights: the
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)  # phase kernels too
         phases = conv3d(x, weight, conv.bias.repeat(4), padding=(0, 1, 1))
         out = empty_like_layout(phases, (B, C, T, H, 2, W, 2))
         for a in range(2):
