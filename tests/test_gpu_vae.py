@@ -56,10 +56,13 @@ def test_cell_decoder_in_bf16_is_as_close_to_fp32_as_the_loop() -> None:
     with torch.no_grad():
         exact = random_vae(config, seed=6, device="cuda").decode(latents, PER_LATENT_PLAN).float()
         vae = random_vae(config, seed=6, device="cuda", dtype=torch.bfloat16)
-        errors = {name: (vae.decode(latents.bfloat16(), plan).float() - exact).abs().max().item()
+        errors = {name: vae.decode(latents.bfloat16(), plan).float() - exact
                   for name, plan in (("loop", PER_LATENT_PLAN), ("cells", DecodePlan()))}
-    assert errors["cells"] <= 1.5 * errors["loop"] + 1e-3, errors
-    assert errors["loop"] < 0.05 * exact.abs().max().item(), errors
+    rms = {name: error.pow(2).mean().sqrt().item() for name, error in errors.items()}
+    worst = {name: error.abs().max().item() for name, error in errors.items()}
+    # the sub-pixel kernels round their summed weights to bf16 once more: ~1% more error measured
+    assert rms["cells"] <= 1.2 * rms["loop"] and worst["cells"] <= 2 * worst["loop"], (rms, worst)
+    assert worst["loop"] < 0.05 * exact.abs().max().item(), worst
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
