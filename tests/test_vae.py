@@ -635,8 +635,8 @@ def test_meta_decode_at_720p_stays_within_its_memory_budget() -> None:
         with torch.no_grad(), LiveBytes() as tracker:
             model.decode(latents, plan)
         peaks[name] = tracker.peak / 2**30
-    # about 3 GiB of it is the feature cache (2 frames per causal conv), needed by every plan
-    assert peaks["capped"] < 5.8 and peaks["capped"] < peaks["per_latent"] - 0.8, peaks
+    # 3.1 GiB of it is the feature cache (2 frames per causal conv), needed by every plan
+    assert peaks["capped"] < 5.0 and peaks["capped"] < peaks["per_latent"] - 1.5, peaks
 
 
 class LiveBytes(TorchDispatchMode):

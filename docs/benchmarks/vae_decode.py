@@ -1,20 +1,20 @@
 """Wan2.2 VAE streaming decode, old path vs new path, in one run: seconds per 8-latent (32-frame)
 chunk at 720p in bf16, peak memory, and how far the new outputs are from the old ones.
 
-    PYTHONPATH=. python docs/benchmarks/vae_decode.py --profile    # old,new,new-256M,new-cl,new-compiled
-    PYTHONPATH=. python docs/benchmarks/vae_decode.py --variants old,new-compiled-cl,new-compiled-1G
+    PYTHONPATH=. python docs/benchmarks/vae_decode.py --profile    # old,new,new-512M,new-512M-cl,new-compiled
+    PYTHONPATH=. python docs/benchmarks/vae_decode.py --variants old,new-compiled-512M-cl,new-compiled-cl
     PYTHONPATH=. python docs/benchmarks/vae_decode.py --device cpu --preset tiny --height 128 --width 128 \\
         --chunks 2 --variants old,new                                   # CPU smoke run / the README demo's VAE
 
 Variants (name = path[-option...]):
   old            the official per-latent loop, op for op (`PER_LATENT_PLAN`), eager
-  new            the cell decoder, `DecodePlan()` defaults (4-latent cells, 512 MiB slices, sub-pixel
+  new            the cell decoder, `DecodePlan()` defaults (4-latent cells, 256 MiB slices, sub-pixel
                  upsampling), eager
   ...-compiled   `core.optimize.compile_vae_decoder` (inductor); compiling happens in the first chunk
   ...-maxat      with -compiled: mode "max-autotune-no-cudagraphs" (as the official LLV2_COMPILE_VAE; slow to compile)
   ...-cl         `core.optimize.channels_last_vae_decoder` (channels-last weights and activations)
   ...-cudnnbench torch.backends.cudnn.benchmark = True
-  ...-k8 / -256M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 256 MiB, 1 GiB, None /
+  ...-k8 / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 512 MiB, 1 GiB, None /
                  subpixel_upsample=False
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from core.optimize import channels_last_vae_decoder, compile_vae_decoder
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 
-DEFAULT_VARIANTS = "old,new,new-256M,new-cl,new-compiled"
-PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "256M": {"slice_bytes": 2**28}, "1G": {"slice_bytes": 2**30},
+DEFAULT_VARIANTS = "old,new,new-512M,new-512M-cl,new-compiled"
+PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
                 "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False}}
 OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", *PLAN_OPTIONS}
 
