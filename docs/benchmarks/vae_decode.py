@@ -19,8 +19,8 @@ Variants (name = path[-option...]):
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
 torch.cuda.max_memory_allocated over the variant's whole run (weights included: `weights_gib`);
-`max_abs_diff_vs_old` compares every decoded frame with the `old` variant's (bf16 outputs, so the
-bf16 rounding of two different op orders: compare with `max_abs_old`). Random weights and latents
+`max_abs_diff_vs_old` / `rms_diff_vs_old` compare every decoded frame with the `old` variant's (bf16
+outputs, so the bf16 rounding of two different op orders: compare with `max_abs_old`). Random weights and latents
 (times do not depend on the values); each variant builds its own model, so settings do not leak.
 """
 
@@ -131,14 +131,22 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
     }
     result["fps"] = round(result["frames_per_chunk"] / result["seconds_per_chunk"], 2)
     if reference is not None:
-        result["max_abs_diff_vs_old"] = max((a.to(device).float() - b.to(device).float()).abs().max().item()
-                                            for a, b in zip(outputs, reference, strict=True))
-        result["max_abs_old"] = max(b.to(device).float().abs().max().item() for b in reference)
-    if args.profile and name == args.profile_variant:
+        result.update(compare(outputs, reference, device))
+    if args.profile and name == args.profile_variant and cuda:
         profile_chunk(decoder, latents[:, :, -args.latents_per_chunk:])
     del decoder, vae
     torch.backends.cudnn.benchmark = False
     return result, outputs
+
+
+def compare(outputs: list[torch.Tensor], reference: list[torch.Tensor], device: torch.device) -> dict:
+    """max and RMS |difference| over every frame, and the largest reference value."""
+    worst = squares = count = largest = 0.0
+    for out, ref in zip(outputs, reference, strict=True):
+        diff = out.to(device).float() - ref.to(device).float()
+        worst, largest = max(worst, diff.abs().max().item()), max(largest, ref.abs().max().item())
+        squares, count = squares + diff.pow(2).sum().item(), count + diff.numel()
+    return {"max_abs_diff_vs_old": worst, "rms_diff_vs_old": (squares / count) ** 0.5, "max_abs_old": largest}
 
 
 def profile_chunk(decoder, chunk: torch.Tensor) -> None:
