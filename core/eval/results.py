@@ -78,6 +78,8 @@ def build_results(settings: EvalSettings, scored: dict) -> tuple[dict, dict]:
     for name, video in scored["videos"].items():
         dims = {}
         for dimension in settings.dimensions:
+            if dimension not in video["dimensions"]:
+                continue  # its prompt does not serve this dimension
             dims[dimension], fusion = _video_dimension(dimension, video["dimensions"][dimension],
                                                        video["fps"], settings)
             if fusion is not None:
@@ -86,10 +88,13 @@ def build_results(settings: EvalSettings, scored: dict) -> tuple[dict, dict]:
                         "scenes": video["scenes"], "dimensions": dims}
     dimensions = {}
     for dimension in settings.dimensions:
+        scored_videos = [v["dimensions"][dimension] for v in videos.values() if dimension in v["dimensions"]]
+        if not scored_videos:
+            continue
         if settings.mode == "long":  # VBench-Long's all_results: every clip of every video
-            values = [c["score"] for v in videos.values() for c in v["dimensions"][dimension]["clips"]]
+            values = [c["score"] for v in scored_videos for c in v["clips"]]
         else:
-            values = [v["dimensions"][dimension]["score"] for v in videos.values()]
+            values = [v["score"] for v in scored_videos]
         dimensions[dimension] = {"score": mean(values)}
     overall = None
     if all(d in dimensions for d in DIMENSIONS):

@@ -28,6 +28,7 @@ class Video:
     path: str
     prompt: str
     auxiliary: dict
+    dimensions: tuple[str, ...] | None  # the dimensions scored on it (None: all)
     fps: float = 0.0
     num_frames: int = 0
     scenes: list[tuple[int, int]] = field(default_factory=list)
@@ -166,14 +167,19 @@ def run(request: dict) -> dict:
     compat.install()
     torch.hub.set_dir(str(cache_dir / "torch_hub"))
     settings = EvalSettings(**{**request["settings"], "dimensions": tuple(request["settings"]["dimensions"])})
-    videos = [Video(v["name"], v["path"], v["prompt"], v.get("auxiliary") or {}) for v in request["videos"]]
+    videos = [Video(v["name"], v["path"], v["prompt"], v.get("auxiliary") or {},
+                    tuple(v["dimensions"]) if v.get("dimensions") is not None else None) for v in request["videos"]]
     for video in videos:
         probe(video, settings)
     virtual, files = VirtualClips(), ClipFiles(work_dir, settings.scene_threshold)
-    per_dimension = {d: score_dimension(videos, d, settings, virtual, files, cache_dir) for d in settings.dimensions}
+    per_dimension = {}
+    for d in settings.dimensions:
+        serving = [v for v in videos if v.dimensions is None or d in v.dimensions]
+        per_dimension[d] = score_dimension(serving, d, settings, virtual, files, cache_dir) if serving else {}
     return {"versions": versions(), "videos": {
         v.name: {"path": v.path, "fps": v.fps, "num_frames": v.num_frames, "scenes": [list(s) for s in v.scenes],
-                 "dimensions": {d: per_dimension[d][v.name] for d in settings.dimensions}} for v in videos}}
+                 "dimensions": {d: per_dimension[d][v.name] for d in settings.dimensions if v.name in per_dimension[d]}}
+        for v in videos}}
 
 
 def main(argv: list[str]) -> int:
