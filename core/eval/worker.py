@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,8 +175,11 @@ def run(request: dict) -> dict:
     virtual, files = VirtualClips(), ClipFiles(work_dir, settings.scene_threshold)
     per_dimension = {}
     for d in settings.dimensions:
+        started = time.perf_counter()
         serving = [v for v in videos if v.dimensions is None or d in v.dimensions]
         per_dimension[d] = score_dimension(serving, d, settings, virtual, files, cache_dir) if serving else {}
+        print(f"[longlive worker] {d}: {len(serving)} videos in {time.perf_counter() - started:.1f} s",
+              file=sys.stderr, flush=True)
     return {"versions": versions(), "videos": {
         v.name: {"path": v.path, "fps": v.fps, "num_frames": v.num_frames, "scenes": [list(s) for s in v.scenes],
                  "dimensions": {d: per_dimension[d][v.name] for d in settings.dimensions if v.name in per_dimension[d]}}
