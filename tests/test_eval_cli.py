@@ -112,6 +112,7 @@ def worker_response(names, dims) -> dict:
 
 
 def test_outputs_from_a_worker_response(tmp_path, videos, full_cache, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots need the [eval] extra")
     import longlive_cli.eval as cli
 
     dims = ("subject_consistency", "temporal_flickering")

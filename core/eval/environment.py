@@ -67,7 +67,7 @@ def install_env(env_dir: Path, torch_pins: tuple[str, ...], run: Callable = subp
     if not env_python(env_dir).exists():
         log(f"creating {env_dir}")
         run([sys.executable, "-m", "venv", str(env_dir)], check=True)
-    pip = [str(env_python(env_dir)), "-m", "pip", "install", "--disable-pip-version-check"]
+    pip = [str(env_python(env_dir)), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     log(f"installing {' '.join(torch_pins)} into {env_dir}")
     run([*pip, *torch_pins], check=True)
     log(f"installing {', '.join(VBENCH_REQUIREMENTS)}")
