@@ -4,7 +4,8 @@
 Where vbench ships the architecture (RAFT, AMT-S, MUSIQ via pyiqa), the stand-in IS that
 architecture with seeded random weights; CLIP stand-ins are openai-clip's own `CLIP` class at a
 small width, traced to TorchScript as OpenAI ships it (`clip.load` reads the widths back from the
-shapes, so they load through the real path); DINO / DINOv2 (torch.hub code vbench does not ship) get a small timm ViT behind a hubconf.
+shapes, so they load through the real path); DINO / DINOv2 (torch.hub code vbench does not ship)
+get a small timm ViT behind a hubconf.
 Scores from stand-ins are meaningless; what they prove is that every dimension's wiring runs.
 """
 
@@ -79,7 +80,8 @@ def build(cache: Path, dimensions: list[str]) -> None:
         from vbench.third_party.amt.utils.build_utils import build_from_cfg
 
         config = os.path.join(os.path.dirname(vbench.__file__), "third_party/amt/cfgs/AMT-S.yaml")
-        _save({"state_dict": build_from_cfg(OmegaConf.load(config).network).state_dict()}, cache / "amt_model/amt-s.pth")
+        network = build_from_cfg(OmegaConf.load(config).network)
+        _save({"state_dict": network.state_dict()}, cache / "amt_model/amt-s.pth")
     if "subject_consistency" in dimensions:
         for repo in ("dino_model/facebookresearch_dino_main", "torch_hub/facebookresearch_dinov2_main"):
             (cache / repo).mkdir(parents=True, exist_ok=True)
