@@ -161,3 +161,31 @@ def test_download_eval_dry_run_lists_cache_files(tmp_path, capsys):
     code, out, _ = run(["download", "--eval", "--dry-run", "--cache-dir", str(tmp_path),
                         "--dimensions", "dynamic_degree"], capsys)
     assert code == 0 and "raft-things.pth" in out and "torch==" in out
+
+
+@pytest.mark.slow
+def test_generate_source_loads_the_model_once(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="plots need the [eval] extra")
+    """--prompt-file with the tiny preset: VBench-named videos, recorded seeds, one DiT build."""
+    import core.checkpoint
+    import longlive_cli.eval as cli
+
+    builds = []
+    real_build = core.checkpoint.build_generator
+    monkeypatch.setattr(core.checkpoint, "build_generator", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(cli, "score_videos", lambda videos_, settings, cache_dir, python: worker_response(
+        [v.name for v in videos_], settings.dimensions))
+    monkeypatch.setattr("core.eval.environment.worker_python", lambda env_dir: Path("/usr/bin/python3"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue cube\n")
+    out = tmp_path / "r.json"
+    code, stdout, _ = run(["eval-vbench", "--prompt-file", str(prompts), "--preset", "tiny", "--samples", "1",
+                           "--seed", "7", "--seconds", "0.3", "--set", "video.height=64", "--set", "video.width=64",
+                           "--dimensions", "temporal_flickering", "--out", str(out), "--device", "cpu",
+                           "--cache-dir", str(tmp_path)], capsys)
+    assert code == 0, stdout
+    assert sorted(p.name for p in (tmp_path / "r_videos").iterdir()) == ["a blue cube-0.mp4", "a red ball-0.mp4"]
+    assert len(builds) == 1
+    provenance = json.loads((tmp_path / "r.provenance.json").read_text())
+    assert provenance["seeds"] == {"a red ball-0": 7, "a blue cube-0": 7}
+    assert provenance["prompt_file_sha256"] == __import__("hashlib").sha256(prompts.read_bytes()).hexdigest()
