@@ -180,27 +180,32 @@ def test_frames_mode_scores_the_decoded_frames_of_each_span(video, tmp_path):
 
 
 @pytest.mark.slow
-def test_every_standin_dimension_runs_end_to_end(video, tmp_path):
-    """Seeded stand-ins (RAFT, AMT-S, MUSIQ as vbench ships them; small CLIP / ViT) through the CLI."""
+def test_every_standin_dimension_runs_end_to_end(tmp_path):
+    """Seeded stand-ins (RAFT, AMT-S, MUSIQ as vbench ships them; small CLIP / ViT) through the CLI, on a
+    16-frame video cut into two 1 s clips (so the clip-to-clip branch runs too)."""
     from core.eval.standins import STANDIN_DIMENSIONS
 
-    cache = tmp_path / "cache"
+    cache, folder = tmp_path / "cache", tmp_path / "videos"
     in_env("""
         import sys
         from pathlib import Path
         from core.eval.standins import build, STANDIN_DIMENSIONS
+        from core.eval.synthetic import write_scene_video
         build(Path(sys.argv[1]), list(STANDIN_DIMENSIONS))
+        Path(sys.argv[2]).mkdir()
+        write_scene_video(sys.argv[2] + "/a person is running-0.mp4", [16], width=128, height=128)
         print("{}")
-    """, str(cache))
+    """, str(cache), str(folder))
     dims = [d for d in STANDIN_DIMENSIONS if d != "appearance_style"]  # needs VBench prompt info
-    results = _cli([str(video.parent), "--dimensions", ",".join(dims), "--scene-split", "--no-dev-flag",
+    results = _cli([str(folder), "--dimensions", ",".join(dims), "--clip-seconds", "1", "--no-dev-flag",
                     "--cache-dir", str(cache)], tmp_path)
-    for name, entry in results["videos"].items():
-        for dimension in dims:
-            clips = entry["dimensions"][dimension]["clips"]
-            assert clips and all(math.isfinite(c["score"]) for c in clips), (name, dimension)
-    dynamic = results["videos"]["a cat-0"]["dimensions"]["dynamic_degree"]["clips"]
-    assert all(c["score"] in (0.0, 1.0) and len(c["pair_scores"]) == c["end"] - c["start"] - 1 for c in dynamic)
-    dev = _cli([str(video), "--dimensions", "subject_consistency", "--scene-split", "--cache-dir", str(cache)],
-               tmp_path)  # DINOv2 stand-in on the clip-to-clip branch
+    video = results["videos"]["a person is running-0"]
+    for dimension in dims:
+        clips = video["dimensions"][dimension]["clips"]
+        assert [(c["start"], c["end"]) for c in clips] == [(0, 8), (8, 16)], dimension
+        assert all(math.isfinite(c["score"]) for c in clips), dimension
+    assert all(c["score"] in (0.0, 1.0) and len(c["pair_scores"]) == 7
+               for c in video["dimensions"]["dynamic_degree"]["clips"])
+    dev = _cli([str(folder), "--dimensions", "subject_consistency", "--clip-seconds", "1", "--cache-dir", str(cache)],
+               tmp_path)  # DINOv2 stand-in on the clip-to-clip branch, 0.5 / 0.5 fusion
     assert math.isfinite(dev["dimensions"]["subject_consistency"]["score"])

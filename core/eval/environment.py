@@ -26,10 +26,11 @@ DEFAULT_ENV_DIR = Path("~/.cache/longlive/vbench-env").expanduser()
 # The set the worker is tested with (besides torch + torchvision, chosen by `torch_pair`).
 VBENCH_REQUIREMENTS = (
     "vbench==0.1.5",  # brings numpy<2, transformers==4.33.2, timm, openai-clip, pyiqa, decord, opencv
-    "scenedetect[opencv]==0.7.2",
+    "scenedetect==0.7.2",  # its OpenCV comes with vbench (opencv-python)
     "moviepy<2",  # vbench2_beta_long imports moviepy.editor
     "setuptools<81",  # openai-clip imports pkg_resources
     "dreamsim==0.2.1",  # VBench-Long's background fast branch
+    "peft==0.6.2",  # dreamsim's LoRA; later peft imports transformers.Cache (transformers >= 4.36)
     "av>=12",  # core.eval.compat's write_video
 )
 # torchvision release of each torch minor version.
