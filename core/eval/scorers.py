@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -47,30 +48,31 @@ def _prompt_dicts(items: list[ClipItem], dimension: str) -> list[dict]:
 # -- quality dimensions ---------------------------------------------------------------------------
 
 
+@cache  # also reused by every video's clip-to-clip score
 def load_dino(device: str) -> object:
     import torch
 
     return torch.hub.load(**_submodules("subject_consistency")).to(device)
 
 
+@cache
 def load_clip_b32(device: str) -> tuple[object, object]:
     import clip
 
     return clip.load(_submodules("background_consistency")[0], device=device)
 
 
-def score_subject_consistency(items: list[ClipItem], device: str, model=None) -> list[dict]:
+def score_subject_consistency(items: list[ClipItem], device: str) -> list[dict]:
     from vbench.subject_consistency import subject_consistency
 
-    model = model if model is not None else load_dino(device)
-    _, results = subject_consistency(model, [i.path for i in items], device, False)
+    _, results = subject_consistency(load_dino(device), [i.path for i in items], device, False)
     return [{"score": s} for s in _by_path(items, results)]
 
 
-def score_background_consistency(items: list[ClipItem], device: str, model=None) -> list[dict]:
+def score_background_consistency(items: list[ClipItem], device: str) -> list[dict]:
     from vbench.background_consistency import background_consistency
 
-    clip_model, preprocess = model if model is not None else load_clip_b32(device)
+    clip_model, preprocess = load_clip_b32(device)
     _, results = background_consistency(clip_model, preprocess, [i.path for i in items], device, False)
     return [{"score": s} for s in _by_path(items, results)]
 
@@ -233,23 +235,32 @@ SCORERS: dict[str, Callable[[list[ClipItem], str], list[dict]]] = {
 # -- VBench-Long's clip-to-clip (fast) branch -----------------------------------------------------
 
 
+@cache
+def _dinov2(torch_hub_dir: str, device: str) -> object:
+    import torch
+
+    return torch.hub.load(f"{torch_hub_dir}/facebookresearch_dinov2_main", "dinov2_vitb14", source="local").to(device)
+
+
+@cache
+def _dreamsim(dreamsim_dir: str, device: str) -> tuple[object, object]:
+    from dreamsim import dreamsim
+
+    return dreamsim(pretrained=True, cache_dir=dreamsim_dir, device=device)
+
+
 def clip2clip_score(dimension: str, path: str, device: str, dev_flag: bool, torch_hub_dir: str,
                     dreamsim_dir: str) -> float:
     """The consistency of a video made of each clip's first frame, with VBench-Long's extractor:
     DINOv2 ViT-B/14 (subject) / DreamSim (background) with --dev_flag, else DINO / CLIP ViT-B/32."""
-    import torch
-
     if dimension == "subject_consistency" and dev_flag:
         from vbench2_beta_long.subject_consistency import subject_consistency_dinov2
 
-        model = torch.hub.load(f"{torch_hub_dir}/facebookresearch_dinov2_main", "dinov2_vitb14",
-                               source="local").to(device)
-        _, results = subject_consistency_dinov2(model, [path], device, False)
+        _, results = subject_consistency_dinov2(_dinov2(torch_hub_dir, device), [path], device, False)
     elif dimension == "background_consistency" and dev_flag:
-        from dreamsim import dreamsim
         from vbench2_beta_long.background_consistency import background_consistency_dreamsim
 
-        model, preprocess = dreamsim(pretrained=True, cache_dir=dreamsim_dir, device=device)
+        model, preprocess = _dreamsim(dreamsim_dir, device)
         _, results = background_consistency_dreamsim(model, preprocess, [path], device, False)
     elif dimension == "subject_consistency":
         return score_subject_consistency([ClipItem(path, "")], device)[0]["score"]
