@@ -65,8 +65,9 @@ def mean(values: list[float]) -> float:
 
 
 def test_tiny_recipe_lowers_both_losses_and_its_lora_changes_2_step_generation(tmp_path, teacher, one_thread):
-    """Recorded (docs/models/distill.md): 60 steps with this teacher, critic 3.87 -> 3.15 and DMD
-    0.52 -> 0.40 (means of the first / last tenth). Here 30 steps, the same seeds."""
+    """Recorded (docs/distill.md): 60 steps with this teacher, critic 3.865 -> 3.154 (means of the
+    first / last 10 steps) and DMD 0.523 -> 0.400 (first / last 5 generator steps). Here 30 steps,
+    the same seeds."""
     logdir, lora = tmp_path / "run", tmp_path / "lora.safetensors"
     merged = tmp_path / "merged.safetensors"
     assert main(["distill", "distill_tiny", "--logdir", str(logdir), "--max-steps", "30", "--set",
@@ -345,3 +346,51 @@ def test_trainable_only_checkpoint_with_two_optimizers_round_trips(tmp_path):
     for before, after in zip(optimizers, restored_optimizers, strict=True):
         exp_avg = [s["exp_avg"] for s in before.state.values()]
         assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(exp_avg, after.state.values(), strict=True))
+
+
+def test_recipes_hold_the_official_settings():
+    official = load_distill_recipe("distill")
+    assert (official.adapter.rank, official.adapter.alpha, official.adapter.apply_to_critic) == (128, 128.0, True)
+    o = official.optim
+    assert (o.lr, o.critic_lr, o.beta1, o.beta2, o.grad_clip, o.dfake_gen_update_ratio) == (1e-5, 2e-6, 0, 0.999, 10, 5)
+    assert (official.dmd.real_guidance_scale, official.dmd.fake_guidance_scale, official.dmd.exit_step) == (3, 0, None)
+    s = official.stream
+    assert (s.frames_per_block, s.local_window_frames, s.sink_frames, s.shot_rope_offset, s.sampling_steps,
+            s.timestep_shift) == (8, 32, 0, 8, 4, 5)
+    assert official.num_chunks == 4 and (official.data.height, official.data.width) == (704, 1280)
+    nvfp4 = load_distill_recipe("distill_nvfp4")
+    assert str(nvfp4.quant.precision) == "nvfp4" and nvfp4.data.batch_size == 2 and nvfp4.data.chunks_per_shot == 2
+    assert nvfp4.stream.sink_frames == 8 and nvfp4.stream.pins_shot_sink
+
+
+def test_nvfp4_networks_follow_the_official_dmd_config():
+    from core.train.ar import TrainPlan
+    from longlive_cli.parallelize import Role, parallelize_network
+    from quant.nvfp4_linear import NVFP4Linear
+    from quant.nvfp4_train import NVFP4TrainLinear
+
+    recipe = load_distill_recipe("distill_tiny", ["quant.precision=nvfp4"])
+    plan = TrainPlan(torch.device("cpu"))
+    nets = {role: parallelize_network(tiny_model(), role, recipe, plan) for role in Role}
+    student = [m for m in nets[Role.generator].modules() if isinstance(m, NVFP4TrainLinear)]
+    assert len(student) == 20 and all(m._frozen is not None and not m.weight.requires_grad for m in student)
+    assert {(m.rules.weight_rule, m.rules.activation_rule, m.rules.gradient_rule, m.rules.weight_2d)
+            for m in student} == {("mse", "mse", "mse", True)}
+    assert all(type(nets[Role.generator].get_submodule(f"blocks.{i}.ffn.0").base_layer) is NVFP4TrainLinear
+               for i in range(2))  # PEFT wraps the swapped layer
+    teacher = [m for m in nets[Role.real_score].modules() if isinstance(m, NVFP4Linear)]
+    assert len(teacher) == 20
+    assert {(str(m.mode), m.rule, m.activation_rule) for m in teacher} == {("w4a4", "mse", "mse")}
+    assert not any(p.requires_grad for p in nets[Role.real_score].parameters())
+    critic = nets[Role.fake_score]
+    assert not any(isinstance(m, (NVFP4Linear, NVFP4TrainLinear)) for m in critic.modules())
+    assert all(".lora_" in n for n, p in critic.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("extra", [["--precision", "nvfp4"], ["--set", "data.i2v=true", "--set", "data.vae=tiny"]],
+                         ids=["nvfp4", "i2v"])
+def test_one_step_of_the_variants(tmp_path, one_thread, extra):
+    logdir = tmp_path / "run"
+    assert main(["distill", "distill_tiny", "--logdir", str(logdir), "--max-steps", "1", *extra]) == 0
+    (record,) = records(logdir)
+    assert record["step"] == 1 and record["critic_loss"] > 0 and record["generator_loss"] > 0

@@ -163,7 +163,8 @@ class DistillTrainer:
                 items.append(dataset[index])
             yield items
 
-    def _optimizers(self, nets: Networks) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    def optimizers(self, nets: Networks) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """AdamW over the generator's and over the critic's trainable parameters."""
         o = self.recipe.optim
 
         def adamw(model: nn.Module, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
@@ -284,8 +285,8 @@ class DistillTrainer:
         optimizer.step()
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def _step(self, step: int, nets: Networks, optimizers, batches) -> dict[str, Any]:
-        """Iteration `step` (0-based): its metrics.jsonl record."""
+    def iteration(self, step: int, nets: Networks, optimizers, items: list[Any]) -> dict[str, Any]:
+        """Iteration `step` (0-based) on one batch of data items: its metrics.jsonl record."""
         o = self.recipe.optim
         gen_optimizer, critic_optimizer = optimizers
         started = time.perf_counter()
@@ -293,7 +294,7 @@ class DistillTrainer:
         if train_generator:
             gen_optimizer.zero_grad(set_to_none=True)
         critic_optimizer.zero_grad(set_to_none=True)
-        cond = self._conditioning(next(batches))
+        cond = self._conditioning(items)
         logs = self.generator_step(nets, cond) if train_generator else {}
         logs |= self.critic_step(nets, cond)
         record: dict[str, Any] = {"step": step + 1}
@@ -309,15 +310,20 @@ class DistillTrainer:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def run(self) -> DistillResult:
-        """Distill to `max_steps` from the newest complete checkpoint (or from the start)."""
+    def start(self) -> None:
+        """Seeds, the text encoder with the negative prompt's context, the VAE (I2V): all an
+        `iteration` needs besides the networks."""
         self._seed()
-        dataset, sampler = self._data()
         self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)
         self.negative = self.prompts([self.recipe.data.negative_prompt or ""])
         self.vae = build_vae(self.recipe, self.device, self.dtype) if self.recipe.data.i2v else None
+
+    def run(self) -> DistillResult:
+        """Distill to `max_steps` from the newest complete checkpoint (or from the start)."""
+        self.start()
+        dataset, sampler = self._data()
         nets = self.build_networks()
-        optimizers = self._optimizers(nets)
+        optimizers = self.optimizers(nets)
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints, trainable_only=True)
         state = TrainedState(nets)
         resumed = self._restore(manager, state, optimizers, sampler) if self.options.resume else None
@@ -328,7 +334,7 @@ class DistillTrainer:
         self.events.started(start, self.max_steps, self.recipe.train.log_every)
         history, batches = [], self._batches(dataset, sampler)
         for step in range(start, self.max_steps):
-            record = self._step(step, nets, optimizers, batches)
+            record = self.iteration(step, nets, optimizers, next(batches))
             history.append(record)
             if self.plan.is_main:
                 metrics.append(record)

@@ -1,7 +1,8 @@
 """`loss.png`: the curves of a whole run (read back from metrics.jsonl, so across resumes).
 
 One panel per loss, sharing the step axis: the raw values (thin, light) and a smoothed line (an
-exponential moving average, bias-corrected so it starts at the first value), the learning rate(s)
+exponential moving average over ~1/15 of the run, bias-corrected so it starts at the first value),
+the learning rate(s)
 on a second axis of the top panel, a dotted line where the run was resumed. Matplotlib with the
 Agg backend (no display needed); written atomically.
 """
@@ -25,9 +26,15 @@ from core.train.metrics import RESUMED, Curve  # noqa: E402
 COLOURS = ("tab:blue", "tab:red", "tab:green", "tab:purple")
 
 
-def smoothed(values: Sequence[float], weight: float = 0.9) -> list[float]:
+def smoothing_weight(count: int) -> float:
+    """EMA weight for `count` points: an effective span of ~1/15 of the run (>= 2 points)."""
+    return 1.0 - 1.0 / max(2.0, count / 15)
+
+
+def smoothed(values: Sequence[float], weight: float | None = None) -> list[float]:
     """Bias-corrected exponential moving average (TensorBoard's smoothing); non-finite values are
     skipped (they stay NaN in the output)."""
+    weight = smoothing_weight(len(values)) if weight is None else weight
     out, average, norm = [], 0.0, 0.0
     for value in values:
         if not math.isfinite(value):
@@ -63,8 +70,8 @@ def _draw_learning_rates(axis, records, lr_keys: Sequence[str]) -> list:
     for index, key in enumerate(lr_keys):
         steps, values = _series(records, key)
         if steps:
-            lines += twin.plot(steps, values, color="grey", linestyle=("--", ":")[index % 2], linewidth=1.0,
-                               label=key.replace("_", " "))
+            lines += twin.plot(steps, values, color=("grey", "black")[index % 2], linestyle=("--", ":")[index % 2],
+                               linewidth=1.0, label=key.replace("_", " "))
     highest = max((v for line in lines for v in line.get_ydata()), default=0.0)
     twin.set_ylim(0.0, 1.25 * highest if highest > 0 else 1.0)  # from 0: a constant rate reads as one
     twin.set_ylabel("learning rate (per step)")
