@@ -144,20 +144,17 @@ class DistillTrainer:
             dataset = PromptDataset(None if d.synthetic else d.path, self.recipe.num_chunks,
                                     chunks_per_shot=d.chunks_per_shot, scene_cut_prefix=d.scene_cut_prefix,
                                     seed=self.recipe.runtime.seed)
-        sampler = ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed) \
-            if len(dataset) >= self.plan.dp_size else None
-        if sampler is None:
+        if len(dataset) < self.plan.dp_size:
             raise UserError(f"the data has {len(dataset)} samples, fewer than the {self.plan.dp_size} processes: "
                             f"add prompts or use fewer GPUs")
-        return dataset, sampler
+        return dataset, ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed)
 
     def _batches(self, dataset, sampler) -> Iterator[list[Any]]:
         """Batches of `data.batch_size` items in the sampler's order, across epochs."""
         while True:
             items = []
             while len(items) < self.recipe.data.batch_size:
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(sampler.epoch)
+                dataset.set_epoch(sampler.epoch)
                 index = next(iter(sampler))
                 sampler.advance(1)
                 items.append(dataset[index])

@@ -98,6 +98,9 @@ class PromptDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Items do not depend on the epoch (the sampler reshuffles); here for the loader's protocol."""
+
     def __getitem__(self, index: int) -> list[str]:
         captions = self.samples[index]
         lengths = shot_lengths(self.num_chunks, len(captions), self.durations[index], self.chunks_per_shot)
