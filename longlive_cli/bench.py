@@ -36,7 +36,8 @@ def bench(
     lora: Annotated[str | None, typer.Option(help="LoRA file to merge (official layout).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
-    attention: Annotated[str | None, typer.Option(help="SDPA kernel: auto, cudnn, flash, efficient, math.")] = None,
+    attention: Annotated[str | None, typer.Option(
+        help="SDPA kernel: auto, cudnn, flash, efficient, math; fp8 = FA3 FP8 self-attention.")] = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
