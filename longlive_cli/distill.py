@@ -66,8 +66,9 @@ def check_networks(recipe, device: torch.device) -> None:
     for role, spec in network_specs(recipe, device).items():
         try:
             check_dit_spec(spec)
-        except UserError as err:
-            raise UserError(f"checkpoints.{role.value}: {err}") from None
+        except UserError as err:  # the shared message names generate's flag; here the fix is the recipe's file
+            fix = f"give a {recipe.preset} generator file (or change the recipe's preset)"
+            raise UserError(f"checkpoints.{role.value}: {str(err).replace('check --preset / the file', fix)}") from None
 
 
 def check_job(recipe, job: TrainJob, world: int) -> None:

@@ -57,16 +57,14 @@ class PromptDataConfig:
     text_encoder: Literal["umt5", "tiny", "random"] = "umt5"
     model_dir: str = ""  # `longlive download` folder (umt5, VAE); empty: the default folder
     vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"  # I2V only
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
         require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
                 f"data: latent_frames > 0 and height/width multiples of 32 "
                 f"(got {self.latent_frames}, {self.height}x{self.width})")
-        require(self.batch_size >= 1 and self.chunks_per_shot >= 0 and self.num_workers >= 0,
-                f"data: batch_size >= 1, chunks_per_shot >= 0, num_workers >= 0 "
-                f"(got {self.batch_size}, {self.chunks_per_shot}, {self.num_workers})")
+        require(self.batch_size >= 1 and self.chunks_per_shot >= 0,
+                f"data: batch_size >= 1 and chunks_per_shot >= 0 (got {self.batch_size}, {self.chunks_per_shot})")
 
 
 @dataclass
