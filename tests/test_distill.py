@@ -122,6 +122,7 @@ def test_a_generator_step_moves_its_rollout_towards_the_dmd_target(tmp_path, tea
     (the same draws) lands closer to its target sg(x - G); the opposite update lands farther."""
     import core.train.distill as distill
     from core.train.ar import TrainPlan
+    from core.train.dmd import generator_loss as dmd_generator_loss
     from core.train.lora import lora_parameters
     from longlive_cli.build import build_dit
     from longlive_cli.distill import network_specs
@@ -138,9 +139,7 @@ def test_a_generator_step_moves_its_rollout_towards_the_dmd_target(tmp_path, tea
 
     def generator_loss(x, G, mask=None):
         seen.update(x=x.detach(), target=(x - G).detach())
-        return distill_generator_loss(x, G, mask=mask)
-
-    from core.train.dmd import generator_loss as distill_generator_loss
+        return dmd_generator_loss(x, G, mask=mask)
 
     monkeypatch.setattr(distill, "generator_loss", generator_loss)
     draws = trainer.generator.get_state(), trainer.exit_generator.get_state()
