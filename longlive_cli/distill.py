@@ -150,7 +150,8 @@ def distill(
         help="Distillation recipe: a YAML path or a bundled name (distill, distill_nvfp4, distill_tiny).")],
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     logdir: Annotated[str, typer.Option(
-        help="Checkpoints (each with the official model.pt LoRA file), metrics.jsonl, loss.png.")] = "runs/distill",
+        help="Checkpoints (each with the official LoRA model.pt), TensorBoard, metrics.jsonl, loss.png.",
+    )] = "runs/distill",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the recipe's).")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,

@@ -84,6 +84,7 @@ def test_tiny_recipe_lowers_both_losses_and_its_lora_changes_2_step_generation(t
     assert mean(critic[-10:]) < 0.95 * mean(critic[:10]), critic
     assert mean(dmd[-5:]) < 0.95 * mean(dmd[:5]), dmd
     assert all(r["generator_exit_step"] in (0.0, 1.0) for r in steps if "generator_loss" in r)
+    assert any((logdir / "tensorboard").iterdir())  # the train-ar logs: TensorBoard beside metrics.jsonl
 
     # Every checkpoint holds the official LoRA file (reference-model.md §7.4): PEFT keys without
     # adapter name, full tensors.

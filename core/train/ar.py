@@ -333,10 +333,9 @@ class Trainer:
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
         resumed = self._restore(manager, model, optimizer, ema, sampler) if self.options.resume else None
         start_step = resumed or 0
-        metrics = MetricsLog(self.logdir)
+        metrics = MetricsLog(self.logdir, self.recipe.train.log_every)
         if self.plan.is_main:
-            metrics.restart(start_step)
-        writer = self._tensorboard()
+            metrics.start(start_step)
         history: list[StepStats] = []
         batches = self._batches(dataset, sampler)
         self.events.started(start_step, self.max_steps, self.recipe.train.log_every)
@@ -344,13 +343,12 @@ class Trainer:
             stats = self._step(step, model, optimizer, ema, batches, sampler)
             history.append(stats)
             if self.plan.is_main:
-                self._log(metrics, writer, stats)
+                self._log(metrics, stats)
             if not math.isfinite(stats.loss):
                 raise UserError(f"the loss became {stats.loss} at step {step + 1}: lower optim.lr or check the data")
             if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
                 self._save(manager, step + 1, model, optimizer, ema, sampler)
-        if writer is not None:
-            writer.close()
+        metrics.close()
         export = self._export(model, ema) if self.options.export is not None else None
         if self.plan.is_main and history:
             metrics.plot(LOSS_CURVES, f"train-ar {self.options.recipe_name}: {self.logdir.name}")
@@ -415,24 +413,10 @@ class Trainer:
             extra["recycler"] = self.recycler.state_dict()
         manager.save(step, model, optimizer, self._model_config(), extra)
 
-    def _tensorboard(self):
-        if not self.plan.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; an unusual install still trains
-            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
-            return None
-        return SummaryWriter(str(self.logdir / "tensorboard"))
-
-    def _log(self, metrics: MetricsLog, writer, stats: StepStats) -> None:
+    def _log(self, metrics: MetricsLog, stats: StepStats) -> None:
         record = {"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr,
                   "step_seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second}
         metrics.append(record)
-        if writer is not None and stats.step % self.recipe.train.log_every == 0:
-            for key, value in record.items():
-                if key != "step":
-                    writer.add_scalar(f"train/{key}", value, stats.step)
         self.events.stepped(record)
 
     def _export(self, model: nn.Module, ema: EMA) -> Path:

@@ -325,9 +325,9 @@ class DistillTrainer:
         state = TrainedState(nets)
         resumed = self._restore(manager, state, optimizers, sampler) if self.options.resume else None
         start = resumed or 0
-        metrics = MetricsLog(self.logdir)
+        metrics = MetricsLog(self.logdir, self.recipe.train.log_every)
         if self.plan.is_main:
-            metrics.restart(start)
+            metrics.start(start)
         self.events.started(start, self.max_steps, self.recipe.train.log_every)
         history, batches = [], self._batches(dataset, sampler)
         for step in range(start, self.max_steps):
@@ -339,6 +339,7 @@ class DistillTrainer:
             self._check_finite(record)
             if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
                 self._save(manager, step + 1, state, optimizers, sampler)
+        metrics.close()
         if self.plan.is_main and history:
             metrics.plot(LOSS_CURVES, f"distill {self.options.recipe_name}: {self.logdir.name}", LR_KEYS)
         lora = lora_state_dict(nets.generator)

@@ -4,6 +4,7 @@
                     checkpoint first drops the records past that checkpoint's step (they belong to
                     discarded steps), and every record is written with one `write` call of a whole
                     line (a kill never leaves half a record; a torn last line is ignored on read)
+    tensorboard/    the same numbers as TensorBoard scalars (`train/<key>`), every `log_every` steps
     loss.png        the whole run, read back from metrics.jsonl (so across resumes)
     progress lines  plain text every `log_every` steps, for logs that are not a terminal
 
@@ -50,11 +51,29 @@ class RunEvents:
 
 
 class MetricsLog:
-    """`logdir/metrics.jsonl` (see the module doc)."""
+    """`logdir/metrics.jsonl` and `logdir/tensorboard/` (see the module doc). Rank 0 writes them:
+    `start` once, then `append` per step, `close` at the end."""
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, log_every: int = 1):
         self.path = Path(logdir) / "metrics.jsonl"
+        self.log_every = log_every
         self._mark_resume = False
+        self._tensorboard = None
+
+    def start(self, step: int) -> None:
+        """`restart(step)`, then open the TensorBoard writer (none, with a warning, without the package)."""
+        self.restart(step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency; an unusual install still trains
+            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return
+        self._tensorboard = SummaryWriter(str(self.path.with_name("tensorboard")))
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def records(self) -> list[dict[str, Any]]:
         """The complete records, in file order."""
@@ -95,6 +114,11 @@ class MetricsLog:
                 written += os.write(fd, data[written:])
         finally:
             os.close(fd)
+        step = record["step"]
+        if self._tensorboard is not None and step % self.log_every == 0:
+            for key, value in record.items():  # numbers only (not the step, not the resume flag)
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(f"train/{key}", value, step)
 
     def plot(self, curves: Sequence[Curve], title: str, lr_keys: Sequence[str] = ("lr",)) -> Path | None:
         """Draw `logdir/loss.png` from the whole file; None (and a warning) without matplotlib."""
