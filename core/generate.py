@@ -216,7 +216,8 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         switcher = _prompt_switcher(models.text, schedule, prompt_source, switches, log, device, dtype)
     chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
                             image_latent=first_image, negative_context=negative_context,
-                            prompt_switch=switcher, kv_storage=models.dit.kv_storage)
+                            prompt_switch=switcher, kv_storage=models.dit.kv_storage,
+                            branch_placement=models.dit.branches)
     timer = SpanTimer(device)
     kept: list[Tensor] | None = [] if request.latents_out is not None else None
     started = time.perf_counter()

@@ -1,0 +1,100 @@
+"""Worker side of tests/test_sp_inference.py: streaming generation scenarios of the tiny model,
+run in one process (the reference) or on gloo ranks under an inference mesh (`sp.mesh.InferenceMesh`).
+
+Each worker builds every mesh of its world size, runs every scenario under it and saves its
+latents to `<out_dir>/rank<r>.pt`; the test compares them with the one-process latents.
+
+Legend: B batch, F latent frames, C latent channels, H/W latent size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from core.config import StreamConfig
+from core.pipeline import BuiltDiT, stream_latents
+from quant.kv import nvfp4_storage
+from sp.inference import apply_inference_sp
+from sp.mesh import InferenceMesh
+from tests.conftest import text_context, tiny_model
+
+SIZE = 4  # latent height = width: 4 tokens per frame
+FPB = 4  # frames per block: divisible by sp 2 and 4
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One streamed video: 4-frame chunks, a 3-chunk window with a 1-chunk sink (chunks 3.. evict)."""
+
+    chunks: int = 5
+    cuts: tuple[int, ...] = ()  # chunks that start a new shot (new prompt, pinned shot sink)
+    switch_at: int | None = None  # an interactive prompt switch before this chunk
+    guidance: float = 1.0
+    nvfp4_kv: bool = False
+    seed: int = 0
+
+    @property
+    def stream(self) -> StreamConfig:
+        return StreamConfig(frames_per_block=FPB, local_window_frames=3 * FPB, sink_frames=FPB,
+                            sampling_steps=2, guidance_scale=self.guidance)
+
+
+SCENARIOS = {
+    "eviction": Scenario(seed=1),
+    "cuts": Scenario(cuts=(2, 4), seed=2),
+    "switch": Scenario(switch_at=3, seed=3),
+    "guidance": Scenario(guidance=3.0, cuts=(3,), seed=4),
+    "nvfp4": Scenario(nvfp4_kv=True, cuts=(3,), seed=5),
+    "nvfp4_guidance_switch": Scenario(nvfp4_kv=True, guidance=2.0, switch_at=4, seed=6),
+}
+CFG_SCENARIOS = ("guidance", "nvfp4_guidance_switch")  # the ones with two branches
+
+
+def layouts(world: int) -> dict[str, tuple[int, int]]:
+    """(sp, cfg) layouts of a world: all ranks in one SP group, and two branch groups."""
+    return {f"sp{world}": (world, 1), f"cfg2_sp{world // 2}": (world // 2, 2)}
+
+
+@torch.no_grad()
+def generate(scenario: Scenario, built: BuiltDiT) -> torch.Tensor:
+    """The scenario's latents `[B, F, C, H, W]` from `built` (any plan applied)."""
+    g = torch.Generator().manual_seed(scenario.seed)
+    noise = torch.randn(1, scenario.chunks * FPB, 48, SIZE, SIZE, generator=g)
+    prompts = [text_context(1, 100 + scenario.seed * 10 + sum(c >= cut for cut in scenario.cuts))
+               for c in range(scenario.chunks)]
+    cuts = [c in scenario.cuts for c in range(scenario.chunks)]
+    negative = text_context(1, 99) if scenario.guidance != 1.0 else None
+    switched = text_context(1, 98)
+    chunks = stream_latents(built.model, noise, prompts, scenario.stream, cuts, negative_context=negative,
+                            prompt_switch=lambda c: switched if c == scenario.switch_at else None,
+                            kv_storage=built.kv_storage, branch_placement=built.branches)
+    return torch.cat([chunk.latents for chunk in chunks], dim=1)
+
+
+def plain_dit(scenario: Scenario) -> BuiltDiT:
+    return BuiltDiT(tiny_model(scenario.seed), kv_storage=nvfp4_storage() if scenario.nvfp4_kv else None)
+
+
+def single_process(scenario: Scenario) -> torch.Tensor:
+    return generate(scenario, plain_dit(scenario))
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, (sp, cfg) in layouts(world).items():
+            mesh = InferenceMesh.build(sp, cfg)
+            for key, scenario in SCENARIOS.items():
+                if cfg == 2 and key not in CFG_SCENARIOS:
+                    continue
+                built = apply_inference_sp(plain_dit(scenario), mesh.sp_group, mesh.cfg_group)
+                results[(name, key)] = generate(scenario, built)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,86 @@
+"""Sequence-parallel (and CFG-parallel) streaming inference on CPU gloo ranks == one process.
+
+The tiny model in fp32 at 4x4 latents; one start of worker processes per world size (2 and 4)
+runs every scenario (tests/sp_inference_workers.py) under SP = world and under two branch groups
+of SP = world / 2; each rank's latents must equal the one-process latents.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from core.errors import UserError
+from sp.mesh import check_inference_layout
+from tests import sp_inference_workers as w
+from tests.test_sp import free_port
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
+def ranks(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"spinf{world}")
+    multiprocessing.set_forkserver_preload(["tests.sp_inference_workers"])
+    mp.start_processes(w.run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {key: w.single_process(scenario) for key, scenario in w.SCENARIOS.items()}
+
+
+@pytest.mark.parametrize("scenario", list(w.SCENARIOS))
+def test_sp_generation_equals_one_process(ranks, references, scenario):
+    world = len(ranks)
+    ref = references[scenario]
+    assert ref.abs().max() > 0.5  # non-trivial latents
+    for layout in w.layouts(world):
+        key = (layout, scenario)
+        if key not in ranks[0]:
+            continue
+        for rank, result in enumerate(ranks):
+            delta = (result[key] - ref).abs().max().item()
+            assert delta <= TOL, f"{layout}, rank {rank}: max |delta| {delta:.2e}"
+
+
+def test_every_cfg_scenario_ran_on_two_branch_groups(ranks):
+    layout = f"cfg2_sp{len(ranks) // 2}"
+    assert all((layout, key) in ranks[0] for key in w.CFG_SCENARIOS)
+
+
+def test_nvfp4_kv_under_sp_is_not_the_bf16_result(references):
+    """The NVFP4 comparison means something: the format changes the latents."""
+    dense = w.single_process(w.Scenario(cuts=(3,), seed=5))
+    assert (dense - references["nvfp4"]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ((4, 3, 1, 24, 8), "not divisible by --sp 3"),
+    ((4, 4, 2, 24, 8), "--sp 4 x 2 guidance branches = 8"),
+    ((8, 8, 1, 12, 8), "12 attention heads"),
+    ((6, 6, 1, 24, 8), "8 latent frames of a chunk"),
+    ((2, 0, 1, 24, 8), "must be >= 1"),
+])
+def test_bad_layouts_are_one_line(args, fragment):
+    with pytest.raises(UserError, match=fragment) as info:
+        check_inference_layout(*args)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args", [(8, 8, 1, 24, 8), (8, 4, 2, 24, 8), (8, 2, 1, 24, 8), (1, 1, 1, 4, 8)])
+def test_good_layouts(args):
+    check_inference_layout(*args)
