@@ -69,6 +69,11 @@ class BenchResult:
     e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
     vae_peak_memory_gib: float | None = None
     storage: str = "bf16"  # e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"
+    # parallel runs (longlive_cli/parallel_inference.py): the layout, and fps summed over replicas
+    sp: int = 1
+    cfg_parallel: bool = False
+    replicas: int = 1
+    total_fps: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

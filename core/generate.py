@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from core.config import VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
 from core.errors import UserError
 from core.hub import ModelFiles, resolve_model_dir
-from core.pipeline import BuiltDiT, stream_latents
+from core.pipeline import BuiltDiT, LatentChunk, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
 
@@ -204,20 +204,8 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
     device, dtype = placement.device, placement.dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    negative = request.negative_prompt if stream.uses_guidance else None
-    contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
-    first_image = None
-    if placement.image is not None:
-        first_image = image_latent(models.vae, placement.image, device, dtype)
-    noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
     switches: list[tuple[int, int, str]] = []
-    switcher = None
-    if prompt_source is not None:
-        switcher = _prompt_switcher(models.text, schedule, prompt_source, switches, log, device, dtype)
-    chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
-                            image_latent=first_image, negative_context=negative_context,
-                            prompt_switch=switcher, kv_storage=models.dit.kv_storage,
-                            branch_placement=models.dit.branches)
+    chunks = stream_schedule(request, placement, models, prompt_source, log, switches)
     timer = SpanTimer(device)
     kept: list[Tensor] | None = [] if request.latents_out is not None else None
     started = time.perf_counter()
@@ -234,6 +222,30 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         precision=", ".join(filter(None, (str(dtype).split(".")[-1], models.dit.label))),
         device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
         end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
+
+
+def stream_schedule(request: GenerateRequest, placement: Placement, models: Models,
+                    prompt_source: Callable[[], str | None] | None = None, log: Callable[[str], None] = print,
+                    switches: list[tuple[int, int, str]] | None = None) -> Iterator[LatentChunk]:
+    """The engine stages of `generate_video`: encode the prompts and the image, draw the noise, and
+    stream the latent chunks (every rank of a parallel run runs these; only the root writes).
+    Interactive switches are appended to `switches`."""
+    recipe, schedule, stream = request.recipe, request.schedule, request.recipe.stream
+    device, dtype = placement.device, placement.dtype
+    negative = request.negative_prompt if stream.uses_guidance else None
+    contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
+    first_image = None
+    if placement.image is not None:
+        first_image = image_latent(models.vae, placement.image, device, dtype)
+    noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
+    switcher = None
+    if prompt_source is not None:
+        switcher = _prompt_switcher(models.text, schedule, prompt_source,
+                                    switches if switches is not None else [], log, device, dtype)
+    return stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
+                          image_latent=first_image, negative_context=negative_context,
+                          prompt_switch=switcher, kv_storage=models.dit.kv_storage,
+                          branch_placement=models.dit.branches)
 
 
 def _prompt_switcher(text, schedule: PromptSchedule, prompt_source: Callable[[], str | None],

@@ -55,10 +55,10 @@ class BuiltDiT:
 
     model: CausalWanDiT
     kv_storage: StorageFactory | None = None  # None: dense caches in the model's dtype
-    branches: BranchPlacement | None = None  # None: every guidance branch in this process
     label: str = ""  # the storage, for summaries ("" for plain bf16)
     parameters: int = 0  # logical parameter count, whatever the storage
     compiled: bool = False  # blocks compiled (core.optimize.compile_blocks)
+    branches: BranchPlacement | None = None  # None: every guidance branch in this process
 
 
 @dataclass(frozen=True)

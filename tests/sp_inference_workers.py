@@ -15,11 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core.config import StreamConfig
+from core.config import StreamConfig, VAEConfig
 from core.pipeline import BuiltDiT, stream_latents
+from core.vae import random_vae
 from quant.kv import nvfp4_storage
 from sp.inference import apply_inference_sp
 from sp.mesh import InferenceMesh
+from sp.replica import ReplicaTextEncoder, broadcast_prompts
+from sp.vae_split import GatheredBandDecoder
 from tests.conftest import text_context, tiny_model
 
 SIZE = 4  # latent height = width: 4 tokens per frame
@@ -83,6 +86,33 @@ def single_process(scenario: Scenario) -> torch.Tensor:
     return generate(scenario, plain_dit(scenario))
 
 
+SMALL_VAE = VAEConfig(base_dim=8, decoder_base_dim=8)
+
+
+def decode_latents() -> torch.Tensor:
+    return torch.randn(1, 48, 3, 1, 16, generator=torch.Generator().manual_seed(12))
+
+
+def split_decode(group) -> torch.Tensor:
+    """Bands of a two-chunk stream decoded on every rank, gathered on rank 0."""
+    decoder = GatheredBandDecoder(random_vae(SMALL_VAE, seed=3), group, root=0)
+    x = decode_latents()
+    return torch.cat([decoder.decode(x[:, :, :1]), decoder.decode(x[:, :, 1:])], dim=2)
+
+
+class FakeEncoder:
+    def encode(self, prompts):
+        return torch.stack([torch.full((3, 2), float(len(p))) for p in prompts])
+
+
+def replica_inputs(group, rank: int) -> dict:
+    """The text encoder and the typed prompts exist on rank 0 only; every rank gets their results."""
+    text = ReplicaTextEncoder(FakeEncoder() if rank == 0 else None, group, 0, torch.device("cpu"))
+    typed = iter(["", "a new prompt"])
+    source = broadcast_prompts((lambda: next(typed)) if rank == 0 else None, group, 0, torch.device("cpu"))
+    return {"text": text.encode(["ab", "abcd"]), "prompts": [source(), source()]}
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -95,6 +125,8 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                     continue
                 built = apply_inference_sp(plain_dit(scenario), mesh.sp_group, mesh.cfg_group)
                 results[(name, key)] = generate(scenario, built)
+        results["split_decode"] = split_decode(dist.group.WORLD)
+        results["replica"] = replica_inputs(dist.group.WORLD, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

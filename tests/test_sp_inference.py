@@ -68,6 +68,23 @@ def test_nvfp4_kv_under_sp_is_not_the_bf16_result(references):
     assert (dense - references["nvfp4"]).abs().max().item() > 1e-3
 
 
+def test_split_decode_gathers_the_whole_frames_on_the_root(ranks):
+    from core.vae import random_vae
+
+    vae = random_vae(w.SMALL_VAE, seed=3)
+    x = w.decode_latents()
+    decoder = vae.streaming_decoder()
+    whole = torch.cat([decoder.decode(x[:, :, :1]), decoder.decode(x[:, :, 1:])], dim=2)
+    assert torch.equal(ranks[0]["split_decode"], whole)
+    assert all(r["split_decode"].shape == (1, 3, 0, 16, 256) for r in ranks[1:])  # the others write nothing
+
+
+def test_text_and_prompts_come_from_the_root(ranks):
+    for r in ranks:
+        assert torch.equal(r["replica"]["text"], w.FakeEncoder().encode(["ab", "abcd"]))
+        assert r["replica"]["prompts"] == ["", "a new prompt"]
+
+
 @pytest.mark.parametrize("args, fragment", [
     ((4, 3, 1, 24, 8), "not divisible by --sp 3"),
     ((4, 4, 2, 24, 8), "--sp 4 x 2 guidance branches = 8"),
