@@ -9,6 +9,7 @@ Legend: B batch, F latent frames, C latent channels, H/W latent size.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -113,18 +114,33 @@ def replica_inputs(group, rank: int) -> dict:
     return {"text": text.encode(["ab", "abcd"]), "prompts": [source(), source()]}
 
 
+def bench_rank(mesh: InferenceMesh) -> dict | None:
+    """`longlive bench`'s rank code under the mesh (the CLI's re-execution is tested elsewhere)."""
+    from core.config import Recipe, overlay
+    from longlive_cli.build import DiTSpec
+    from longlive_cli.parallel_inference import _bench_rank
+
+    recipe = overlay(Recipe.preset_recipe("tiny"), {
+        "video": {"height": 64, "width": 64}, "runtime": {"device": "cpu"},
+        "stream": {"frames_per_block": 4, "local_window_frames": 12, "sink_frames": 4, "sampling_steps": 2}})
+    spec = DiTSpec.from_recipe(recipe, torch.device("cpu"), torch.float32)
+    result = _bench_rank(recipe, spec, 20, None, mesh)
+    return None if result is None else json.loads(json.dumps(result.to_dict()))  # plain types for torch.load
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {}
+        results, meshes = {}, {}
         for name, (sp, cfg) in layouts(world).items():
-            mesh = InferenceMesh.build(sp, cfg)
+            mesh = meshes[name] = InferenceMesh.build(sp, cfg)
             for key, scenario in SCENARIOS.items():
                 if cfg == 2 and key not in CFG_SCENARIOS:
                     continue
                 built = apply_inference_sp(plain_dit(scenario), mesh.sp_group, mesh.cfg_group)
                 results[(name, key)] = generate(scenario, built)
+        results["bench"] = bench_rank(meshes[f"sp{world}"])
         results["split_decode"] = split_decode(dist.group.WORLD)
         results["replica"] = replica_inputs(dist.group.WORLD, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -79,6 +79,14 @@ def test_split_decode_gathers_the_whole_frames_on_the_root(ranks):
     assert all(r["split_decode"].shape == (1, 3, 0, 16, 256) for r in ranks[1:])  # the others write nothing
 
 
+def test_bench_rank_under_sp(ranks):
+    result = ranks[0]["bench"]
+    assert all(r["bench"] is None for r in ranks[1:])  # the replica root reports
+    assert result["chunks"] == 5 and result["steady_chunks"] == 2 and result["seconds_per_block"] > 0
+    # per-rank cache: heads / sp of the 12-frame window, 4 tokens per frame, 2 layers, fp32 keys and values
+    assert result["kv_cache_gib"] * 2**30 == 2 * 2 * 12 * 4 * (4 // len(ranks)) * 32 * 4
+
+
 def test_text_and_prompts_come_from_the_root(ranks):
     for r in ranks:
         assert torch.equal(r["replica"]["text"], w.FakeEncoder().encode(["ab", "abcd"]))
