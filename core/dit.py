@@ -372,7 +372,7 @@ class CausalWanDiT(nn.Module):
         local = self.chunk_frames.local(frames)
         positions = frame_positions(frames, start_frame, rope_offset, device=x.device)[..., local]
         rope = self.rope_table(grid, positions)
-        e, e0 = self.time_embed(t[:, local])
+        e, e0 = (emb[:, local] for emb in self.time_embed(t))  # all frames: the same rows as one process
         tokens = per_frame(tokens, frames)[:, local].flatten(1, 2)
         attends = cache.begin(start_frame, frames, rewrite_at, keep_kv=keep_kv)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from core.config import StreamConfig, VAEConfig
+from core.config import QuantMode, StreamConfig, VAEConfig
 from core.pipeline import BuiltDiT, stream_latents
 from core.vae import random_vae
+from quant.fp8 import quantize_fp8
 from quant.kv import nvfp4_storage
+from quant.linear import NVFP4Config, quantize_model
 from sp.inference import apply_inference_sp
 from sp.mesh import InferenceMesh
 from sp.replica import ReplicaTextEncoder, broadcast_prompts
@@ -39,6 +41,7 @@ class Scenario:
     switch_at: int | None = None  # an interactive prompt switch before this chunk
     guidance: float = 1.0
     nvfp4_kv: bool = False
+    weights: str = "bf16"  # or "nvfp4" (w4a16 block linears) or "fp8"
     seed: int = 0
 
     @property
@@ -54,6 +57,8 @@ SCENARIOS = {
     "guidance": Scenario(guidance=3.0, cuts=(3,), seed=4),
     "nvfp4": Scenario(nvfp4_kv=True, cuts=(3,), seed=5),
     "nvfp4_guidance_switch": Scenario(nvfp4_kv=True, guidance=2.0, switch_at=4, seed=6),
+    "nvfp4_weights": Scenario(weights="nvfp4", chunks=4, seed=7),
+    "fp8_weights": Scenario(weights="fp8", chunks=4, seed=8),
 }
 CFG_SCENARIOS = ("guidance", "nvfp4_guidance_switch")  # the ones with two branches
 
@@ -80,7 +85,12 @@ def generate(scenario: Scenario, built: BuiltDiT) -> torch.Tensor:
 
 
 def plain_dit(scenario: Scenario) -> BuiltDiT:
-    return BuiltDiT(tiny_model(scenario.seed), kv_storage=nvfp4_storage() if scenario.nvfp4_kv else None)
+    model = tiny_model(scenario.seed)
+    if scenario.weights == "nvfp4":
+        quantize_model(model, NVFP4Config(mode=QuantMode.w4a16))
+    elif scenario.weights == "fp8":
+        quantize_fp8(model)
+    return BuiltDiT(model, kv_storage=nvfp4_storage() if scenario.nvfp4_kv else None)
 
 
 def single_process(scenario: Scenario) -> torch.Tensor:
