@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import QuantMode, StreamConfig, VAEConfig
+from core.generate import image_latent
 from core.pipeline import BuiltDiT, stream_latents
 from core.vae import random_vae
 from quant.fp8 import quantize_fp8
@@ -24,7 +25,7 @@ from quant.kv import nvfp4_storage
 from quant.linear import NVFP4Config, quantize_model
 from sp.inference import apply_inference_sp
 from sp.mesh import InferenceMesh
-from sp.replica import ReplicaTextEncoder, broadcast_prompts
+from sp.replica import ReplicaTextEncoder, ReplicaVAE, broadcast_prompts
 from sp.vae_split import GatheredBandDecoder
 from tests.conftest import text_context, tiny_model
 
@@ -117,11 +118,18 @@ class FakeEncoder:
 
 
 def replica_inputs(group, rank: int) -> dict:
-    """The text encoder and the typed prompts exist on rank 0 only; every rank gets their results."""
+    """The text encoder, the typed prompts and the VAE exist on rank 0 only; every rank gets their results."""
     text = ReplicaTextEncoder(FakeEncoder() if rank == 0 else None, group, 0, torch.device("cpu"))
     typed = iter(["", "a new prompt"])
     source = broadcast_prompts((lambda: next(typed)) if rank == 0 else None, group, 0, torch.device("cpu"))
-    return {"text": text.encode(["ab", "abcd"]), "prompts": [source(), source()]}
+    vae = ReplicaVAE(random_vae(SMALL_VAE, seed=3) if rank == 0 else None, group, 0, torch.device("cpu"),
+                     torch.float32)
+    first_frame = image_latent(vae, start_image(), torch.device("cpu"), torch.float32)  # core.generate's call
+    return {"text": text.encode(["ab", "abcd"]), "prompts": [source(), source()], "image_latent": first_frame}
+
+
+def start_image() -> torch.Tensor:
+    return torch.rand(1, 3, 1, 16, 32, generator=torch.Generator().manual_seed(13)) * 2 - 1
 
 
 def bench_rank(mesh: InferenceMesh) -> dict | None:

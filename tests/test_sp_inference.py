@@ -90,10 +90,15 @@ def test_bench_rank_under_sp(ranks):
     assert result["kv_cache_gib"] * 2**30 == 2 * 2 * 12 * 4 * (4 // len(ranks)) * 32 * 4
 
 
-def test_text_and_prompts_come_from_the_root(ranks):
+def test_text_prompts_and_image_latent_come_from_the_root(ranks):
+    from core.generate import image_latent
+    from core.vae import random_vae
+
+    expected = image_latent(random_vae(w.SMALL_VAE, seed=3), w.start_image(), torch.device("cpu"), torch.float32)
     for r in ranks:
         assert torch.equal(r["replica"]["text"], w.FakeEncoder().encode(["ab", "abcd"]))
         assert r["replica"]["prompts"] == ["", "a new prompt"]
+        assert torch.equal(r["replica"]["image_latent"], expected)
 
 
 @pytest.mark.parametrize("args, fragment", [
