@@ -5,14 +5,16 @@ decoder's trunk (`conv1` and the middle: residual blocks around a whole-frame at
 the whole (small) latent frame; the up stages and the head run on the band plus a margin: every
 3x3 convolution corrupts one pixel at a cut edge (zero padding where the neighbours are), so a
 stage input carries as many extra pixels as the convolutions after it can corrupt, and after each
-stage the tensor is cropped to the next stage's margin. What is left at the end is the band,
-exact. Image edges are real edges (the margin is clipped there, the zero padding is the true
-one). Temporal caches are per rank and see the same region every step, so the streaming state
-stays exact too.
+stage the tensor is cut to the next level's margin. What is left at the end is the band, exact.
+Image edges are real edges (the margin is clipped there, the zero padding is the true one).
+Temporal caches are per rank and see the same region every step, so the streaming state stays
+exact too. The band decoder is `core.vae`'s own (`StreamingDecoder`, `Decoder` with its cells and
+frame slices) over the same modules, with the up stages wrapped (`BandStage`).
 
 Margins of the 5B's decoder (3 residual blocks per stage, 2x up-sampling after stages 0-2): stage
-inputs 13, 12, 10, 7 pixels at their own scale, head input 1: the redundant work is mostly at
-low resolution (about 1.3x the band's work at 4 ranks on 720p, 1.7x at 8).
+inputs 13, 12, 10, 7 pixels at their own scale, head input 1. Most of the decoder's work is at the
+high resolutions where the margins are small: by the FLOPs per stage, a rank does about 1.3x its
+band's share at 4 ranks on 720p and 1.7x at 8 (estimates; docs/benchmarks/sp_decode.py measures).
 
 Legend: B batch, C channels, T frames, h/w latent size, n positions along the split axis.
 """
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from core.errors import UserError
-from core.vae import CausalCache, CausalConv3d, Upsample, WanVAE, unpatchify
+from core.vae import CausalCache, DecodePlan, Decoder, Upsample, WanVAE
 
 
 def _radius(module: nn.Module) -> int:
@@ -91,6 +93,15 @@ class BandPlan:
         scale, margin = self.scales[level], self.margins[level]
         return max(0, scale * self.start - margin), min(scale * self.size, scale * self.end + margin)
 
+    def held(self, level: int) -> tuple[int, int]:
+        """Positions the tensor arriving at `level` holds: the whole axis after the decoder's trunk,
+        else the previous level's region at this level's scale."""
+        if level == 0:
+            return 0, self.size
+        grow = self.scales[level] // self.scales[level - 1]
+        lo, hi = self.region(level - 1)
+        return lo * grow, hi * grow
+
     def crop(self, x: Tensor, level: int, held: tuple[int, int]) -> Tensor:
         """`x` holding positions `held` (at the level's scale) cut to the level's region."""
         lo, hi = self.region(level)
@@ -105,41 +116,69 @@ def band_plans(vae: WanVAE, height: int, width: int, parts: int) -> list[BandPla
     return [BandPlan(axis, size, start, end, margins, scales) for start, end in band_bounds(size, parts)]
 
 
+class BandStage(nn.Module):
+    """Up stage `level` of a decoder that decodes one band: its input (holding the previous level's
+    region) is cut to this level's region; the last stage also cuts its output to the head's."""
+
+    def __init__(self, stage: nn.Module, plan: BandPlan, level: int, last: bool):
+        super().__init__()
+        self.stage, self.plan, self.level, self.last = stage, plan, level, last
+        self.out_channels = stage.out_channels
+        self.frames_out_per_in = stage.frames_out_per_in  # read by `Decoder._up_from`
+
+    def frames_per_slice(self, x: Tensor, slice_bytes: int | None) -> int | None:
+        return self.stage.frames_per_slice(x, slice_bytes)
+
+    def forward(self, x: Tensor, cache: CausalCache, starts_video: bool, subpixel: bool = False) -> Tensor:
+        plan, level = self.plan, self.level
+        x = self.stage(plan.crop(x, level, plan.held(level)), cache, starts_video, subpixel)
+        return plan.crop(x, level + 1, plan.held(level + 1)) if self.last else x
+
+
+class BandDecoderModule(Decoder):
+    """`core.vae.Decoder` on one band: the same modules (and so the same cache entries and any
+    compiled units), with the up stages wrapped in `BandStage`; `Decoder`'s own cell and slice
+    logic runs unchanged."""
+
+    def __init__(self, decoder: Decoder, plan: BandPlan):
+        nn.Module.__init__(self)
+        self.conv1, self.middle, self.head = decoder.conv1, decoder.middle, decoder.head
+        stages = list(decoder.upsamples)
+        self.upsamples = nn.Sequential(*(BandStage(stage, plan, level, level == len(stages) - 1)
+                                         for level, stage in enumerate(stages)))
+        for unit in ("low_res", "head_out"):  # compiled units (core.optimize) are instance attributes
+            if unit in decoder.__dict__:
+                self.__dict__[unit] = decoder.__dict__[unit]
+
+
+class BandVAE(WanVAE):
+    """The decoding half of a `WanVAE` for one band (shares every module and weight)."""
+
+    def __init__(self, vae: WanVAE, plan: BandPlan):
+        nn.Module.__init__(self)
+        self.config, self.conv2 = vae.config, vae.conv2
+        self.decoder = BandDecoderModule(vae.decoder, plan)
+        self.latent_mean, self.latent_std = vae.latent_mean, vae.latent_std
+
+
 class BandDecoder:
     """`core.vae.StreamingDecoder` for one band: consecutive latent chunks in, the band's pixels out
     `[B, 3, frames, ...]` (the whole extent across the band), concatenating along the split axis to
-    the whole decode."""
+    the whole decode with the same `DecodePlan`."""
 
-    def __init__(self, vae: WanVAE, plan: BandPlan):
-        self.vae, self.plan = vae, plan
-        self.cache = CausalCache()
+    def __init__(self, vae: WanVAE, plan: BandPlan, decode_plan: DecodePlan | None = None):
+        self.plan = plan
+        self.stream = BandVAE(vae, plan).streaming_decoder(decode_plan)
 
     @torch.no_grad()
     def decode(self, latents_BCFhw: Tensor) -> Tensor:
-        x = self.vae.denormalize(latents_BCFhw).to(self.vae.dtype)
-        frames = [self._step(x[:, :, i:i + 1]) for i in range(x.shape[2])]
-        return unpatchify(torch.cat(frames, dim=2))
-
-    def _step(self, latent: Tensor) -> Tensor:
-        """`core.vae.Decoder.forward` with a crop between the stages."""
-        decoder, cache, plan = self.vae.decoder, self.cache, self.plan
-        x = decoder.conv1(self.vae.conv2(latent), cache)
-        first, attention, second = decoder.middle
-        x = second(attention(first(x, cache)), cache)
-        held = (0, plan.size)
-        for level, stage in enumerate(decoder.upsamples):
-            x = plan.crop(x, level, held)
-            held = plan.region(level)
-            x = stage(x, cache)
-            grow = plan.scales[level + 1] // plan.scales[level]
-            held = (held[0] * grow, held[1] * grow)
-        head_level = len(decoder.upsamples)
-        x = plan.crop(x, head_level, held)
-        held = plan.region(head_level)
-        for layer in decoder.head:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        cache.first_step = False
-        return plan.crop(x, head_level + 1, held)
+        pixels = self.stream.decode(latents_BCFhw)  # the head's region, 2 pixels per head output
+        head = len(self.plan.margins) - 2
+        lo, hi = self.plan.held(head + 1)
+        per_pixel = pixels.shape[self.plan.axis] // (hi - lo)
+        first = self.plan.scales[head] * self.plan.start
+        size = self.plan.scales[head] * (self.plan.end - self.plan.start)
+        return pixels.narrow(self.plan.axis, per_pixel * (first - lo), per_pixel * size)
 
 
 class GatheredBandDecoder:
