@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.checkpoint import check_state_dict, read_state_dict
-from core.config import LATENT_MEAN, LATENT_STD, VAE_PRESETS, VAEConfig
+from core.config import LATENT_MEAN, LATENT_STD, VAE_PRESETS, VAE_TEMPORAL_STRIDE, VAEConfig
 from core.config import require as _require
 
 PATCH = 2  # patchify cell (2x2 pixels -> 12 channels)
-TEMPORAL_STRIDE = 4  # pixel frames per latent frame (two temporal down stages)
+TEMPORAL_STRIDE = VAE_TEMPORAL_STRIDE  # pixel frames per latent frame (two temporal down stages)
 
 
 @dataclass(frozen=True)
