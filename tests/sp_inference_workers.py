@@ -29,7 +29,7 @@ from sp.replica import ReplicaTextEncoder, ReplicaVAE, broadcast_prompts
 from sp.vae_split import GatheredBandDecoder
 from tests.conftest import text_context, tiny_model
 
-SIZE = 4  # latent height = width: 4 tokens per frame
+SIZE = 8  # latent height = width: 16 tokens per frame
 FPB = 4  # frames per block: divisible by sp 2 and 4
 
 
