@@ -43,11 +43,13 @@ class Scenario:
     guidance: float = 1.0
     nvfp4_kv: bool = False
     weights: str = "bf16"  # or "nvfp4" (w4a16 block linears) or "fp8"
+    image: bool = False  # image-to-video: frame 0 clean (t = 0), the chunk's frames on different timesteps
+    window_frames: int = 3 * FPB
     seed: int = 0
 
     @property
     def stream(self) -> StreamConfig:
-        return StreamConfig(frames_per_block=FPB, local_window_frames=3 * FPB, sink_frames=FPB,
+        return StreamConfig(frames_per_block=FPB, local_window_frames=self.window_frames, sink_frames=FPB,
                             sampling_steps=2, guidance_scale=self.guidance)
 
 
@@ -60,6 +62,7 @@ SCENARIOS = {
     "nvfp4_guidance_switch": Scenario(nvfp4_kv=True, guidance=2.0, switch_at=4, seed=6),
     "nvfp4_weights": Scenario(weights="nvfp4", chunks=4, seed=7),
     "fp8_weights": Scenario(weights="fp8", chunks=4, seed=8),
+    "image": Scenario(image=True, chunks=4, seed=9),
 }
 CFG_SCENARIOS = ("guidance", "nvfp4_guidance_switch")  # the ones with two branches
 
@@ -79,7 +82,9 @@ def generate(scenario: Scenario, built: BuiltDiT) -> torch.Tensor:
     cuts = [c in scenario.cuts for c in range(scenario.chunks)]
     negative = text_context(1, 99) if scenario.guidance != 1.0 else None
     switched = text_context(1, 98)
-    chunks = stream_latents(built.model, noise, prompts, scenario.stream, cuts, negative_context=negative,
+    image = torch.randn(1, 1, 48, SIZE, SIZE, generator=g) if scenario.image else None
+    chunks = stream_latents(built.model, noise, prompts, scenario.stream, cuts, image_latent=image,
+                            negative_context=negative,
                             prompt_switch=lambda c: switched if c == scenario.switch_at else None,
                             kv_storage=built.kv_storage, branch_placement=built.branches)
     return torch.cat([chunk.latents for chunk in chunks], dim=1)
