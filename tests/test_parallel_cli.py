@@ -57,13 +57,20 @@ def test_bad_layout_is_one_line_exit_2_before_any_work(tmp_path, capsys, no_rela
 @pytest.mark.parametrize("command, needle", [
     (["multishot", "{shots}", "--interactive", "--nproc-per-node", "2"], "--interactive drives one video"),
     (["bench", "--decode", "split", "--nproc-per-node", "2", "--sp", "2"], "bench --decode split"),
+    (["multishot", "{shots}", "--nproc-per-node", "3", "--sp", "3"], "4 attention heads are not divisible"),
+    (["multishot", "{shots}", "--sp", "4"], "needs 4 processes: add --nproc-per-node 4"),
+    (["bench", "--nproc-per-node", "3", "--sp", "2"], "3 processes are not divisible by --sp 2"),
+    (["bench", "--nproc-per-node", "4", "--sp", "4", "--set", "stream.frames_per_block=2"],
+     "2 latent frames of a chunk are not divisible"),
 ])
 def test_bad_parallel_requests(tmp_path, capsys, no_relaunch, command, needle):
     shots = tmp_path / "shots.txt"
     shots.write_text("a\nb\n")
     args = [a.format(shots=shots) for a in command] + ["--preset", "tiny", "--device", "cpu"]
     assert main(args) == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
     assert no_relaunch == []
 
 
