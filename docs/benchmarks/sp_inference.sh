@@ -9,16 +9,25 @@
 #   3. replicas: W GPUs as W / 2 replicas of sp 2 (summed fps, for batch work);
 #   4. the VAE off the DiT's path: --decode device:W beside W/2.. ranks (end-to-end fps), and the
 #      split decode timed alone (docs/benchmarks/sp_decode.py) at 1, 2, 4, 8 ranks.
-# Run from the repo root on the GPU machine:
+# Run from the repo root on the GPU machine (N = 2, 4 or 8 GPUs):
 #   bash docs/benchmarks/sp_inference.sh "$OUT"
+# A CPU check that every command of the script runs (tiny model, gloo, 4 processes, no device decode;
+# the timings mean nothing):
+#   SP_SMOKE=1 OMP_NUM_THREADS=1 bash docs/benchmarks/sp_inference.sh /tmp/sp-smoke
 set -uo pipefail
 out=${1:-/tmp/bench-sp}
 mkdir -p "$out"
 source "$(dirname "$0")/common.sh"
-gpus=$(python -c "import torch; print(torch.cuda.device_count())")
-echo "== $gpus GPUs: $(python -c 'import torch; print(torch.cuda.get_device_name(0))')"
-common=(--preset wan2.2-ti2v-5b --height 704 --width 1280 --window 32 --sink 8 --dtype bfloat16 --steps 4
-        --frames 96)
+if [[ ${SP_SMOKE:-0} == 1 ]]; then
+  gpus=4; cuda=0
+  common=(--preset tiny --height 64 --width 64 --device cpu --dtype float32 --steps 2 --frames 48)
+  echo "== smoke run: $gpus CPU processes (gloo)"
+else
+  gpus=$(python -c "import torch; print(torch.cuda.device_count())"); cuda=1
+  common=(--preset wan2.2-ti2v-5b --height 704 --width 1280 --window 32 --sink 8 --dtype bfloat16 --steps 4
+          --frames 96)
+  echo "== $gpus GPUs: $(python -c 'import torch; print(torch.cuda.get_device_name(0))')"
+fi
 
 layout() {  # the parallel fields of a result
   python - "$out/$1.json" <<'PY'
@@ -56,13 +65,14 @@ fi
 
 # 4. Decode: the VAE on a GPU no DiT rank uses (end-to-end fps), and the split decode alone.
 half=$((gpus / 2))
-if (( half >= 1 && half < gpus )); then
+if (( cuda && half >= 1 && half < gpus )); then
   run "sp${half}_decode_device" "${common[@]}" --nproc-per-node "$half" --sp "$half" --decode "device:$half"
   run "sp${half}_decode_sync" "${common[@]}" --nproc-per-node "$half" --sp "$half" --decode sync
 fi
 for world in 1 2 4 8; do
   (( world <= gpus )) || continue
   echo "== split decode on $world rank(s)"
-  torchrun --standalone --nproc-per-node "$world" docs/benchmarks/sp_decode.py > "$out/decode_w${world}.json" \
-    2> "$out/decode_w${world}.err" && cat "$out/decode_w${world}.json"
+  torchrun --standalone --nproc-per-node "$world" docs/benchmarks/sp_decode.py \
+    --device "$( ((cuda)) && echo cuda || echo cpu)" > "$out/decode_w${world}.json" 2> "$out/decode_w${world}.err" \
+    && cat "$out/decode_w${world}.json" || tail -n 3 "$out/decode_w${world}.err"
 done

@@ -8,8 +8,11 @@ storage); the plain path is the same model with the plan removed. The paths alte
 `--rounds` rounds after one discarded warm-up round of each (compilation); the verdict is the
 ratio of the medians of the per-round medians, which must be <= 1.02.
 
-Run from the repo root on the GPU machine:
+Run from the repo root on the GPU machine (one GPU, about 10 minutes with compilation):
     python docs/benchmarks/sp_overhead.py [--frames 96] [--rounds 3] [--steps 4] [--no-compile]
+A CPU check that the script runs (tiny model, gloo; the timings mean nothing):
+    python docs/benchmarks/sp_overhead.py --device cpu --preset tiny --height 64 --width 64 --frames 48 \
+        --rounds 1 --steps 2 --no-compile
 """
 
 from __future__ import annotations
@@ -39,12 +42,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--preset", default="wan2.2-ti2v-5b")
+    parser.add_argument("--height", type=int, default=704)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run (gloo, fp32)")
     args = parser.parse_args()
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     with tempfile.TemporaryDirectory() as folder:
-        dist.init_process_group("nccl", init_method=f"file://{Path(folder) / 'store'}", rank=0, world_size=1,
-                                device_id=device)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{Path(folder) / 'store'}", rank=0,
+                                world_size=1, device_id=device if cuda else None)
         try:
             run(args, device)
         finally:
@@ -52,10 +61,11 @@ def main() -> None:
 
 
 def run(args, device: torch.device) -> None:
-    recipe = overlay(Recipe.preset_recipe("wan2.2-ti2v-5b"), {
-        "video": {"height": 704, "width": 1280}, "stream": {"sampling_steps": args.steps},
-        "runtime": {"device": "cuda", "dtype": "bfloat16"}})
-    plain = build_dit(DiTSpec.from_recipe(recipe, device, torch.bfloat16, compile=not args.no_compile))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    recipe = overlay(Recipe.preset_recipe(args.preset), {
+        "video": {"height": args.height, "width": args.width}, "stream": {"sampling_steps": args.steps},
+        "runtime": {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}})
+    plain = build_dit(DiTSpec.from_recipe(recipe, device, dtype, compile=not args.no_compile))
     mesh = InferenceMesh.build(sp=1)
     timings: dict[str, list[float]] = {"plain": [], "sp1": []}
     for round_index in range(args.rounds + 1):
@@ -71,7 +81,9 @@ def run(args, device: torch.device) -> None:
     ratio = medians["sp1"] / medians["plain"]
     print(json.dumps({"plain_s_per_block": medians["plain"], "sp1_s_per_block": medians["sp1"], "ratio": ratio,
                       "rounds": timings, "frames": args.frames, "steps": args.steps,
-                      "compiled": not args.no_compile, "gpu": torch.cuda.get_device_name(device)}, indent=2))
+                      "compiled": not args.no_compile, "preset": args.preset, "size": [args.height, args.width],
+                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
+                     indent=2))
     print(f"SP path at sp = 1 costs {100 * (ratio - 1):+.2f} % over the plain path: "
           f"{'PASS' if ratio <= 1.02 else 'FAIL'} (limit +2 %)")
 
