@@ -11,11 +11,15 @@
 #      split decode timed alone (docs/benchmarks/sp_decode.py) at 1, 2, 4, 8 ranks.
 # Run from the repo root on the GPU machine (N = 2, 4 or 8 GPUs):
 #   bash docs/benchmarks/sp_inference.sh "$OUT"
+# Each `longlive bench` builds and compiles the 5B (a minute or two): to stay under a per-command time
+# limit, run the sections separately, e.g. SP_SECTIONS="1" then SP_SECTIONS="2 3" then SP_SECTIONS="4".
 # A CPU check that every command of the script runs (tiny model, gloo, 4 processes, no device decode;
 # the timings mean nothing):
 #   SP_SMOKE=1 OMP_NUM_THREADS=1 bash docs/benchmarks/sp_inference.sh /tmp/sp-smoke
 set -uo pipefail
 out=${1:-/tmp/bench-sp}
+sections=" ${SP_SECTIONS:-1 2 3 4} "
+want() { [[ $sections == *" $1 "* ]]; }
 mkdir -p "$out"
 source "$(dirname "$0")/common.sh"
 if [[ ${SP_SMOKE:-0} == 1 ]]; then
@@ -43,14 +47,14 @@ PY
 
 # 1. SP scaling, bf16 and NVFP4 KV cache.
 for sp in 1 2 4 8; do
-  (( sp <= gpus )) || continue
+  want 1 && (( sp <= gpus )) || continue
   run "sp${sp}" "${common[@]}" --nproc-per-node "$sp" --sp "$sp"; layout "sp${sp}"
   run "sp${sp}_kvfp4" "${common[@]}" --nproc-per-node "$sp" --sp "$sp" --kv-precision nvfp4; layout "sp${sp}_kvfp4"
 done
 
 # 2. Guidance: serial branches against CFG-parallel on the same GPUs.
 for world in 2 4 8; do
-  (( world <= gpus )) || continue
+  want 2 && (( world <= gpus )) || continue
   run "g3_sp${world}" "${common[@]}" --set stream.guidance_scale=3.0 --nproc-per-node "$world" --sp "$world"
   layout "g3_sp${world}"
   run "g3_cfg_sp$((world / 2))" "${common[@]}" --set stream.guidance_scale=3.0 --nproc-per-node "$world" \
@@ -59,18 +63,18 @@ for world in 2 4 8; do
 done
 
 # 3. Replicas of sp 2 (batch throughput).
-if (( gpus >= 4 )); then
+if want 3 && (( gpus >= 4 )); then
   run "dp$((gpus / 2))_sp2" "${common[@]}" --nproc-per-node "$gpus" --sp 2; layout "dp$((gpus / 2))_sp2"
 fi
 
 # 4. Decode: the VAE on a GPU no DiT rank uses (end-to-end fps), and the split decode alone.
 half=$((gpus / 2))
-if (( cuda && half >= 1 && half < gpus )); then
+if want 4 && (( cuda && half >= 1 && half < gpus )); then
   run "sp${half}_decode_device" "${common[@]}" --nproc-per-node "$half" --sp "$half" --decode "device:$half"
   run "sp${half}_decode_sync" "${common[@]}" --nproc-per-node "$half" --sp "$half" --decode sync
 fi
 for world in 1 2 4 8; do
-  (( world <= gpus )) || continue
+  want 4 && (( world <= gpus )) || continue
   echo "== split decode on $world rank(s)"
   torchrun --standalone --nproc-per-node "$world" docs/benchmarks/sp_decode.py \
     --device "$( ((cuda)) && echo cuda || echo cpu)" > "$out/decode_w${world}.json" 2> "$out/decode_w${world}.err" \
