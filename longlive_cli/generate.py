@@ -16,7 +16,18 @@ from core.config import VIDEO_FPS, chunk_video_frames
 from core.decode import DecodeMode
 from core.errors import UserError
 from longlive_cli.app import app
-from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt, quant_flags
+from longlive_cli.options import (
+    CfgParallelOpt,
+    KvPrecisionOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
+    PrecisionOpt,
+    QuantModeOpt,
+    RdzvOpt,
+    SpOpt,
+    quant_flags,
+)
 
 PresetOpt = Annotated[str | None, typer.Option(help="wan2.2-ti2v-5b (default) or tiny (offline, CPU).")]
 RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
@@ -34,8 +45,8 @@ StepsOpt = Annotated[int | None, typer.Option(help="Sampling steps: 4 or 2.")]
 ImageOpt = Annotated[str | None, typer.Option(help="Image-to-video: condition the first frame on this image.")]
 SeedOpt = Annotated[int | None, typer.Option(help="Noise seed.")]
 DecodeOpt = Annotated[DecodeMode, typer.Option(
-    parser=DecodeMode.parse, metavar="sync|stream|device:N",
-    help="sync, stream (side CUDA stream) or device:N (VAE on GPU N).")]
+    parser=DecodeMode.parse, metavar="sync|stream|device:N|split",
+    help="sync, stream (side CUDA stream), device:N (VAE on GPU N) or split (bands over the ranks).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (written atomically).")]
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
@@ -72,7 +83,7 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
 
 
 def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
-         interactive: bool = False) -> None:
+         interactive: bool = False, layout=None) -> None:
     from core.generate import GenerateRequest, generate_video, prepare
     from longlive_cli.build import build_models, check_dit_spec, generation_spec
     from longlive_cli.progress import chunk_progress
@@ -87,6 +98,11 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
     placement = prepare(request)  # every cheap check, once, before any model or output
     spec = generation_spec(request, placement)
     check_dit_spec(spec)
+    if layout is not None and layout.requested:  # several processes (longlive_cli/parallel_inference.py)
+        from longlive_cli.parallel_inference import run_generate
+
+        return run_generate(request, layout, (lambda: _stdin_prompts(console)) if interactive else None,
+                            lambda report: _show(report))
     for span in schedule.spans:
         console.print(f"shot {span.index + 1}: chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}, "
                       f"frame {span.start_frame} ({span.start_seconds:.2f} s), "
@@ -102,9 +118,21 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
                                     prompts, log=lambda text: progress.console.print(text, highlight=False))
         except ValueError as err:  # config / shape validation from the engine
             raise UserError(str(err)) from None
+    _show(report)
+
+
+def _show(report) -> None:
     out = Console()
     out.print(_summary(report))
     out.print(f"wrote {report.output}", soft_wrap=True, highlight=False)
+
+
+def _layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel):
+    from longlive_cli.parallel_inference import InferenceLayout, command_line
+    from sp.launcher import Launch
+
+    return InferenceLayout(Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), sp, cfg_parallel,
+                           command_line(ctx))
 
 
 def _stdin_prompts(console: Console):
@@ -148,6 +176,7 @@ def _summary(report) -> Table:
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to generate.")],
     preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
     checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
@@ -156,6 +185,8 @@ def generate(
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
+    nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
+    sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
     """Generate one video from a prompt (text-to-video, or image-to-video with --image)."""
     from core.shots import single_prompt_schedule
@@ -166,11 +197,13 @@ def generate(
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = single_prompt_schedule(prompt, chunks, chosen.stream.frames_per_block)
-    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf)
+    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
+         layout=_layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))
 
 
 @app.command()
 def multishot(
+    ctx: typer.Context,
     shots_file: Annotated[str, typer.Argument(help="Shot list: .txt (a prompt per line), .yaml or .json.")],
     preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
     checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
@@ -181,6 +214,8 @@ def multishot(
         "--interactive", help="Read new prompts from the terminal while generating.")] = False,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
+    nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
+    sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
     """Generate one multi-shot video from a shot list (scene cuts between shots)."""
     from core.shots import load_schedule
@@ -192,4 +227,4 @@ def multishot(
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = load_schedule(shots_file, chosen.stream.frames_per_block, chunks)
     _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
-         interactive)
+         interactive, _layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))
