@@ -312,6 +312,9 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "wan2.2": VAEConfig(),
     # Same structure (every tensor kind, 48 latent channels for the tiny DiT), small widths.
     "tiny": VAEConfig(base_dim=16, decoder_base_dim=32),
+    # The trained shapes-world VAE (`longlive train-vae train_vae_shapes`): narrow enough to decode
+    # 4 s of 128x128 video in seconds on a CPU.
+    "shapes": VAEConfig(base_dim=8, decoder_base_dim=8, num_res_blocks=1),
 }
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,6 +147,14 @@ def build_vae(recipe: TrainRecipe, device: torch.device, dtype: torch.dtype) -> 
     from core.vae import load_vae, random_vae
 
     kind = recipe.data.vae
+    if kind == "shapes":
+        from core.assets import shapes_vae_path
+
+        path = Path(recipe.data.vae_path) if recipe.data.vae_path else shapes_vae_path()
+        if not path.is_file():
+            raise UserError(f"data.vae_path {path} not found: give a `longlive train-vae --export` file "
+                            f"(--set data.vae_path=FILE)")
+        return load_vae(path, VAEConfig.preset("shapes"), device=device, dtype=dtype).eval()
     if kind == "tiny":
         return random_vae(VAEConfig.preset("tiny"), 0, device=device, dtype=dtype).eval()
     if kind == "random-wan2.2":
@@ -164,9 +174,15 @@ def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
     if plan.is_main and not (root / "video").is_dir():
         from core.train.synthetic import make_synthetic_dataset
 
-        raw = raw_frames(recipe.data.latent_frames)
-        make_synthetic_dataset(root, samples=8, clips_per_sample=2, frames=raw, height=recipe.data.height,
-                               width=recipe.data.width, seed=recipe.runtime.seed)
+        d = recipe.data
+        frames = d.synthetic_shot_frames or raw_frames(d.latent_frames)
+        partial = logdir / ".synthetic-data.tmp"  # renamed when complete: a killed run never trains on half of it
+        shutil.rmtree(partial, ignore_errors=True)
+        make_synthetic_dataset(partial, samples=d.synthetic_samples, clips_per_sample=d.synthetic_shots,
+                               frames=frames, height=d.height, width=d.width, seed=recipe.runtime.seed,
+                               workers=max(1, d.num_workers))
+        shutil.rmtree(root, ignore_errors=True)  # a folder without video/ holds nothing usable
+        os.replace(partial, root)
     plan.barrier()
     return root
 
@@ -315,8 +331,8 @@ class Trainer:
         from core.train.plots import write_loss_curve
 
         self._seed()
+        self.vae = build_vae(self.recipe, self.device, self.dtype)  # a missing VAE file fails before the data is made
         dataset, sampler = self._data()
-        self.vae = build_vae(self.recipe, self.device, self.dtype)
         self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)
         model = self.build_model().train()
         o = self.recipe.optim
