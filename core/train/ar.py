@@ -253,6 +253,9 @@ class Trainer:
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
                                    max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
                                    seed=self.recipe.runtime.seed, deterministic=False)
+        if d.batch_size > 1 and self.plan.sp_size > 1:
+            raise UserError(f"data.batch_size={d.batch_size} with sequence parallelism (parallel.sp="
+                            f"{self.plan.sp_size}): use batch_size 1 (grad_accum for larger batches)")
         sampler = ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed)
         if len(sampler) == 0:
             raise UserError(f"the dataset at {root} has {len(dataset)} samples, fewer than the {self.plan.dp_size} "
@@ -266,7 +269,8 @@ class Trainer:
 
         while True:
             dataset.set_epoch(sampler.epoch)
-            loader = DataLoader(dataset, batch_size=1, sampler=list(iter(sampler)), collate_fn=collate,
+            loader = DataLoader(dataset, batch_size=self.recipe.data.batch_size, sampler=list(iter(sampler)),
+                                collate_fn=collate,
                                 num_workers=self.recipe.data.num_workers, pin_memory=self.device.type == "cuda")
             yield from loader
             sampler.set_epoch(sampler.epoch + 1)
@@ -400,8 +404,9 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         losses, tokens = [], 0
         for _ in range(o.grad_accum):
-            loss, n = self.micro_step(model, next(batches), step)
-            sampler.advance(1)
+            batch = next(batches)
+            loss, n = self.micro_step(model, batch, step)
+            sampler.advance(len(batch.indices))
             losses.append(loss)
             tokens += n
         plan.sync_gradients(model)

@@ -38,6 +38,7 @@ class DataConfig:
     max_chunks_per_shot: int = 0  # 0: no virtual cuts
     allow_padding: bool = True
     num_workers: int = 2
+    batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP
     i2v: bool = False
     # umt5 (the real encoder from `model_dir`), tiny (offline byte encoder of the tiny preset),
     # random (fixed random contexts: throughput runs with no text encoder at all)
@@ -55,6 +56,7 @@ class DataConfig:
         require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
                 f"data: latent_frames > 0 and height/width multiples of 32 "
                 f"(got {self.latent_frames}, {self.height}x{self.width})")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
                 "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
         require(not self.vae_path or self.vae == "shapes",
