@@ -105,6 +105,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
     (["--set", "runtime.dtype=bfloat16"], "trains in float32"),
     (["--export", "vae.pt"], "exported as .safetensors"),
     (["--max-steps", "0"], "--max-steps 0"),
+    (["--max-steps", "5000"], "beyond train.max_steps 4000"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "run"), *args]) == 2
@@ -116,5 +117,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
 def test_resuming_with_other_widths_is_refused(tmp_path, capsys):
     logdir = tmp_path / "run"
     assert main(["train-vae", "train_vae_shapes", "--logdir", str(logdir), "--max-steps", "2", *TINY]) == 0
-    assert main(["train-vae", "train_vae_shapes", "--logdir", str(logdir), *TINY, "--set", "vae.decoder_base_dim=8"]) == 2
+    wider = [*TINY, "--set", "vae.decoder_base_dim=8"]
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(logdir), *wider]) == 2
     assert "different model" in capsys.readouterr().err

@@ -263,7 +263,7 @@ class VAETrainer:
         self.recipe, self.options, self.on_step = recipe, options, on_step
         self.device = resolve_device(recipe.runtime.device)
         self.logdir = Path(options.logdir)
-        self.stop_step = min(options.max_steps or recipe.train.max_steps, recipe.train.max_steps)
+        self.stop_step = options.max_steps or recipe.train.max_steps
         self.model_config = {"preset": recipe.preset, **asdict(recipe.vae)}
 
     def check(self) -> CheckpointManager:
@@ -273,6 +273,9 @@ class VAETrainer:
         except OSError as err:
             raise UserError(f"log dir {self.logdir} cannot be created ({err.strerror or err}): "
                             f"pass a writable --logdir") from None
+        if self.options.max_steps is not None and self.options.max_steps > self.recipe.train.max_steps:
+            raise UserError(f"--max-steps {self.options.max_steps} is beyond train.max_steps "
+                            f"{self.recipe.train.max_steps} (the end of the LR schedule): --set train.max_steps=N")
         if self.options.export is not None and Path(self.options.export).suffix != ".safetensors":
             raise UserError(f"--export {self.options.export}: the VAE is exported as .safetensors (use that suffix)")
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
