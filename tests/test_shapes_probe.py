@@ -109,6 +109,7 @@ def test_h264_round_trip_reads_right(tmp_path):
     report = evaluate_videos(paths, [s.caption for s in specs])
     assert report["summary"]["all"]["accuracy"] == dict.fromkeys(ATTRIBUTES, 1.0)
     assert list(report["videos"]) == [p.stem for p in paths]
+    assert evaluate_videos(paths, [s.caption for s in specs], workers=2) == report  # parallel == serial
 
 
 # ----------------------------------------------------------------------------------------------

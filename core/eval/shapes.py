@@ -2,10 +2,13 @@
 
 For every frame the probe reads, with no model and no download (`read_frame`):
   background  the palette colour (`core.train.synthetic.COLOURS`) covering at least half the frame
-  colour      the palette colour nearest to the median of the pixels that differ from the background
-  shape       from the fill of the shape's bounding box: square 1, circle pi/4, triangle 1/2
-  position    the shape's centre; the frame is a torus (shapes wrap around at the edge)
+  colour      the palette colour whose blends with the background explain the shape's pixels (a
+              blurred edge lies on the segment background -> colour)
+  shape       the world's shape (drawn at its known size, blurred as the frame is) that overlaps the
+              mask of shape pixels best, placed on the mask's centroid (IoU >= MIN_SHAPE_IOU)
+  position    the shape's centroid; the frame is a torus (shapes wrap around at the edge)
 A frame of noise, or one with no clear background or shape, reads `None` for what is missing.
+Every frame is first smoothed by a 3x3 mean, which keeps the readings stable under pixel noise.
 
 Per shot of the schedule (`probe_video`): the reading of each attribute over the shot's frames (the
 most frequent one; the direction from the mean frame-to-frame motion of the centre) and whether it
@@ -337,21 +340,34 @@ def _obedience(shots: Sequence[dict[str, Any]], transition: str) -> dict[str, An
             "max_frames": max(frames) if frames else None}
 
 
+def _probe_one(video: np.ndarray | str | os.PathLike,
+               schedule: PromptSchedule | Sequence[ProbeShot] | str) -> tuple[int, list[dict[str, Any]]]:
+    frames = read_video(video) if isinstance(video, (str, os.PathLike)) else np.asarray(video)
+    return int(frames.shape[0]), probe_video(frames, schedule)
+
+
 def evaluate_videos(videos: Sequence[np.ndarray | str | os.PathLike],
                     schedules: Sequence[PromptSchedule | Sequence[ProbeShot] | str],
-                    names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Probe videos (frame arrays or video files) against their schedules; a JSON-ready report:
+                    names: Sequence[str] | None = None, workers: int = 1) -> dict[str, Any]:
+    """Probe videos (frame arrays or video files) against their schedules (`workers` processes in
+    parallel); a JSON-ready report:
     `{videos: {name: {num_frames, shots: [...]}}, summary: {all, seen, held_out, cuts, switches}}`."""
     if len(videos) != len(schedules):
         raise ValueError(f"{len(videos)} videos but {len(schedules)} schedules: give one schedule per video")
     names = list(names) if names is not None else [
         Path(v).stem if isinstance(v, (str, os.PathLike)) else f"video_{i:03d}" for i, v in enumerate(videos)]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_probe_one, videos, schedules))
+    else:
+        results = [_probe_one(v, s) for v, s in zip(videos, schedules, strict=True)]
     report: dict[str, Any] = {"videos": {}}
     every: list[dict[str, Any]] = []
-    for name, video, schedule in zip(names, videos, schedules, strict=True):
-        frames = read_video(video) if isinstance(video, (str, os.PathLike)) else np.asarray(video)
-        shots = probe_video(frames, schedule)
-        report["videos"][name] = {"num_frames": int(frames.shape[0]), "shots": shots}
+    for name, (num_frames, shots) in zip(names, results, strict=True):
+        report["videos"][name] = {"num_frames": num_frames, "shots": shots}
         every += shots
     report["summary"] = {
         "all": _summary(every),
