@@ -15,18 +15,20 @@ from safetensors.torch import load_file
 from core.config import VAEConfig
 from core.train.autoencoder import (
     VAEOptim,
+    autoencode,
     evaluate,
     held_out_clips,
     load_vae_recipe,
     moment_penalty,
     training_batch,
 )
-from core.vae import load_vae
+from core.vae import WanVAE, load_vae
 from longlive_cli.app import main
 
 # A VAE of the same structure at the smallest widths, on a 32x32 world: seconds per run.
 TINY = ["--set", "vae.base_dim=4", "--set", "vae.decoder_base_dim=4", "--set", "data.world_size=32",
-        "--set", "data.crop=32", "--set", "data.frames=5", "--set", "data.batch_size=1", "--set", "data.eval_clips=2",
+        "--set", "data.crop=32", "--set", "data.frames=5", "--set", "data.warmup_latents=1",
+        "--set", "data.batch_size=1", "--set", "data.eval_clips=2",
         "--set", "data.eval_frames=5", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2",
         "--set", "train.eval_every=2", "--set", "optim.warmup_steps=2", "--set", "optim.ema_start_step=1"]
 TINY_CONFIG = VAEConfig(base_dim=4, decoder_base_dim=4, num_res_blocks=1)
@@ -73,10 +75,33 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path):
 
 
 def test_batches_are_a_function_of_the_step():
-    data = load_vae_recipe("train_vae_shapes", TINY[1::2]).data
-    a, b, c = training_batch(data, 0, 5), training_batch(data, 0, 5), training_batch(data, 0, 6)
-    assert a.shape == (1, 3, 5, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
-    assert a.min() >= -1 and a.max() <= 1
+    data = load_vae_recipe("train_vae_shapes", [*TINY[1::2], "data.warmup_latents=3"]).data
+    batches = [training_batch(data, 0, step) for step in range(12)]
+    assert all(torch.equal(a, b) and wa == wb for (a, wa), (b, wb) in zip(batches, [training_batch(data, 0, s)
+                                                                                 for s in range(12)], strict=True))
+    assert {w for _, w in batches} == {0, 1, 2, 3}
+    for video, warmup in batches:
+        assert video.shape == (1, 3, 5 + 4 * warmup, 32, 32) and video.min() >= -1 and video.max() <= 1
+    assert not torch.equal(batches[0][0][:, :, :5], batches[1][0][:, :, :5])
+
+
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_autoencode_steps_equal_encode_then_decode(warmup):
+    """The trainer's latent-by-latent pass against the inference path (slow obvious reference)."""
+    torch.manual_seed(0)
+    vae = WanVAE(TINY_CONFIG)
+    video = torch.rand(2, 3, 17, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z_full = vae.encode(video)
+        full = vae.decode(z_full)
+    decoded, target, z = autoencode(vae, video, warmup)  # with gradients from latent `warmup` on
+    first = 0 if warmup == 0 else 1 + 4 * (warmup - 1)
+    assert torch.equal(z.detach(), z_full[:, :, warmup:]) and torch.equal(target, video[:, :, first:])
+    assert torch.equal(decoded.detach(), full[:, :, first:])
+    decoded.pow(2).mean().backward()
+    assert all(p.grad is not None for p in vae.parameters() if p.requires_grad and p.dim() > 1)
+    noisy, _, _ = autoencode(vae, video, warmup, 0.5, torch.Generator().manual_seed(0))
+    assert not torch.equal(noisy, decoded)  # the noise reaches the decoder
 
 
 def test_moment_penalty_matches_a_per_channel_loop():

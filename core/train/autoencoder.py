@@ -1,7 +1,9 @@
 """Autoencoder training of a small Wan2.2-structure VAE on the shapes world (`longlive train-vae`).
 
 One step: render a batch of world clips (`core.train.synthetic.render_training_clip`, seeded by the
-step, so no data state is saved) -> encode to normalised latents -> add noise -> decode -> loss:
+step, so no data state is saved) -> encode to normalised latents -> add noise -> decode, latent by
+latent (`autoencode`), the first W latents without gradients (truncated back-propagation through
+the causal caches: the trained frames see a long history, as in a long video) -> loss:
 
     loss = mean (decoded - video)^2 + moment_weight * mean_c [mean_c(z)^2 + log(std_c(z))^2]
 
@@ -36,12 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.config import RuntimeConfig, VAEConfig, overlay, read_recipe_data, require
+from core.config import VAE_TEMPORAL_STRIDE, RuntimeConfig, VAEConfig, overlay, read_recipe_data, require
 from core.errors import UserError
 from core.runtime import resolve_device
 from core.train.state import EMA, CheckpointManager
 from core.train.synthetic import DEMO_SIZE, render_training_clip
-from core.vae import WanVAE
+from core.vae import CausalCache, WanVAE, patchify, unpatchify
 
 log = logging.getLogger("longlive.train_vae")
 
@@ -54,15 +56,19 @@ EXPORT_FORMAT = "longlive-vae-1"
 
 @dataclass
 class VAEDataConfig:
-    """Training clips: `frames` (1 + 4k) of the world at `world_size`, cropped to `crop` pixels."""
+    """Training clips of the world at `world_size`, cropped to `crop` pixels: `frames` (1 + 4k) whose
+    reconstruction is trained, after up to `warmup_latents` latent frames (drawn per step) that only
+    fill the causal caches, without gradients, so that the trained frames see the history of a long
+    video as they do at generation time (a VAE trained on short clips alone drifts on long ones)."""
 
     frames: int = 9
+    warmup_latents: int = 6
     crop: int = 64
     world_size: int = DEMO_SIZE
     batch_size: int = 4
     cut_probability: float = 0.25
-    eval_clips: int = 16  # held-out clips of eval_frames at world_size, half of them with a cut
-    eval_frames: int = 33
+    eval_clips: int = 8  # held-out clips of eval_frames at world_size, half of them with a cut
+    eval_frames: int = 97  # 4 s, the demo's length
 
     def __post_init__(self) -> None:
         for name in ("frames", "eval_frames"):
@@ -71,7 +77,8 @@ class VAEDataConfig:
         require(self.world_size % 16 == 0 and self.crop % 16 == 0 and 0 < self.crop <= self.world_size,
                 f"data.crop and data.world_size must be multiples of 16 with crop <= world_size "
                 f"(got {self.crop}, {self.world_size})")
-        require(self.batch_size >= 1 and self.eval_clips >= 1, "data.batch_size and data.eval_clips must be >= 1")
+        require(self.batch_size >= 1 and self.eval_clips >= 1 and self.warmup_latents >= 0,
+                "data.batch_size and data.eval_clips must be >= 1, data.warmup_latents >= 0")
         require(0 <= self.cut_probability <= 1, f"data.cut_probability must be in [0, 1] (got {self.cut_probability})")
 
 
@@ -163,12 +170,41 @@ def to_pixels(frames_THWC: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def training_batch(data: VAEDataConfig, seed: int, step: int) -> Tensor:
-    """The clips of step `step`: `[B, 3, T, crop, crop]` in [-1, 1], a function of (seed, step)."""
+def training_batch(data: VAEDataConfig, seed: int, step: int) -> tuple[Tensor, int]:
+    """The clips of step `step` and their warm-up latents W, a function of (seed, step):
+    `[B, 3, frames + 4W, crop, crop]` in [-1, 1]."""
     rng = np.random.default_rng([seed, step])
-    clips = [render_training_clip(rng, data.frames, data.world_size, data.crop, split="train",
+    warmup = int(rng.integers(data.warmup_latents + 1))
+    frames = data.frames + VAE_TEMPORAL_STRIDE * warmup
+    clips = [render_training_clip(rng, frames, data.world_size, data.crop, split="train",
                                   cut_probability=data.cut_probability)[0] for _ in range(data.batch_size)]
-    return torch.stack([to_pixels(c) for c in clips])
+    return torch.stack([to_pixels(c) for c in clips]), warmup
+
+
+def autoencode(vae: WanVAE, video: Tensor, warmup_latents: int = 0, latent_noise: float = 0.0,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode and decode `video [B, 3, 1 + 4k, H, W]` latent by latent, as `WanVAE.encode` then
+    `WanVAE.decode` do (the same steps and caches, equal bit for bit without noise), the first
+    `warmup_latents` steps without gradients; `latent_noise` times N(0, 1) is added to the
+    normalised latents before decoding. Returns, from latent `warmup_latents` on: the decoded pixels,
+    the input pixels they reconstruct, and the normalised latents."""
+    x = patchify(video.to(vae.dtype))
+    encoder_cache, decoder_cache = CausalCache(), CausalCache()
+    decoded, latents = [], []
+    for index, start in enumerate((0, *range(1, x.shape[2], VAE_TEMPORAL_STRIDE))):
+        stop = 1 if start == 0 else start + VAE_TEMPORAL_STRIDE
+        with torch.set_grad_enabled(torch.is_grad_enabled() and index >= warmup_latents):
+            z = vae.normalize(vae.conv1(vae.encoder(x[:, :, start:stop], encoder_cache))[:, :vae.config.z_dim])
+            if latent_noise:
+                z_in = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            else:
+                z_in = z
+            pixels = vae.decode_step(vae.denormalize(z_in).to(vae.dtype), decoder_cache)
+        if index >= warmup_latents:
+            decoded.append(pixels)
+            latents.append(z)
+    first = 0 if warmup_latents == 0 else 1 + VAE_TEMPORAL_STRIDE * (warmup_latents - 1)
+    return unpatchify(torch.cat(decoded, dim=2)), video[:, :, first:], torch.cat(latents, dim=2)
 
 
 def held_out_clips(data: VAEDataConfig, seed: int = 12345) -> Tensor:
@@ -302,11 +338,10 @@ class VAETrainer:
         lr = recipe.optim.lr_at(step, recipe.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        video = training_batch(recipe.data, recipe.runtime.seed, step).to(self.device)
-        z = vae.encode(video)
+        video, warmup = training_batch(recipe.data, recipe.runtime.seed, step)
         noise_gen = torch.Generator(device=self.device).manual_seed(recipe.runtime.seed * 1_000_003 + step)
-        noise = torch.randn(z.shape, generator=noise_gen, device=self.device)
-        mse = (vae.decode(z + recipe.objective.latent_noise * noise) - video).pow(2).mean()
+        decoded, target, z = autoencode(vae, video.to(self.device), warmup, recipe.objective.latent_noise, noise_gen)
+        mse = (decoded - target).pow(2).mean()
         moment = moment_penalty(z)
         loss = mse + recipe.objective.moment_weight * moment
         optimizer.zero_grad(set_to_none=True)

@@ -52,9 +52,9 @@ PY
 python "$out/make_data.py" "$out/shapes-data" "$AR_SAMPLES" "$DATA_WORKERS" > "$out/data.log" 2>&1 &
 data_pid=$!
 
-# -- 1. the VAE: full 128x128 frames, 17 frames (5 latents), 16 clips per step ----------------------
+# -- 1. the VAE: full 128x128 frames, 17 trained frames after 0-8 warm-up latents, 16 clips per step -
 vae=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.crop="${VAE_CROP:-128}"
-     --set data.frames="${VAE_FRAMES:-17}" --set data.batch_size="${VAE_BATCH:-16}")
+     --set data.frames="${VAE_FRAMES:-17}" --set data.warmup_latents=8 --set data.batch_size="${VAE_BATCH:-16}")
 python -m longlive_cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
   --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
 vae_steps=$(steps_for "$out/vae-calibration" seconds "$VAE_SECONDS")
