@@ -63,7 +63,7 @@ t0=$(date +%s)
 python -m longlive_cli "${vae[@]}" --logdir "$out/vae" --no-resume --export "$out/vae.safetensors" \
   --set train.max_steps="$vae_steps" --set train.checkpoint_every="$vae_steps" \
   --set train.eval_every=$(( vae_steps / 8 > 0 ? vae_steps / 8 : 1 )) \
-  --set optim.ema_start_step=$(( vae_steps / 2 )) > "$out/vae.log" 2>&1
+  --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( vae_steps * 3 / 4 )) > "$out/vae.log" 2>&1
 vae_seconds=$(( $(date +%s) - t0 ))
 tail -n 1 "$out/vae.log"
 
