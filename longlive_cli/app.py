@@ -28,6 +28,7 @@ def _root() -> None:
 from longlive_cli import bench as _bench  # noqa: E402,F401
 from longlive_cli import convert as _convert  # noqa: E402,F401
 from longlive_cli import download as _download  # noqa: E402,F401
+from longlive_cli import eval as _eval  # noqa: E402,F401
 from longlive_cli import generate as _generate  # noqa: E402,F401
 from longlive_cli import train as _train  # noqa: E402,F401
 from longlive_cli import train_vae as _train_vae  # noqa: E402,F401
