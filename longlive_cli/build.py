@@ -207,7 +207,7 @@ def generation_spec(request: GenerateRequest, placement: Placement) -> DiTSpec:
 
 def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) -> Models:
     """DiT (`build_dit`), VAE and text encoder: seeded random weights for the tiny preset
-    (offline), the model folder's files for the 5B."""
+    (offline), the trained files for the shapes preset, the model folder's files for the 5B."""
     from core.optimize import VAE_BREAK_EVEN_CHUNKS, compile_vae_decoder, wants_compile
     from core.text import TextEncoder
     from core.vae import load_vae, random_vae
@@ -216,7 +216,10 @@ def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     seed = recipe.runtime.seed
-    if placement.files is None:
+    if placement.shapes is not None:
+        text = _shapes_text_encoder(placement.shapes.text_encoder, device)
+        vae = load_vae(placement.shapes.vae, recipe.vae, device=placement.vae_device, dtype=placement.dtype)
+    elif placement.files is None:
         text = TextEncoder.tiny(seed=seed, device=device)
         vae = random_vae(recipe.vae, seed, device=placement.vae_device, dtype=placement.dtype)
     else:
@@ -227,3 +230,11 @@ def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) 
                      VAE_BREAK_EVEN_CHUNKS):
         compile_vae_decoder(vae)
     return Models(dit, vae, text)
+
+
+def _shapes_text_encoder(path: Path, device: torch.device):
+    """The tiny umt5 the shapes generator was trained with, from its file (not from the seed)."""
+    from core.text import ByteTokenizer, TextEncoder, TextEncoderConfig
+
+    config = TextEncoderConfig.preset("tiny")
+    return TextEncoder.from_wan_checkpoint(path, ByteTokenizer(config.text_len), config=config, device=device)

@@ -42,6 +42,7 @@ from core.shots import PromptSchedule, Shot
 from core.train.synthetic import (
     COLOURS,
     SHAPES,
+    evaluation_prompts,
     is_held_out,
     parse_caption,
     random_shots,
@@ -412,6 +413,151 @@ def write_report(report: dict[str, Any], json_path: str | os.PathLike,
         atomic_write(Path(markdown_path), lambda temp: Path(temp).write_text(table, encoding="utf-8"))
 
 
+# ----------------------------------------------------------------------------------------------
+# The `longlive eval-vbench --suite shapes` suite: generate the fixed prompt set, probe, report.
+
+SUITE_PARTS = ("prompts", "multishot", "interactive", "long")
+DEFAULT_SECONDS = 4.0  # the issue's videos; shots of the multi-shot lists are half as long
+LONG_FACTOR = 15  # the long videos are this many times --seconds (60 s at the default)
+LONG_WINDOW_FRAMES = 240  # 10 s probed at the start and at the end of a long video
+FULL_COUNTS = {"prompts": 48, "multishot": 8, "interactive": 8, "long": 4}
+
+
+@dataclass(frozen=True)
+class PlannedVideo:
+    part: str
+    name: str
+    video: Any  # core.eval.suites.SuiteVideo
+    probe: Any  # what `probe_video` checks it against: its schedule, or the long video's two windows
+
+
+def balanced_prompts() -> list[str]:
+    """The 48 evaluation prompts alternating seen / held out, so any first N are balanced."""
+    prompts = evaluation_prompts()
+    seen = [p.caption for p in prompts if p.split == "seen"]
+    held = [p.caption for p in prompts if p.split != "seen"]
+    return [caption for pair in zip(seen, held, strict=True) for caption in pair]
+
+
+def suite_parts(names: Sequence[str] | None) -> tuple[str, ...]:
+    """--dimensions of the shapes suite (default: every part); a UserError names the choices."""
+    from core.errors import UserError
+
+    if names is None:
+        return SUITE_PARTS
+    unknown = [n for n in names if n not in SUITE_PARTS]
+    if unknown or not names:
+        raise UserError(f"--dimensions {unknown[0] if unknown else '(empty)'!r} is not a part of the shapes suite: "
+                        f"choose from {', '.join(SUITE_PARTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def plan_suite(parts: Sequence[str], frames_per_block: int, folder: Path, seconds: float, seed: int,
+               max_prompts: int | None) -> list[PlannedVideo]:
+    """Every video of the chosen parts (fixed prompts, schedules and seeds)."""
+    from core.eval.suites import SuiteVideo
+    from core.shots import durations_to_chunks, single_prompt_schedule
+
+    chunks = durations_to_chunks([round(seconds * 24)], frames_per_block)[0]
+    prompts = balanced_prompts()
+    planned: list[PlannedVideo] = []
+    for part in parts:
+        count = min(FULL_COUNTS[part], max_prompts or FULL_COUNTS[part])
+        if part == "prompts":
+            schedules = [single_prompt_schedule(p, chunks, frames_per_block) for p in prompts[:count]]
+        elif part == "long":
+            long_chunks = durations_to_chunks([round(LONG_FACTOR * seconds * 24)], frames_per_block)[0]
+            schedules = [single_prompt_schedule(p, long_chunks, frames_per_block) for p in prompts[:count]]
+        else:
+            schedules = evaluation_schedules(count, chunks_per_shot=max(1, (chunks + 1) // 2),
+                                             transition="cut" if part == "multishot" else "continue",
+                                             frames_per_block=frames_per_block)
+        for index, schedule in enumerate(schedules):
+            name = f"{part}-{index:03d}"
+            video = SuiteVideo(schedule, seed + index, folder / f"{name}.mp4", interactive=part == "interactive")
+            planned.append(PlannedVideo(part, name, video, _long_windows(schedule) if part == "long" else schedule))
+    return planned
+
+
+def _long_windows(schedule: PromptSchedule) -> list[ProbeShot]:
+    """The first and the last LONG_WINDOW_FRAMES (at most a quarter of the video each)."""
+    total = schedule.num_video_frames
+    window = min(LONG_WINDOW_FRAMES, total // 4)
+    prompt = schedule.shots[0].prompt
+    return [ProbeShot(prompt, 0, window), ProbeShot(prompt, total - window, total)]
+
+
+def long_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Per attribute, the frame rates of the long videos' first and last windows and the change."""
+    firsts = [v["shots"][0]["frame_rates"] for v in report["videos"].values()]
+    lasts = [v["shots"][-1]["frame_rates"] for v in report["videos"].values()]
+    out = {}
+    for name in ATTRIBUTES:
+        first, last = _mean([r[name] for r in firsts]), _mean([r[name] for r in lasts])
+        out[name] = {"first": first, "last": last, "change": None if first is None else last - first}
+    return out
+
+
+def suite_markdown(results: dict[str, Any]) -> str:
+    """The suite's report as Markdown: one table per part (see `markdown_table`)."""
+    lines = [f"# shapes suite ({results['settings']['preset']}, {results['settings']['steps']} steps)", ""]
+    for part, report in results["parts"].items():
+        lines += [f"## {part}: {len(report['videos'])} videos", "", markdown_table(report)]
+    if "long" in results:
+        lines += ["## long videos, first vs last window (frame rates, %)", "",
+                  "| attribute | first | last | change |", "| --- | ---: | ---: | ---: |"]
+        for name, entry in results["long"].items():
+            change = "-" if entry["change"] is None else f"{100 * entry['change']:+.1f}"
+            lines.append(f"| {name} | {_percent(entry['first'])} | {_percent(entry['last'])} | {change} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_eval_suite(out: Path, device: str, dimensions: Sequence[str] | None, *, source, max_prompts: int | None = None,
+                   seconds: float | None = None, seed: int = 0, videos_dir: Path | None = None) -> dict[str, Any]:
+    """`longlive eval-vbench --suite shapes`: generate the parts' videos with `source`
+    (`core.eval.suites.VideoSource`), probe them, write `out` (JSON) and `out` with .md; returns the
+    results. `dimensions`: parts (SUITE_PARTS); `max_prompts`: at most this many videos per part.
+    Part by part: the files are rewritten after each, so a run stopped early keeps what it finished."""
+    import time
+
+    parts = suite_parts(dimensions)
+    folder = videos_dir or out.with_name(out.stem + "_videos")
+    planned = plan_suite(parts, source.frames_per_block, folder, seconds or DEFAULT_SECONDS, seed, max_prompts)
+    folder.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"suite": "shapes", "settings": _settings(source, device, seconds, seed, folder),
+                               "parts": {}, "seconds": {}}
+    for part in parts:
+        chosen = [p for p in planned if p.part == part]
+        started = time.perf_counter()
+        source.generate([p.video for p in chosen])
+        generated = time.perf_counter()
+        results["parts"][part] = evaluate_videos([p.video.output for p in chosen], [p.probe for p in chosen],
+                                                 [p.name for p in chosen], workers=_workers(len(chosen)))
+        results["seconds"][part] = {"generate": generated - started, "probe": time.perf_counter() - generated}
+        if part == "long":
+            results["long"] = long_summary(results["parts"]["long"])
+        _write_suite(results, out)
+    return results
+
+
+def _write_suite(results: dict[str, Any], out: Path) -> None:
+    text = json.dumps(results, indent=1) + "\n"
+    atomic_write(out, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+    markdown = suite_markdown(results)
+    atomic_write(out.with_suffix(".md"), lambda temp: Path(temp).write_text(markdown, encoding="utf-8"))
+
+
+def _settings(source, device: str, seconds: float | None, seed: int, folder: Path) -> dict[str, Any]:
+    return {**source.settings, "device": device, "seconds": seconds or DEFAULT_SECONDS, "seed": seed,
+            "videos_dir": str(folder), "frames_per_block": source.frames_per_block}
+
+
+def _workers(videos: int) -> int:
+    """Probe processes: one for a handful of videos (spawning costs more), else up to 8."""
+    return 1 if videos < 8 else max(1, min(8, os.cpu_count() or 1))
+
+
 __all__ = ["ATTRIBUTES", "FrameReading", "ProbeShot", "evaluate_videos", "evaluation_schedules", "markdown_table",
-           "probe_shot", "probe_video", "read_frame", "read_video", "shots_from_schedule", "step_direction",
-           "write_report"]
+           "probe_shot", "probe_video", "read_frame", "read_video", "run_eval_suite", "shots_from_schedule",
+           "step_direction", "write_report"]

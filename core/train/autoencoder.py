@@ -43,7 +43,11 @@ from core.errors import UserError
 from core.runtime import resolve_device
 from core.train.state import EMA, CheckpointManager
 from core.train.synthetic import DEMO_SIZE, render_training_clip
-from core.vae import CausalCache, WanVAE, patchify, unpatchify
+from core.vae import CausalCache, DecodePlan, WanVAE, patchify, unpatchify
+
+# Training decodes latent by latent (gradients can stop before any latent), whole frames, with the
+# plain upsample convolutions: `WanVAE.decode(z, PER_LATENT)` is the same computation bit for bit.
+PER_LATENT = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False)
 
 log = logging.getLogger("longlive.train_vae")
 
@@ -186,7 +190,7 @@ def training_batch(data: VAEDataConfig, seed: int, step: int) -> tuple[Tensor, i
 def autoencode(vae: WanVAE, video: Tensor, warmup_latents: int = 0, latent_noise: float = 0.0,
                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Encode and decode `video [B, 3, 1 + 4k, H, W]` latent by latent, as `WanVAE.encode` then
-    `WanVAE.decode` do (the same steps and caches, equal bit for bit without noise), the first
+    `WanVAE.decode(z, PER_LATENT)` do (the same steps and caches, equal bit for bit without noise), the first
     `warmup_latents` steps without gradients; `latent_noise` times N(0, 1) is added to the
     normalised latents before decoding. Returns, from latent `warmup_latents` on: the decoded pixels,
     the input pixels they reconstruct, and the normalised latents."""
@@ -201,7 +205,7 @@ def autoencode(vae: WanVAE, video: Tensor, warmup_latents: int = 0, latent_noise
                 z_in = z + latent_noise * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             else:
                 z_in = z
-            pixels = vae.decode_step(vae.denormalize(z_in).to(vae.dtype), decoder_cache)
+            pixels = vae.decode_cell(vae.denormalize(z_in).to(vae.dtype), decoder_cache, index == 0, PER_LATENT)
         if index >= warmup_latents:
             decoded.append(pixels)
             latents.append(z)
