@@ -1,9 +1,10 @@
 """CPU time budget of the shapes-world README demo (4 s of 128x128 video), stage by stage, with
 random weights at the shipped widths (timings do not depend on the values). Run from the repo root:
     /usr/bin/time -f "%e s wall" python docs/benchmarks/shapes_demo_cpu.py [--threads N]
-Stages: imports, text encoder (tiny umt5, one prompt), DiT (the train_ar_shapes widths, 3 chunks of
+Stages: imports, text encoder (tiny umt5, one prompt), DiT (the `shapes` preset, 3 chunks of
 8 latent frames, 4 steps, the tiny recipe's stream), VAE decode (the `shapes` preset, chunk by
-chunk), H.264 write. Prints one line per stage and the total of the stages.
+chunk), H.264 write. Prints one line per stage and the total of the stages. The whole command with
+trained-shape files: `time longlive generate PROMPT --preset shapes --model-dir DIR`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from core.checkpoint import build_generator  # noqa: E402
-from core.config import StreamConfig, VAEConfig  # noqa: E402
+from core.config import ModelConfig, StreamConfig, VAEConfig  # noqa: E402
 from core.decode import VideoWriter, to_uint8_frames  # noqa: E402
 from core.pipeline import generate_latents  # noqa: E402
 from core.text import TextEncoder  # noqa: E402
-from core.train.config import load_train_recipe  # noqa: E402
 from core.vae import random_vae  # noqa: E402
+from longlive_cli.build import DiTSpec, build_dit  # noqa: E402
 
 PROMPT = "a red circle moves left to right on a blue background"
 
@@ -43,8 +43,7 @@ def main() -> None:
     times["text encoder"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    recipe = load_train_recipe("train_ar_shapes")
-    dit = build_generator(recipe.model, None, device="cpu", dtype=torch.float32, seed=0).eval()
+    dit = build_dit(DiTSpec(ModelConfig.preset("shapes"), torch.device("cpu"), torch.float32)).model
     stream = StreamConfig(frames_per_block=8, local_window_frames=32, sink_frames=8, sampling_steps=4)
     chunks = 3
     noise = torch.randn(1, chunks * stream.frames_per_block, 48, 8, 8, generator=torch.Generator().manual_seed(0))
