@@ -221,7 +221,12 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     # Same structure as the 5B (every tensor kind, 512 text slots, 48 latent channels), small
     # widths: runs on a CPU in seconds. head_dim 32 gives an uneven 6/5/5 RoPE pair split.
     "tiny": ModelConfig(dim=128, ffn_dim=256, num_heads=4, num_layers=2, text_dim=64),
+    # The trained shapes-world generator (docs/models/shapes.md, recipes/train_ar_shapes.yaml): the
+    # tiny text width, wider and deeper; its weights are files (core/assets/shapes), never random.
+    "shapes": ModelConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=4, text_dim=64),
 }
+# Presets that run offline at 128x128 on a CPU; `shapes` reads its trained files (core.assets).
+OFFLINE_PRESETS = ("tiny", "shapes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +317,9 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "wan2.2": VAEConfig(),
     # Same structure (every tensor kind, 48 latent channels for the tiny DiT), small widths.
     "tiny": VAEConfig(base_dim=16, decoder_base_dim=32),
+    # The trained shapes-world VAE (`longlive train-vae train_vae_shapes`): narrow enough to decode
+    # 4 s of 128x128 video in seconds on a CPU.
+    "shapes": VAEConfig(base_dim=8, decoder_base_dim=8, num_res_blocks=1),
 }
 
 
@@ -476,14 +484,14 @@ class Recipe:
 
     @property
     def vae(self) -> VAEConfig:
-        """The VAE that goes with the model preset (the tiny model gets the tiny VAE)."""
-        return VAEConfig.preset("tiny" if self.preset == "tiny" else "wan2.2")
+        """The VAE that goes with the model preset (tiny -> tiny, shapes -> shapes, else Wan2.2)."""
+        return VAEConfig.preset(self.preset if self.preset in OFFLINE_PRESETS else "wan2.2")
 
     @classmethod
     def preset_recipe(cls, name: str) -> Recipe:
-        """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official) or `tiny` (CPU)."""
+        """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official), `tiny` or `shapes` (CPU)."""
         model = ModelConfig.preset(name)
-        if name == "tiny":
+        if name in OFFLINE_PRESETS:
             return cls(preset=name, model=model, video=VideoConfig(height=128, width=128,
                                                                    latent_frames=24))
         return cls(preset=name, model=model)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.assets import ShapesFiles
 from core.checkpoint import atomic_write, check_writable
-from core.config import VIDEO_FPS, Recipe
+from core.config import OFFLINE_PRESETS, VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
 from core.errors import UserError
 from core.hub import ModelFiles, resolve_model_dir
@@ -159,9 +160,10 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     vae_device: torch.device
-    files: ModelFiles | None  # the model folder; None: the tiny preset (nothing is read)
+    files: ModelFiles | None  # the 5B's model folder; None: an offline preset
     checkpoint: Path | None  # the generator file to load; None: seeded random weights
     image: Tensor | None  # [1, 3, 1, H, W] in [-1, 1]
+    shapes: ShapesFiles | None = None  # the shapes preset's files (VAE, text encoder); None: other presets
 
 
 def prepare(request: GenerateRequest) -> Placement:
@@ -180,8 +182,11 @@ def prepare(request: GenerateRequest) -> Placement:
     check_writable(request.output, "-o")
     if request.latents_out is not None:
         check_writable(request.latents_out, "--latents-out")
-    files, checkpoint = None, request.checkpoint
-    if recipe.preset != "tiny":
+    files, checkpoint, shapes = None, request.checkpoint, None
+    if recipe.preset == "shapes":
+        shapes = shapes_files(request.model_dir, request.checkpoint)
+        checkpoint = checkpoint or shapes.dit
+    elif recipe.preset not in OFFLINE_PRESETS:
         files = ModelFiles(resolve_model_dir(request.model_dir))
         files.require(files.vae, *([] if request.checkpoint else [files.generator]))
         checkpoint = checkpoint or files.generator
@@ -191,7 +196,20 @@ def prepare(request: GenerateRequest) -> Placement:
     image = None
     if request.image is not None:
         image = read_image(request.image, recipe.video.height, recipe.video.width)
-    return Placement(device, dtype, vae_device, files, checkpoint, image)
+    return Placement(device, dtype, vae_device, files, checkpoint, image, shapes)
+
+
+def shapes_files(model_dir: Path | None, checkpoint: Path | None) -> ShapesFiles:
+    """The shapes preset's trained files: --model-dir, else the ones shipped in the package (the
+    DiT file is not needed with a --checkpoint)."""
+    shapes = ShapesFiles.in_folder(Path(model_dir)) if model_dir else ShapesFiles.shipped()
+    missing = shapes.missing(need_dit=checkpoint is None)
+    if missing:
+        names = ", ".join(p.name for p in missing)
+        raise UserError(f"the shapes preset needs {names} in {shapes.folder}: train them with "
+                        f"docs/benchmarks/train_shapes_gpu.sh and give that folder as --model-dir, "
+                        f"or use --preset tiny --random-weights")
+    return shapes
 
 
 def generate_video(request: GenerateRequest, placement: Placement, models: Models,

@@ -32,6 +32,7 @@ from longlive_cli import download as _download  # noqa: E402,F401
 from longlive_cli import eval as _eval  # noqa: E402,F401
 from longlive_cli import generate as _generate  # noqa: E402,F401
 from longlive_cli import train as _train  # noqa: E402,F401
+from longlive_cli import train_vae as _train_vae  # noqa: E402,F401
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -207,7 +207,7 @@ def generation_spec(request: GenerateRequest, placement: Placement) -> DiTSpec:
 
 def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) -> Models:
     """DiT (`build_dit`), VAE and text encoder: seeded random weights for the tiny preset
-    (offline), the model folder's files for the 5B."""
+    (offline), the trained files for the shapes preset, the model folder's files for the 5B."""
     if placement.device.type == "cuda":
         torch.cuda.set_device(placement.device)
     text = _text_encoder(request, placement)
@@ -218,9 +218,19 @@ def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) 
 def _text_encoder(request: GenerateRequest, placement: Placement):
     from core.text import TextEncoder
 
+    if placement.shapes is not None:
+        return _shapes_text_encoder(placement.shapes.text_encoder, placement.device)
     if placement.files is None:
         return TextEncoder.tiny(seed=request.recipe.runtime.seed, device=placement.device)
     return TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=placement.device)
+
+
+def _shapes_text_encoder(path: Path, device: torch.device):
+    """The tiny umt5 the shapes generator was trained with, from its file (not from the seed)."""
+    from core.text import ByteTokenizer, TextEncoder, TextEncoderConfig
+
+    config = TextEncoderConfig.preset("tiny")
+    return TextEncoder.from_wan_checkpoint(path, ByteTokenizer(config.text_len), config=config, device=device)
 
 
 def _vae(request: GenerateRequest, placement: Placement):
@@ -228,7 +238,9 @@ def _vae(request: GenerateRequest, placement: Placement):
     from core.vae import load_vae, random_vae
 
     recipe = request.recipe
-    if placement.files is None:
+    if placement.shapes is not None:
+        vae = load_vae(placement.shapes.vae, recipe.vae, device=placement.vae_device, dtype=placement.dtype)
+    elif placement.files is None:
         vae = random_vae(recipe.vae, recipe.runtime.seed, device=placement.vae_device, dtype=placement.dtype)
     else:
         vae = load_vae(placement.files.vae, recipe.vae, device=placement.vae_device, dtype=placement.dtype)

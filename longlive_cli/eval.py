@@ -4,6 +4,8 @@
         [--scene-split] [--scene-threshold 35] [--clip-seconds S] [--clip-source frames|reencoded]
         [--dev-flag/--no-dev-flag] [--cache-dir DIR] [--device cuda|cpu]
     longlive eval-vbench --suite vbench|--prompt-file FILE --out results.json [generation options]
+    longlive eval-vbench --suite shapes --out shapes.json [--dimensions prompts,multishot,interactive,long]
+        [--max-prompts N] [--seconds S] [generation options]   (the offline shapes-world probe)
     longlive eval-vbench --compare A.json B.json ...
 
 Every check (inputs, dimensions, output folder, weights, the VBench environment) runs before any
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -24,7 +26,10 @@ from rich.table import Table
 from core.config import VIDEO_FPS, KVPrecision, Precision, QuantMode
 from core.errors import UserError
 from longlive_cli.app import app
-from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt
+from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt, RandomWeightsOpt
+
+if TYPE_CHECKING:
+    from core.shots import PromptSchedule
 
 VIDEO_SUFFIXES = (".mp4",)
 
@@ -211,6 +216,7 @@ class GenerationOptions:
     kv_precision: KVPrecision | None
     seconds: float | None
     device: str
+    random_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,52 @@ class GenerationJob:
     prompt: str
     seed: int
     output: Path
+    schedule: PromptSchedule | None = None  # default: `prompt` over the whole video
+    interactive: bool = False  # the schedule's `continue` shots arrive as live prompt switches
+
+
+def generation_recipe(options: GenerationOptions, seed: int):
+    """The recipe every generated video of a run uses (its own noise seed)."""
+    from longlive_cli.options import quant_flags, resolve_generation_recipe
+
+    return resolve_generation_recipe(options.preset, options.recipe, options.sets, {
+        "stream": {"sampling_steps": options.steps}, "runtime": {"seed": seed, "device": options.device},
+        "quant": quant_flags(options.precision, options.quant_mode, options.kv_precision)},
+        random_weights=options.random_weights, checkpoint=options.checkpoint)
+
+
+def _request(job: GenerationJob, options: GenerationOptions):
+    """A job's GenerateRequest; an interactive job runs its first prompt, the switches come live."""
+    from core.generate import GenerateRequest
+    from core.shots import durations_to_chunks, single_prompt_schedule
+
+    recipe = generation_recipe(options, job.seed)
+    fpb = recipe.stream.frames_per_block
+    schedule = job.schedule
+    if schedule is None:
+        chunks = (durations_to_chunks([round(options.seconds * VIDEO_FPS)], fpb)[0] if options.seconds
+                  else max(1, recipe.video.latent_frames // fpb))
+        schedule = single_prompt_schedule(job.prompt, chunks, fpb)
+    elif job.interactive:
+        schedule = single_prompt_schedule(schedule.shots[0].prompt, schedule.num_chunks, schedule.frames_per_block)
+    return GenerateRequest(recipe=recipe, schedule=schedule, output=job.output,
+                           model_dir=Path(options.model_dir) if options.model_dir else None,
+                           checkpoint=Path(options.checkpoint) if options.checkpoint else None,
+                           lora=Path(options.lora) if options.lora else None)
+
+
+def scheduled_switches(schedule: PromptSchedule):
+    """`generate_video`'s prompt_source (polled once before each chunk after the first) that types
+    the schedule's later shots at their first chunks."""
+    starts = {span.start_chunk: span.prompt for span in schedule.spans[1:]}
+    chunk = 0
+
+    def next_prompt() -> str | None:
+        nonlocal chunk
+        chunk += 1
+        return starts.get(chunk)
+
+    return next_prompt
 
 
 def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
@@ -225,33 +277,44 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
     """The ONE place that drives generation (`core.generate` + the builder). Every job uses the
     same recipe but its own noise seed; the models (DiT, VAE, text encoder) are built once, from
     the first job's settings, and reused. Every request is checked before the first video."""
-    from core.generate import GenerateRequest, generate_video, prepare
-    from core.shots import durations_to_chunks, single_prompt_schedule
+    from core.generate import generate_video, prepare
     from longlive_cli.build import build_models, check_dit_spec, generation_spec
-    from longlive_cli.options import quant_flags, resolve_recipe
 
-    requests = []
-    for job in jobs:
-        recipe = resolve_recipe(options.preset, options.recipe, options.sets, {
-            "stream": {"sampling_steps": options.steps}, "runtime": {"seed": job.seed, "device": options.device},
-            "quant": quant_flags(options.precision, options.quant_mode, options.kv_precision)})
-        fpb = recipe.stream.frames_per_block
-        chunks = (durations_to_chunks([round(options.seconds * VIDEO_FPS)], fpb)[0] if options.seconds
-                  else max(1, recipe.video.latent_frames // fpb))
-        requests.append(GenerateRequest(
-            recipe=recipe, schedule=single_prompt_schedule(job.prompt, chunks, fpb), output=job.output,
-            model_dir=Path(options.model_dir) if options.model_dir else None,
-            checkpoint=Path(options.checkpoint) if options.checkpoint else None,
-            lora=Path(options.lora) if options.lora else None))
+    requests = [_request(job, options) for job in jobs]
     placements = [prepare(request) for request in requests]
     if not requests:
         return
     spec = generation_spec(requests[0], placements[0])
     check_dit_spec(spec)
     models = build_models(requests[0], placements[0], spec)
-    for done, (request, placement) in enumerate(zip(requests, placements, strict=True)):
-        generate_video(request, placement, models, log=lambda text: None)
+    for done, (job, request, placement) in enumerate(zip(jobs, requests, placements, strict=True)):
+        switches = scheduled_switches(job.schedule) if job.interactive else None
+        generate_video(request, placement, models, prompt_source=switches, log=lambda text: None)
         on_video(done + 1, len(requests))
+
+
+class SuiteSource:
+    """`core.eval.suites.VideoSource` over the command's generation options (external suites)."""
+
+    def __init__(self, options: GenerationOptions):
+        self.options = options
+        recipe = generation_recipe(options, 0)  # tiny may mean the shipped shapes models
+        if recipe.preset == "shapes":  # its files, before any video is planned
+            from core.generate import shapes_files
+
+            shapes_files(options.model_dir, options.checkpoint)
+        self.frames_per_block = recipe.stream.frames_per_block
+        self.settings = {"preset": recipe.preset, "steps": recipe.stream.sampling_steps,
+                         "model_dir": options.model_dir, "checkpoint": options.checkpoint, "lora": options.lora,
+                         "precision": str(recipe.quant.precision), "random_weights": options.random_weights}
+
+    def generate(self, videos) -> None:
+        """Videos already written are kept (a run can resume)."""
+        jobs = [GenerationJob(v.schedule.shots[0].prompt, v.seed, v.output, v.schedule, v.interactive)
+                for v in videos if not v.output.exists()]
+        console = Console(stderr=True)
+        generate_suite_videos(jobs, self.options, lambda done, total: console.print(
+            f"generated {done}/{total} ({len(videos) - total} kept)"))
 
 
 def plan_suite(prompts, samples: int | None, base_seed: int, videos_dir: Path) -> tuple[list[GenerationJob],
@@ -286,18 +349,36 @@ def suite_prompts(suite: str | None, prompt_file: str | None, dimensions: tuple[
     return load_prompts(path, dimensions), path
 
 
-def run_external_suite(name: str, out: Path, device: str, dimensions) -> None:
-    """A suite that brings its own evaluation (EXTERNAL_SUITES): its module's run_eval_suite."""
+def run_external_suite(name: str, out: Path, device: str, dimensions: str | None, gen: GenerationOptions, *,
+                       max_prompts: int | None, seed: int, videos_dir: str | None, extra_inputs: bool = False) -> None:
+    """A suite that brings its own evaluation (EXTERNAL_SUITES): its module's run_eval_suite, given
+    the --dimensions names as they are (the suite checks them) and this command's generation.
+    `extra_inputs`: videos or --samples were given too (refused: the suite makes its own)."""
     import importlib
 
     from core.eval.suites import EXTERNAL_SUITES
 
+    if name not in EXTERNAL_SUITES:
+        raise UserError(f"--suite {name}: choose vbench (VBench's standard prompts), {', '.join(EXTERNAL_SUITES)}, "
+                        f"or use --prompt-file")
+    if extra_inputs:
+        raise UserError(f"--suite {name} generates its own videos, one per prompt: drop the videos / --samples")
     try:
         module = importlib.import_module(EXTERNAL_SUITES[name])
     except ModuleNotFoundError:
         raise UserError(f"--suite {name}: {EXTERNAL_SUITES[name]} is not in this installation") from None
-    results = module.run_eval_suite(out, device, dimensions)
-    Console().print(f"wrote {out} ({len(results.get('dimensions', {}))} dimensions)", highlight=False)
+    names = tuple(n.strip() for n in dimensions.split(",") if n.strip()) if dimensions is not None else None
+    if max_prompts is not None and max_prompts < 1:
+        raise UserError(f"--max-prompts {max_prompts}: use 1 or more")
+    if gen.seconds is not None and gen.seconds <= 0:
+        raise UserError(f"--seconds {gen.seconds}: the length must be positive")
+    module.run_eval_suite(out, device, names, source=SuiteSource(gen), max_prompts=max_prompts,
+                          seconds=gen.seconds, seed=seed, videos_dir=Path(videos_dir).expanduser() if videos_dir
+                          else None)
+    console, markdown = Console(), out.with_suffix(".md")
+    if markdown.is_file():
+        console.print(markdown.read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.print(f"wrote {out}" + (f", {markdown}" if markdown.is_file() else ""), soft_wrap=True, highlight=False)
 
 
 def _settings(mode, dimensions, scene_split, scene_threshold, clip_seconds, clip_source, dev_flag, device):
@@ -319,10 +400,13 @@ def _default_device() -> str:
 
 
 def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOptions, settings, cache_dir,
-               python, out: Path) -> None:
+               python, out: Path, max_prompts: int | None = None) -> None:
     from core.eval.suites import file_sha256
 
+    if max_prompts is not None and max_prompts < 1:
+        raise UserError(f"--max-prompts {max_prompts}: use 1 or more")
     prompts, path = suite_prompts(suite, prompt_file, settings.dimensions, python)
+    prompts = prompts[:max_prompts]
     folder = Path(videos_dir).expanduser() if videos_dir else out.with_name(out.stem + "_videos")
     if samples is not None and samples < 1:
         raise UserError(f"--samples {samples}: generate at least one video per prompt")
@@ -364,7 +448,7 @@ def eval_vbench(
     videos_dir: Annotated[str | None, typer.Option(help="Where generated videos go (default <out>_videos).")] = None,
     env_dir: Annotated[str | None, typer.Option(help="VBench environment (default ~/.cache/longlive/vbench-env).")]
     = None,
-    preset: Annotated[str | None, typer.Option(help="Generation: wan2.2-ti2v-5b or tiny.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Generation: wan2.2-ti2v-5b, tiny or shapes.")] = None,
     recipe: Annotated[str | None, typer.Option(help="Generation recipe.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="Generation model folder.")] = None,
@@ -373,6 +457,9 @@ def eval_vbench(
     steps: Annotated[int | None, typer.Option(help="Sampling steps (4 or 2).")] = None,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     seconds: Annotated[float | None, typer.Option(help="Generated video length in seconds.")] = None,
+    random_weights: RandomWeightsOpt = False,
+    max_prompts: Annotated[int | None, typer.Option(help="Only this many of the suite's prompts (a quick check; "
+                                                     "shapes: balanced seen / held out).")] = None,
 ) -> None:
     """Score videos with VBench / VBench-Long (the vbench package's own metrics), or generate a prompt suite first."""
     from core.eval.environment import DEFAULT_ENV_DIR, worker_python
@@ -383,15 +470,18 @@ def eval_vbench(
     if out is None:
         raise UserError("--out results.json is required")
     target = check_out(out)
+    gen = GenerationOptions(preset, recipe, tuple(set_ or ()), model_dir, checkpoint, lora, steps, precision,
+                            quant_mode, kv_precision, seconds, check_device(device or _default_device()),
+                            random_weights)
+    if suite is not None and suite != "vbench" and prompt_file is None:
+        return run_external_suite(suite, target, gen.device, dimensions, gen, max_prompts=max_prompts, seed=seed,
+                                  videos_dir=videos_dir, extra_inputs=bool(inputs) or samples is not None)
     generating = suite is not None or prompt_file is not None
     if generating == bool(inputs):
         raise UserError("give videos (files or folders) or --suite / --prompt-file, not both" if inputs else
                         "nothing to evaluate: give mp4 files or folders, or --suite vbench / --prompt-file FILE")
     chosen = parse_dimensions(dimensions, mode, generating)
-    settings = _settings(mode, chosen, scene_split, scene_threshold, clip_seconds, clip_source, dev_flag,
-                         check_device(device or _default_device()))
-    if suite is not None and suite not in ("vbench",):
-        return run_external_suite(suite, target, settings.device, chosen)
+    settings = _settings(mode, chosen, scene_split, scene_threshold, clip_seconds, clip_source, dev_flag, gen.device)
     if not generating:
         check_custom_input(chosen)
         videos = collect_videos(inputs)
@@ -400,9 +490,7 @@ def eval_vbench(
     python = worker_python(Path(env_dir).expanduser() if env_dir else DEFAULT_ENV_DIR)
     if not generating:
         return evaluate(videos, settings, cache, python, target, {"source": "videos"}) and None
-    gen = GenerationOptions(preset, recipe, tuple(set_ or ()), model_dir, checkpoint, lora, steps, precision,
-                            quant_mode, kv_precision, seconds, settings.device)
-    _run_suite(suite, prompt_file, samples, seed, videos_dir, gen, settings, cache, python, target)
+    _run_suite(suite, prompt_file, samples, seed, videos_dir, gen, settings, cache, python, target, max_prompts)
 
 
 def download_eval(cache_dir: str | None, dimensions: str | None, env_only: bool, env_dir: str | None,

@@ -24,15 +24,19 @@ from longlive_cli.options import (
     NprocOpt,
     PrecisionOpt,
     QuantModeOpt,
+    RandomWeightsOpt,
     RdzvOpt,
     SpOpt,
     quant_flags,
 )
 
-PresetOpt = Annotated[str | None, typer.Option(help="wan2.2-ti2v-5b (default) or tiny (offline, CPU).")]
+PresetOpt = Annotated[str | None, typer.Option(
+    help="wan2.2-ti2v-5b (default), tiny (offline, CPU: the trained shapes models when shipped, else random) "
+         "or shapes (the trained shapes-world models; --model-dir: their folder).")]
 RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
 ModelDirOpt = Annotated[str | None, typer.Option(
-    help="Model folder from `longlive download` (default ~/.cache/longlive/models).")]
+    help="Model folder from `longlive download` (default ~/.cache/longlive/models); with --preset shapes, "
+         "the folder of dit.safetensors and vae.safetensors (default: the shipped ones).")]
 CheckpointOpt = Annotated[str | None, typer.Option(
     help="Generator weights (default: <model-dir>/LongLive-2.0-5B/model_bf16.pt).")]
 LoraOpt = Annotated[str | None, typer.Option(help="LoRA file to merge (official generator_lora layout).")]
@@ -52,15 +56,16 @@ OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (wri
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")]
-def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant):
-    from longlive_cli.options import resolve_recipe
+def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, random_weights=False, checkpoint=None):
+    from longlive_cli.options import resolve_generation_recipe
 
     if steps is not None and steps not in (2, 4):
         raise UserError(f"--steps {steps}: the LongLive sampler runs 4 or 2 steps "
                         f"(other counts: --set stream.sampling_steps=N)")
-    return resolve_recipe(preset, recipe, sets or [], {
+    return resolve_generation_recipe(preset, recipe, sets or [], {
         "video": {"height": height, "width": width}, "stream": {"sampling_steps": steps},
-        "runtime": {"seed": seed, "device": device}, "quant": quant})
+        "runtime": {"seed": seed, "device": device}, "quant": quant},
+        random_weights=random_weights, checkpoint=checkpoint)
 
 
 def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
@@ -184,7 +189,7 @@ def generate(
     image: ImageOpt = None, seed: SeedOpt = None, decode: DecodeOpt = "sync", device: DeviceOpt = None,
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    set_: SetOpt = None,
+    set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
@@ -192,7 +197,7 @@ def generate(
     from core.shots import single_prompt_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision))
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
@@ -213,7 +218,7 @@ def multishot(
     interactive: Annotated[bool, typer.Option(
         "--interactive", help="Read new prompts from the terminal while generating.")] = False,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    set_: SetOpt = None,
+    set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
@@ -221,7 +226,7 @@ def multishot(
     from core.shots import load_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision))
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None and Path(shots_file).suffix.lower() == ".txt":  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)

@@ -29,6 +29,31 @@ def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], 
     return result
 
 
+def resolve_generation_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags, *,
+                              random_weights: bool = False, checkpoint: str | None = None) -> Recipe:
+    """`resolve_recipe` for generation, where `tiny` means the trained shapes-world models when
+    they are shipped (`core/assets/shapes`): the README's first command shows a model that obeys.
+    Random tiny weights stay: `random_weights` (tests, or no shipped files), a `--checkpoint` of
+    tiny widths, or a recipe that edits the tiny model."""
+    from core.assets import ShapesFiles
+    from core.config import ModelConfig
+
+    result = resolve_recipe(preset, recipe, sets, flags)
+    if random_weights:
+        if result.preset != "tiny":
+            raise UserError(f"--random-weights is for the tiny preset (got {result.preset}): add --preset tiny")
+        return result
+    if (result.preset == "tiny" and checkpoint is None and result.model == ModelConfig.preset("tiny")
+            and ShapesFiles.shipped().complete):
+        return resolve_recipe("shapes", recipe, sets, flags)
+    return result
+
+
+RandomWeightsOpt = Annotated[bool, typer.Option(
+    "--random-weights", help="The tiny preset with seeded random weights, even where the trained shapes-world "
+                             "models are shipped (tests).")]
+
+
 def check_device(device: str) -> None:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -25,7 +25,7 @@ def test_module_entry_point_lists_only_working_commands():
     commands = [line[2:].split()[0] for line in out.stdout.splitlines()
                 if line.startswith("│ ") and line[2] not in " -"]
     assert commands == ["bench", "convert-nvfp4", "distill", "download", "eval-vbench", "generate", "multishot",
-                        "train-ar"]
+                        "train-ar", "train-vae"]
 
 
 def test_bench_tiny_json(capsys):

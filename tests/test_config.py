@@ -59,7 +59,7 @@ def test_recipe_overrides_and_precedence(tmp_path):
     ("stream:\n  frame_per_block: 8\n", [], "unknown key 'stream.frame_per_block' (allowed: frames_per_block"),
     ("stream:\n  sampling_steps: four\n", [], "bad value for 'stream.sampling_steps': expected an integer"),
     ("runtime:\n  dtype: fp64\n", [], "bad value for 'runtime.dtype': 'fp64' (allowed: auto, bfloat16"),
-    ("preset: huge\n", [], "bad value for 'preset': 'huge' (allowed: wan2.2-ti2v-5b, tiny)"),
+    ("preset: huge\n", [], "bad value for 'preset': 'huge' (allowed: wan2.2-ti2v-5b, tiny, shapes)"),
     ("stream:\n  frames_per_block: 0\n", [], "stream.frames_per_block must be a positive integer"),
     ("", ["stream.sampling_steps"], "bad --set 'stream.sampling_steps': use key=value"),
     ("", ["bogus=1"], "unknown key 'bogus'"),

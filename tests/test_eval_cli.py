@@ -179,7 +179,8 @@ def test_generate_source_loads_the_model_once(tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\na blue cube\n")
     out = tmp_path / "r.json"
-    code, stdout, _ = run(["eval-vbench", "--prompt-file", str(prompts), "--preset", "tiny", "--samples", "1",
+    code, stdout, _ = run(["eval-vbench", "--prompt-file", str(prompts), "--preset", "tiny", "--random-weights",
+                           "--samples", "1",
                            "--seed", "7", "--seconds", "0.3", "--set", "video.height=64", "--set", "video.width=64",
                            "--dimensions", "temporal_flickering", "--out", str(out), "--device", "cpu",
                            "--cache-dir", str(tmp_path)], capsys)

@@ -20,7 +20,7 @@ from core.shots import load_schedule, single_prompt_schedule
 from longlive_cli.app import main
 from longlive_cli.build import build_models, generation_spec
 
-SMALL = ["--preset", "tiny", "--height", "64", "--width", "64"]
+SMALL = ["--preset", "tiny", "--random-weights", "--height", "64", "--width", "64"]
 
 
 def read_video(path: Path):

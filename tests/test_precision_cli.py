@@ -14,7 +14,7 @@ from core.pipeline import generate_latents
 from longlive_cli.app import main
 from tests.conftest import SMALL_STREAM, text_context, tiny_model
 
-FAST = ["--preset", "tiny", "--frames", "8", "--height", "64", "--width", "64"]
+FAST = ["--preset", "tiny", "--random-weights", "--frames", "8", "--height", "64", "--width", "64"]
 
 
 def sqnr_db(x: torch.Tensor, reference: torch.Tensor) -> float:

@@ -6,7 +6,11 @@ standard suite (`VBench_full_info.json`, shipped in the vbench wheel, read from 
 environment), a VBench-style JSON file (`[{"prompt_en", "dimension", "auxiliary_info"}]`, e.g.
 a VBench-Long prompt file) or a text file (one prompt per line, serving every dimension asked).
 Suites that evaluate something else entirely (the offline shapes-world probe) register a module
-in EXTERNAL_SUITES exposing `run_eval_suite(out: Path, device: str, dimensions) -> dict`.
+in EXTERNAL_SUITES exposing `run_eval_suite(out: Path, device: str, dimensions, *, source:
+VideoSource, max_prompts: int | None, seconds: float | None, seed: int, videos_dir: Path | None)
+-> dict` (`dimensions`: the names given to --dimensions, None for the suite's default; the suite
+checks them). It plans its videos as `SuiteVideo`s and has `source.generate` make them with the
+command's generation options (the one generation path, `longlive_cli/eval.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import hashlib
 import json
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from core.errors import UserError
 from core.eval.vbench import DIMENSIONS
@@ -33,6 +39,27 @@ class SuitePrompt:
     prompt: str
     dimensions: tuple[str, ...]
     auxiliary: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteVideo:
+    """One video an external suite asks for. `interactive`: the schedule's `continue` shots arrive
+    as live prompt switches (as typed in `multishot --interactive`), not as a scripted schedule."""
+
+    schedule: object  # core.shots.PromptSchedule, built with the source's frames_per_block
+    seed: int
+    output: Path
+    interactive: bool = False
+
+
+class VideoSource(Protocol):
+    """What an external suite generates with: the command's model and options."""
+
+    frames_per_block: int
+    settings: dict  # JSON-ready: at least the resolved `preset` and sampling `steps`
+
+    def generate(self, videos: Sequence[SuiteVideo]) -> None:
+        """Write every video (checked before the first; the models built once)."""
 
 
 def file_sha256(path: Path) -> str:

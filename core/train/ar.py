@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -153,6 +155,14 @@ def build_vae(recipe: TrainRecipe, device: torch.device, dtype: torch.dtype) -> 
     from core.vae import load_vae, random_vae
 
     kind = recipe.data.vae
+    if kind == "shapes":
+        from core.assets import shapes_vae_path
+
+        path = Path(recipe.data.vae_path) if recipe.data.vae_path else shapes_vae_path()
+        if not path.is_file():
+            raise UserError(f"data.vae_path {path} not found: give a `longlive train-vae --export` file "
+                            f"(--set data.vae_path=FILE)")
+        return load_vae(path, VAEConfig.preset("shapes"), device=device, dtype=dtype).eval()
     if kind == "tiny":
         return random_vae(VAEConfig.preset("tiny"), 0, device=device, dtype=dtype).eval()
     if kind == "random-wan2.2":
@@ -172,9 +182,15 @@ def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
     if plan.is_main and not (root / "video").is_dir():
         from core.train.synthetic import make_synthetic_dataset
 
-        raw = raw_frames(recipe.data.latent_frames)
-        make_synthetic_dataset(root, samples=8, clips_per_sample=2, frames=raw, height=recipe.data.height,
-                               width=recipe.data.width, seed=recipe.runtime.seed)
+        d = recipe.data
+        frames = d.synthetic_shot_frames or raw_frames(d.latent_frames)
+        partial = logdir / ".synthetic-data.tmp"  # renamed when complete: a killed run never trains on half of it
+        shutil.rmtree(partial, ignore_errors=True)
+        make_synthetic_dataset(partial, samples=d.synthetic_samples, clips_per_sample=d.synthetic_shots,
+                               frames=frames, height=d.height, width=d.width, seed=recipe.runtime.seed,
+                               workers=max(1, d.num_workers))
+        shutil.rmtree(root, ignore_errors=True)  # a folder without video/ holds nothing usable
+        os.replace(partial, root)
     plan.barrier()
     return root
 
@@ -245,6 +261,9 @@ class Trainer:
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
                                    max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
                                    seed=self.recipe.runtime.seed, deterministic=False)
+        if d.batch_size > 1 and self.plan.sp_size > 1:
+            raise UserError(f"data.batch_size={d.batch_size} with sequence parallelism (parallel.sp="
+                            f"{self.plan.sp_size}): use batch_size 1 (grad_accum for larger batches)")
         sampler = ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed)
         if len(sampler) == 0:
             raise UserError(f"the dataset at {root} has {len(dataset)} samples, fewer than the {self.plan.dp_size} "
@@ -258,7 +277,8 @@ class Trainer:
 
         while True:
             dataset.set_epoch(sampler.epoch)
-            loader = DataLoader(dataset, batch_size=1, sampler=list(iter(sampler)), collate_fn=collate,
+            loader = DataLoader(dataset, batch_size=self.recipe.data.batch_size, sampler=list(iter(sampler)),
+                                collate_fn=collate,
                                 num_workers=self.recipe.data.num_workers, pin_memory=self.device.type == "cuda")
             yield from loader
             sampler.set_epoch(sampler.epoch + 1)
@@ -321,8 +341,8 @@ class Trainer:
         """Train to `max_steps` from the newest complete checkpoint (or from scratch): log every
         step, checkpoint every `checkpoint_every` steps and at the end, export if asked."""
         self._seed()
+        self.vae = build_vae(self.recipe, self.device, self.dtype)  # a missing VAE file fails before the data is made
         dataset, sampler = self._data()
-        self.vae = build_vae(self.recipe, self.device, self.dtype)
         self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)
         model = self.build_model().train()
         o = self.recipe.optim
@@ -390,8 +410,9 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         losses, tokens = [], 0
         for _ in range(o.grad_accum):
-            loss, n = self.micro_step(model, next(batches), step)
-            sampler.advance(1)
+            batch = next(batches)
+            loss, n = self.micro_step(model, batch, step)
+            sampler.advance(len(batch.indices))
             losses.append(loss)
             tokens += n
         plan.sync_gradients(model)

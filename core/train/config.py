@@ -26,7 +26,9 @@ from core.train.recycle import RecycleConfig
 @dataclass
 class DataConfig:
     """`path`: an official dataset folder (video/ + caption/) or a JSONL manifest; `synthetic`
-    writes a small generated dataset of moving shapes into `<logdir>/synthetic-data` instead."""
+    writes a generated shapes-world dataset into `<logdir>/synthetic-data` instead
+    (`synthetic_samples` samples of `synthetic_shots` shots of `synthetic_shot_frames` frames each,
+    0: the frames of one item; core/train/synthetic.py)."""
 
     path: str = ""
     synthetic: bool = False
@@ -36,18 +38,29 @@ class DataConfig:
     max_chunks_per_shot: int = 0  # 0: no virtual cuts
     allow_padding: bool = True
     num_workers: int = 2
+    batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP
     i2v: bool = False
     # umt5 (the real encoder from `model_dir`), tiny (offline byte encoder of the tiny preset),
     # random (fixed random contexts: throughput runs with no text encoder at all)
     text_encoder: Literal["umt5", "tiny", "random"] = "umt5"
     model_dir: str = ""  # `longlive download` folder (umt5, VAE); empty: the default folder
-    vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"
+    vae: Literal["wan2.2", "tiny", "random-wan2.2", "shapes"] = "wan2.2"
+    # shapes: the VAE file (a `longlive train-vae --export`); empty: the one shipped in core/assets/shapes
+    vae_path: str = ""
+    synthetic_samples: int = 8
+    synthetic_shots: int = 2
+    synthetic_shot_frames: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
         require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
                 f"data: latent_frames > 0 and height/width multiples of 32 "
                 f"(got {self.latent_frames}, {self.height}x{self.width})")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
+        require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
+                "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
+        require(not self.vae_path or self.vae == "shapes",
+                f"data.vae_path is for data.vae=shapes (got data.vae={self.vae}): remove vae_path or set vae=shapes")
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Shipped shapes-world files: the tiny text encoder the generator is trained with is stored, with a
+fixed hash, and loads to exactly the encoder of `TextEncoder.tiny(seed=0)`."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from core.assets import shapes_text_encoder_path
+from core.shots import SCENE_CUT_PREFIX
+from core.text import ByteTokenizer, TextEncoder, TextEncoderConfig
+from core.train.synthetic import evaluation_prompts
+
+TEXT_ENCODER_SHA256 = "1073933667082af7217a674f1ef8c146d524cf94a14e9738ae53d81b517ea1a5"
+
+
+def test_shipped_text_encoder_is_the_seed_0_tiny_encoder():
+    path = shapes_text_encoder_path()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == TEXT_ENCODER_SHA256
+    config = TextEncoderConfig.preset("tiny")
+    shipped = TextEncoder.from_wan_checkpoint(path, ByteTokenizer(config.text_len), config=config)
+    prompts = [p.caption for p in evaluation_prompts()[::12]]
+    prompts.append(SCENE_CUT_PREFIX + prompts[0])
+    assert torch.equal(shipped.encode(prompts), TextEncoder.tiny(seed=0).encode(prompts))
+
+
+# The trained files, once shipped (docs/models/shapes.md): record each file's sha256 here in the same
+# commit that adds it. A file without its hash here, or a hash without its file, fails.
+TRAINED_SHA256: dict[str, str] = {}
+SHIPPED_LIMIT_BYTES = 25 * 2**20  # DiT + VAE + text encoder (issue 11)
+
+
+def test_shipped_trained_files_are_recorded_load_strictly_and_fit_the_size_limit():
+    from core.assets import SHAPES, ShapesFiles
+    from core.checkpoint import check_state_dict, read_shapes
+    from core.config import ModelConfig, VAEConfig
+    from core.vae import load_vae
+    from longlive_cli.build import meta_dit
+
+    files = ShapesFiles.in_folder(SHAPES)
+    present = {p.name for p in (files.dit, files.vae) if p.is_file()}
+    assert present == set(TRAINED_SHA256), f"record the sha256 of {present ^ set(TRAINED_SHA256)} in TRAINED_SHA256"
+    for name, digest in TRAINED_SHA256.items():
+        assert hashlib.sha256((SHAPES / name).read_bytes()).hexdigest() == digest, name
+    if files.dit.is_file():
+        check_state_dict(meta_dit(ModelConfig.preset("shapes")), read_shapes(files.dit), str(files.dit))
+    if files.vae.is_file():
+        load_vae(files.vae, VAEConfig.preset("shapes"))
+    assert sum(p.stat().st_size for p in SHAPES.glob("*.safetensors")) <= SHIPPED_LIMIT_BYTES
+
+
+def test_default_preset_obeys_two_prompts_when_the_trained_models_are_shipped(tmp_path):
+    """The README's first command with the shipped models: the probe reads each prompt's attributes."""
+    import pytest
+
+    from core.assets import ShapesFiles
+    from core.eval.shapes import probe_video, read_video
+    from longlive_cli.app import main
+
+    if not ShapesFiles.shipped().complete:
+        pytest.skip("the trained shapes models are not shipped yet (docs/benchmarks/train_shapes_gpu.sh)")
+    prompts = [p.caption for p in evaluation_prompts()[:: len(evaluation_prompts()) - 1]]  # one seen, one held out
+    for index, prompt in enumerate(prompts):
+        out = tmp_path / f"v{index}.mp4"
+        assert main(["generate", prompt, "--preset", "tiny", "--device", "cpu", "-o", str(out)]) == 0
+        (shot,) = probe_video(read_video(out), prompt)
+        assert all(shot["correct"].values()), (prompt, shot["read"])
