@@ -128,6 +128,32 @@ class BackgroundPrompts:
         return switch, context
 
 
+class ScriptedPrompts:
+    """A `PromptFeed` of prompts "typed" at known chunks (`{chunk: prompt}`), encoded when taken:
+    reproducible interactive runs (evaluation suites, tests)."""
+
+    def __init__(self, at_chunk: dict[int, str], encode: Callable[[str], Tensor]):
+        self.at_chunk, self.encode = dict(at_chunk), encode
+        self.switches: list[Switch] = []
+
+    def __enter__(self) -> ScriptedPrompts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def take(self, chunk: int) -> tuple[Switch, Tensor] | None:
+        prompt = self.at_chunk.get(chunk)
+        if prompt is None:
+            return None
+        now = time.perf_counter()
+        context = self.encode(prompt)
+        switch = Switch(prompt, typed_at=now, encoded_at=time.perf_counter(), applied_at=time.perf_counter(),
+                        chunk=chunk)
+        self.switches.append(switch)
+        return switch, context
+
+
 @contextlib.contextmanager
 def open_feed(source: Callable[[], str | None] | PromptFeed | None, text, device: torch.device,
               dtype: torch.dtype) -> Iterator[PromptFeed | None]:

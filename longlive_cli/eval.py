@@ -258,18 +258,13 @@ def _request(job: GenerationJob, options: GenerationOptions):
                            lora=Path(options.lora) if options.lora else None)
 
 
-def scheduled_switches(schedule: PromptSchedule):
-    """`generate_video`'s prompt_source (polled once before each chunk after the first) that types
-    the schedule's later shots at their first chunks."""
+def scheduled_switches(schedule: PromptSchedule, text, dtype: torch.dtype, device: torch.device):
+    """`generate_video`'s prompt feed that types the schedule's later shots at their first chunks
+    (reproducible: each is encoded when its chunk starts)."""
+    from core.interactive import ScriptedPrompts
+
     starts = {span.start_chunk: span.prompt for span in schedule.spans[1:]}
-    chunk = 0
-
-    def next_prompt() -> str | None:
-        nonlocal chunk
-        chunk += 1
-        return starts.get(chunk)
-
-    return next_prompt
+    return ScriptedPrompts(starts, lambda prompt: text.encode([prompt]).to(device=device, dtype=dtype))
 
 
 def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
@@ -288,7 +283,8 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
     check_dit_spec(spec)
     models = build_models(requests[0], placements[0], spec)
     for done, (job, request, placement) in enumerate(zip(jobs, requests, placements, strict=True)):
-        switches = scheduled_switches(job.schedule) if job.interactive else None
+        switches = scheduled_switches(job.schedule, models.text, placement.dtype, placement.device) \
+            if job.interactive else None
         generate_video(request, placement, models, prompt_source=switches, log=lambda text: None)
         on_video(done + 1, len(requests))
 

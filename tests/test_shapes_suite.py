@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.eval.shapes import FULL_COUNTS, SUITE_PARTS, balanced_prompts, run_eval_suite
 from core.shots import PromptSchedule, Shot
@@ -97,9 +98,16 @@ def test_scheduled_switches_type_each_later_shot_at_its_first_chunk():
     schedule = PromptSchedule((Shot("a red circle moves left to right on a blue background", 2),
                                Shot("a red circle moves left to right on a green background", 1, "continue"),
                                Shot("a red circle moves left to right on a black background", 2, "continue")), 8)
-    source = scheduled_switches(schedule)
-    polled = [source() for _ in range(schedule.num_chunks - 1)]  # before chunks 1..4
-    assert polled == [None, schedule.shots[1].prompt, schedule.shots[2].prompt, None]
+
+    class Text:
+        def encode(self, prompts):
+            return torch.full((1, 2, 3), float(len(prompts[0])))
+
+    feed = scheduled_switches(schedule, Text(), torch.float64, torch.device("cpu"))
+    taken = [feed.take(chunk) for chunk in range(1, schedule.num_chunks)]  # before chunks 1..4
+    assert [t and t[0].prompt for t in taken] == [None, schedule.shots[1].prompt, schedule.shots[2].prompt, None]
+    assert taken[1][1].dtype == torch.float64 and taken[1][1][0, 0, 0] == len(schedule.shots[1].prompt)
+    assert [s.chunk for s in feed.switches] == [2, 3]
 
 
 def test_eval_vbench_suite_shapes_end_to_end_on_the_tiny_random_model(tmp_path, capsys):
