@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from core.config import VIDEO_FPS
-from core.errors import UserError
+from core.errors import UserError, discard_partial, os_error_of, write_failed
 
 FrameSink = Callable[[np.ndarray], None]  # uint8 [T, H, W, 3]
 
@@ -252,8 +252,11 @@ class VideoWriter:
     """H.264 (libx264, yuv420p) mp4 at 24 fps, written by a background thread.
 
     Use as a context manager: frames written inside the block end up in `path` only if the block
-    completes; on any exception (Ctrl-C included) the temp file is removed. `crf` is x264's
-    quality (0 lossless .. 51 worst; 18 is visually lossless)."""
+    completes; on any exception (Ctrl-C included) the temp file is removed, and the first error is
+    the one raised (a failing cleanup never hides it). A write the operating system refuses (disk
+    full, read-only folder, file too large) is an `OutputError` naming `path` and the cause. `crf`
+    is x264's quality (0 lossless .. 51 worst; 18 is visually lossless). `metadata` (title,
+    comment, ...) may change until the block ends (`update_metadata`): mp4 stores it at the end."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, fps: int = VIDEO_FPS,
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
@@ -272,8 +275,12 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         import av
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self._temp), mode="w", format="mp4")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self._temp), mode="w", format="mp4")
+        except OSError as err:
+            discard_partial(self._temp)
+            raise write_failed(self.path, err) from err
         self._container.metadata.update(self.metadata)
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
@@ -283,14 +290,21 @@ class VideoWriter:
         self._thread.start()
         return self
 
-    def _encode_loop(self) -> None:
+    def update_metadata(self, values: Mapping[str, str]) -> None:
+        """Change container metadata before the block ends (e.g. facts known only at the end)."""
+        self.metadata.update(values)
+        self._container.metadata.update(values)
+
+    def _encode(self, frames_THWC: np.ndarray) -> None:
         import av
 
+        for frame in frames_THWC:
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+    def _encode_loop(self) -> None:
         try:
             while (frames := self._queue.get()) is not None:
-                for frame in frames:
-                    packet = self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
-                    self._container.mux(packet)
+                self._encode(frames)
         except BaseException as err:
             self._error = err
             while True:
@@ -298,6 +312,14 @@ class VideoWriter:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
+
+    def _failure(self, err: BaseException) -> BaseException:
+        """What to raise for an encoder or container error: an OutputError when the operating
+        system refused the write, else a RuntimeError chained to it."""
+        cause = os_error_of(err)
+        if cause is not None:
+            return write_failed(self.path, cause)
+        return RuntimeError(f"video encoding failed: {err}")
 
     def write(self, frames_THWC: np.ndarray) -> None:
         """Queue uint8 `[T, H, W, 3]` frames (a copy is kept; the caller may reuse its buffer)."""
@@ -307,7 +329,7 @@ class VideoWriter:
         frames = np.array(frames_THWC, copy=True)
         while True:
             if self._error is not None:
-                raise RuntimeError(f"video encoding failed: {self._error}") from self._error
+                raise self._failure(self._error) from self._error
             try:
                 self._queue.put(frames, timeout=0.1)
                 break
@@ -315,20 +337,31 @@ class VideoWriter:
                 continue
         self.frames_written += len(frames)
 
+    def _close(self, complete: bool) -> None:
+        """Stop the encoder thread, flush (if `complete`) and close the container."""
+        self._queue.put(None)
+        self._thread.join()
+        if complete:
+            self._container.mux(self._stream.encode())  # flush delayed frames
+        self._container.close()
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        complete = exc_type is None and self._error is None
         try:
-            self._queue.put(None)
-            self._thread.join()
-            if exc_type is None and self._error is None:
-                self._container.mux(self._stream.encode())  # flush delayed frames
-            self._container.close()
+            self._close(complete)
+            if complete:
+                os.replace(self._temp, self.path)
+                return False
+        except Exception as err:  # closing failed: report it unless an earlier error is on its way
+            discard_partial(self._temp)
+            if exc_type is not None:
+                return False
+            first = self._error or err
+            raise self._failure(first) from first
         except BaseException:
-            self._temp.unlink(missing_ok=True)
+            discard_partial(self._temp)
             raise
-        if exc_type is not None or self._error is not None:
-            self._temp.unlink(missing_ok=True)
-            if exc_type is None:
-                raise RuntimeError(f"video encoding failed: {self._error}") from self._error
-            return False
-        os.replace(self._temp, self.path)
+        discard_partial(self._temp)
+        if exc_type is None:  # the encoder thread failed and nothing else was raised
+            raise self._failure(self._error) from self._error
         return False

@@ -21,7 +21,7 @@ from torch import Tensor
 from core.checkpoint import atomic_write, check_writable
 from core.config import VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
-from core.errors import UserError
+from core.errors import UserError, discard_partial
 from core.hub import ModelFiles, resolve_model_dir
 from core.pipeline import BuiltDiT, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
@@ -197,8 +197,9 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
                    prompt_source: Callable[[], str | None] | None = None,
                    log: Callable[[str], None] = print) -> GenerateReport:
     """Stream the request's schedule into its mp4 (stages in the module doc). `on_chunk(done,
-    total)` after each chunk; `prompt_source()` is polled before each chunk for an interactive
-    switch (a new prompt, or None); `log` gets one line per switch."""
+    total)` with done = 0 when the first chunk starts, then after each chunk; `prompt_source()` is
+    polled before each chunk for an interactive switch (a new prompt, or None); `log` gets one
+    line per switch. The switches are recorded in the mp4's and the latents' metadata."""
     recipe, schedule = request.recipe, request.schedule
     stream, video = recipe.stream, recipe.video
     device, dtype = placement.device, placement.dtype
@@ -218,13 +219,9 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
                             image_latent=first_image, negative_context=negative_context,
                             prompt_switch=switcher, kv_storage=models.dit.kv_storage)
     timer = SpanTimer(device)
-    kept: list[Tensor] | None = [] if request.latents_out is not None else None
     started = time.perf_counter()
-    frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, kept)
+    frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, switches)
     end_to_end = time.perf_counter() - started
-    if kept is not None:
-        save_latents(torch.cat(kept, dim=1), request.latents_out,
-                     {"shot_start_frames": json.dumps(schedule.shot_start_frames)})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GenerateReport(
         output=request.output, video_frames=frames_written,
@@ -252,36 +249,70 @@ def _prompt_switcher(text, schedule: PromptSchedule, prompt_source: Callable[[],
     return prompt_switch
 
 
-def video_metadata(request: GenerateRequest) -> dict[str, str]:
-    """The mp4's title and `comment` (JSON: generator settings, shot starts and prompts)."""
+def switch_records(switches: list[tuple[int, int, str]]) -> list[dict[str, object]]:
+    """Interactive prompt switches as JSON-ready records: chunk, first video frame, prompt."""
+    return [{"chunk": chunk, "frame": frame, "prompt": prompt} for chunk, frame, prompt in switches]
+
+
+def video_metadata(request: GenerateRequest, switches: list[tuple[int, int, str]] = ()) -> dict[str, str]:
+    """The mp4's title and `comment` (JSON: generator settings, shot starts and prompts, and the
+    interactive prompt switches)."""
     recipe, schedule = request.recipe, request.schedule
     return {"title": schedule.shots[0].prompt[:200], "comment": json.dumps({
         "generator": "longlive", "preset": recipe.preset, "seed": recipe.runtime.seed,
         "steps": recipe.stream.sampling_steps, "shot_start_frames": schedule.shot_start_frames,
-        "shot_prompts": [shot.prompt for shot in schedule.shots]})}
+        "shot_prompts": [shot.prompt for shot in schedule.shots], "switches": switch_records(list(switches))})}
+
+
+def latents_metadata(request: GenerateRequest, switches: list[tuple[int, int, str]]) -> dict[str, str]:
+    """The `--latents-out` file's metadata: shot starts and the interactive prompt switches."""
+    return {"shot_start_frames": json.dumps(request.schedule.shot_start_frames),
+            "switches": json.dumps(switch_records(switches))}
 
 
 def _stream_into_video(request: GenerateRequest, vae, chunks, timer: SpanTimer,
-                       on_chunk: Callable[[int, int], None] | None, kept: list[Tensor] | None) -> int:
-    """Decode every chunk as it comes into the request's mp4 (renamed into place only if all went
-    well); `timer` spans the denoising of each chunk. Returns the frames written."""
+                       on_chunk: Callable[[int, int], None] | None,
+                       switches: list[tuple[int, int, str]]) -> int:
+    """Decode every chunk as it comes into the request's mp4; `timer` spans the denoising of each
+    chunk. The metadata (with the prompt switches, known only now) and the `--latents-out` file
+    are written before the video is renamed into place: a failure leaves neither. Returns the
+    frames written."""
     video, total = request.recipe.video, request.schedule.num_chunks
-    with VideoWriter(request.output, video.width, video.height, crf=request.crf,
-                     metadata=video_metadata(request)) as writer:
-        decoder = make_decoder(request.decode, vae, writer.write)
-        try:
-            timer.start()
-            for chunk in chunks:
-                timer.stop()
-                decoder.submit(chunk.latents)
-                if kept is not None:
-                    kept.append(chunk.latents)
-                if on_chunk is not None:
-                    on_chunk(chunk.index + 1, total)
-                timer.start()
-            decoder.finish()
-        except BaseException:
-            if hasattr(decoder, "close"):
-                decoder.close()
-            raise
+    kept: list[Tensor] | None = [] if request.latents_out is not None else None
+    latents_written = False
+    try:
+        with VideoWriter(request.output, video.width, video.height, crf=request.crf,
+                         metadata=video_metadata(request)) as writer:
+            _decode_chunks(make_decoder(request.decode, vae, writer.write), chunks, timer, on_chunk, total, kept)
+            writer.update_metadata(video_metadata(request, switches))
+            if kept is not None:
+                save_latents(torch.cat(kept, dim=1), request.latents_out, latents_metadata(request, switches))
+                latents_written = True
+    except BaseException:
+        if latents_written:  # the video failed at its close: take the latents back too
+            discard_partial(request.latents_out)
+        raise
     return writer.frames_written
+
+
+def _decode_chunks(decoder, chunks, timer: SpanTimer, on_chunk: Callable[[int, int], None] | None,
+                   total: int, kept: list[Tensor] | None) -> None:
+    """Hand every chunk to the decoder as it is denoised; `on_chunk(0, total)` when the first
+    chunk starts, `on_chunk(done, total)` after each."""
+    try:
+        if on_chunk is not None:
+            on_chunk(0, total)
+        timer.start()
+        for chunk in chunks:
+            timer.stop()
+            decoder.submit(chunk.latents)
+            if kept is not None:
+                kept.append(chunk.latents)
+            if on_chunk is not None:
+                on_chunk(chunk.index + 1, total)
+            timer.start()
+        decoder.finish()
+    except BaseException:
+        if hasattr(decoder, "close"):
+            decoder.close()
+        raise

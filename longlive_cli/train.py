@@ -76,12 +76,15 @@ def load_job_recipe(job: TrainJob, world: int):
 def run_train_ar(job: TrainJob, on_step=None):
     """Check, then train here (one process, or this is a torchrun worker) or re-execute under
     torchrun. Returns the `TrainResult` (rank 0 / one process), or torchrun's exit code."""
+    from core.checkpoint import check_writable
     from core.train.checks import check_run
 
     world = world_size(job.launch)
     recipe = load_job_recipe(job, world)
     if is_main_process():
         check_run(recipe, job.logdir, job.resume, world)
+        if job.export is not None:
+            check_writable(job.export, "--export", create_folders=True)
     if not under_torchrun() and job.launch.world_size > 1:
         return relaunch(Launch(**{**job.launch.__dict__, "max_restarts": recipe.parallel.max_restarts}),
                         job.command())
