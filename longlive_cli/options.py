@@ -57,3 +57,28 @@ NprocOpt = Annotated[int, typer.Option(help="Processes (GPUs) per node; more tha
 NnodesOpt = Annotated[int, typer.Option(help="Number of nodes.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's rank (multi-node).")]
 RdzvOpt = Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")]
+
+
+# Options shared by generate, multishot and bench, with the defaults the help shows (the 5B
+# preset's recipe, and the tiny one's where it differs).
+DEFAULTS = Recipe()
+TINY = Recipe.preset_recipe("tiny")
+
+
+def default_note(value: object) -> str:
+    """" [default: VALUE]" for help texts of options whose real default is "not given" (None: the
+    recipe decides), shown like typer's own defaults (the bracket escaped for rich markup)."""
+    return f" \\[default: {value}]"
+
+
+PresetOpt = Annotated[str | None, typer.Option(
+    help="Model preset: wan2.2-ti2v-5b or tiny (small random weights, offline, CPU)." + default_note(DEFAULTS.preset))]
+RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
+HeightOpt = Annotated[int | None, typer.Option(
+    help="Height in pixels, a multiple of 32." + default_note(f"{DEFAULTS.video.height}; tiny {TINY.video.height}"))]
+WidthOpt = Annotated[int | None, typer.Option(
+    help="Width in pixels, a multiple of 32." + default_note(f"{DEFAULTS.video.width}; tiny {TINY.video.width}"))]
+SeedOpt = Annotated[int | None, typer.Option(help="Noise seed." + default_note(DEFAULTS.runtime.seed))]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N." + default_note("auto"))]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Recipe override, e.g. stream.local_window_frames=24 (repeatable).")]

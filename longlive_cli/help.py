@@ -1,0 +1,71 @@
+"""What `--help` shows beyond the options: examples for every subcommand, plain boolean flags.
+
+The examples live here, in one table, so each command module stays about its options; they are
+attached to the built click command by `finish_help`; a new subcommand adds its entry here.
+"""
+
+from __future__ import annotations
+
+from rich.markup import escape
+
+# 2-4 runnable examples per subcommand, most common first (each a comment after "#").
+EXAMPLES: dict[str, list[str]] = {
+    "generate": [
+        'longlive generate "a red ball bounces on a wooden floor" --preset tiny -o demo.mp4   # CPU, offline',
+        'longlive generate "a corgi surfing at sunset" --seconds 20 -o corgi.mp4',
+        'longlive generate "the corgi jumps" --image corgi.png --steps 2 --seed 7 -o jump.mp4',
+        'longlive generate "a city at night" --checkpoint model_nvfp4.safetensors --precision nvfp4 -o city.mp4',
+    ],
+    "multishot": [
+        "longlive multishot shots.yaml -o story.mp4                   # prompt + seconds per shot",
+        "longlive multishot prompts.txt --seconds 30 -o story.mp4     # one prompt per line, split evenly",
+        "longlive multishot prompts.txt --seconds 60 --interactive   # type a prompt + Enter to switch",
+        "longlive multishot shots.yaml --decode device:1 --latents-out story.safetensors -o story.mp4",
+    ],
+    "bench": [
+        "longlive bench                                   # 5B, 720p, 4 steps (needs a GPU)",
+        "longlive bench --steps 2 --json                  # the 2-step sampler, machine-readable",
+        "longlive bench --preset tiny --device cpu        # anywhere",
+        "longlive bench --decode device:1                 # end to end, the VAE on a second GPU",
+    ],
+    "convert-nvfp4": [
+        "longlive convert-nvfp4 model_bf16.pt model_nvfp4.safetensors --device cuda",
+        "longlive convert-nvfp4 model_bf16.pt model_nvfp4.safetensors --lora lora.pt --rule mse",
+        "longlive convert-nvfp4 model_4o6.pt model_nvfp4.safetensors   # import an official NVFP4 export",
+    ],
+    "download": [
+        "longlive download --dry-run                      # list the files and sizes",
+        "longlive download                                # ~24 GB into ~/.cache/longlive/models",
+        "longlive download --what generator --local-dir /models",
+        "longlive download --endpoint https://hf-mirror.com",
+    ],
+    "train-ar": [
+        "longlive train-ar train_ar_tiny --logdir runs/tiny                 # CPU, generated data",
+        "longlive train-ar train_ar_tiny --logdir runs/tiny --max-steps 20  # resumes from the last checkpoint",
+        "longlive train-ar train_ar --nproc-per-node 4 --logdir runs/ar-5b --set data.path=/data/train "
+        "--set train.init=/models/generator.pt",
+        "longlive train-ar train_ar_tiny --logdir runs/tiny --export tiny.safetensors --no-resume",
+    ],
+}
+
+
+def examples_epilog(examples: list[str]) -> str:
+    """The epilog text of a command's examples (rich markup escaped)."""
+    return "\n".join(["[bold]Examples[/bold]", *(f"  {escape(example)}" for example in examples)])
+
+
+def plain_flags(command) -> None:
+    """Boolean flags take no value: show none (typer prints a `<bool>` type, even for --help)."""
+    context = command.context_class(command, info_name=command.name)
+    for param in command.get_params(context):  # includes the help option
+        if param.param_type_name == "option" and param.is_flag:
+            param.metavar = ""
+
+
+def finish_help(group) -> None:
+    """Examples and plain flags for the app's click group and every subcommand in it."""
+    plain_flags(group)
+    for name, command in group.commands.items():
+        if name in EXAMPLES and not command.epilog:
+            command.epilog = examples_epilog(EXAMPLES[name])
+        plain_flags(command)
