@@ -170,6 +170,7 @@ def _check_plain_pickle(path: Path) -> None:
 
     ops, whole = _first_pickle_ops(path)
     refused = [name for name in _called_globals(ops) if name not in _get_allowed_globals()]
+    refused.sort(key=lambda name: name.startswith("torch."))  # foreign code first, torch's own helpers last
     if refused:
         raise _code_refused(path, first_names(refused))
     if not whole:

@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from rich.markup import escape
 
-# 2-4 runnable examples per subcommand, most common first (each a comment after "#").
+# 2-4 runnable examples per subcommand, most common first (a comment after "#"), each short enough
+# for one line of a 100-column terminal.
 EXAMPLES: dict[str, list[str]] = {
     "generate": [
-        'longlive generate "a red ball bounces on a wooden floor" --preset tiny -o demo.mp4   # CPU, offline',
+        'longlive generate "a red ball bounces on a wooden floor" --preset tiny -o demo.mp4  # CPU',
         'longlive generate "a corgi surfing at sunset" --seconds 20 -o corgi.mp4',
         'longlive generate "the corgi jumps" --image corgi.png --steps 2 --seed 7 -o jump.mp4',
-        'longlive generate "a city at night" --checkpoint model_nvfp4.safetensors --precision nvfp4 -o city.mp4',
+        'longlive generate "a city at night" --checkpoint nvfp4.safetensors --precision nvfp4',
     ],
     "multishot": [
-        "longlive multishot shots.yaml -o story.mp4                   # prompt + seconds per shot",
-        "longlive multishot prompts.txt --seconds 30 -o story.mp4     # one prompt per line, split evenly",
-        "longlive multishot prompts.txt --seconds 60 --interactive   # type a prompt + Enter to switch",
-        "longlive multishot shots.yaml --decode device:1 --latents-out story.safetensors -o story.mp4",
+        "longlive multishot shots.yaml -o story.mp4                # prompt + seconds per shot",
+        "longlive multishot prompts.txt --seconds 30 -o story.mp4  # a prompt per line, split evenly",
+        "longlive multishot prompts.txt --seconds 60 --interactive  # type a prompt, Enter switches",
+        "longlive multishot shots.yaml --decode device:1 --latents-out story.safetensors",
     ],
     "bench": [
         "longlive bench                                   # 5B, 720p, 4 steps (needs a GPU)",
@@ -41,10 +42,9 @@ EXAMPLES: dict[str, list[str]] = {
     ],
     "train-ar": [
         "longlive train-ar train_ar_tiny --logdir runs/tiny                 # CPU, generated data",
-        "longlive train-ar train_ar_tiny --logdir runs/tiny --max-steps 20  # resumes from the last checkpoint",
-        "longlive train-ar train_ar --nproc-per-node 4 --logdir runs/ar-5b --set data.path=/data/train "
-        "--set train.init=/models/generator.pt",
-        "longlive train-ar train_ar_tiny --logdir runs/tiny --export tiny.safetensors --no-resume",
+        "longlive train-ar train_ar_tiny --logdir runs/tiny --max-steps 200 # continues the run",
+        "longlive train-ar train_ar --nproc-per-node 4 --set data.path=/data --set train.init=gen.pt",
+        "longlive train-ar train_ar_tiny --logdir runs/t2 --export tiny.safetensors --no-resume",
     ],
 }
 

@@ -73,7 +73,13 @@ class PromptReader:
     def _read_keys(self) -> None:
         fd = self.stream.fileno()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while data := os.read(fd, 64):
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:  # the terminal went away (EIO): no more input, as at end of file
+                return
+            if not data:
+                return
             for char in decoder.decode(data):
                 self.key(char)
 

@@ -132,8 +132,8 @@ class _FooterProgress(Progress):
     """A rich Progress with an optional line under the bars (e.g. the prompt being typed)."""
 
     def __init__(self, *columns, footer: Callable[[], str] | None = None, **kwargs):
+        self.footer = footer  # rich renders once while constructing
         super().__init__(*columns, **kwargs)
-        self.footer = footer
 
     def get_renderable(self) -> RenderableType:
         table = self.make_tasks_table(self.tasks)
@@ -216,7 +216,9 @@ class TaskProgress:
 
 def step_progress(console: Console | None = None) -> Progress:
     """Training steps with the latest loss, grad norm and step time, and the ETA (remaining steps
-    times the last step time, so it shows from the first step on)."""
+    times the last step time, so it shows from the first step on). Drawn only on a terminal: in a
+    log file a live bar is one line at the very end (plain progress lines are the trainer's)."""
+    console = console or Console(stderr=True)
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -227,4 +229,5 @@ def step_progress(console: Console | None = None) -> Progress:
         EtaColumn(field="step_time"),
         console=console,
         transient=False,
+        disable=not console.is_terminal,
     )

@@ -1,0 +1,97 @@
+"""Interactive mode (issue 14, item 6): typed text is read key by key under the bar (no echo into
+it, drawn in a line below), and every switch is recorded in the mp4's and the latents' metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import termios
+import time
+from pathlib import Path
+
+import av
+from rich.console import Console
+from safetensors import safe_open
+
+import core.generate as gen
+from core.config import load_recipe
+from core.shots import single_prompt_schedule
+from longlive_cli.build import build_models, generation_spec
+from longlive_cli.interactive import PromptReader
+from longlive_cli.progress import TaskProgress, count_of, per_second
+
+
+def _wait_for(condition, seconds: float = 10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_keys_are_read_without_echo_and_the_terminal_is_restored():
+    master, slave = os.openpty()
+    stream = os.fdopen(slave, "r")
+    before = termios.tcgetattr(slave)
+    try:
+        with PromptReader(stream, keys=True) as reader:
+            assert not termios.tcgetattr(slave)[3] & termios.ECHO  # nothing typed lands in the bar
+            os.write(master, b"a stormy\x7f begins\x1b[D\r")  # Backspace edits, an arrow key is ignored
+            assert _wait_for(reader.next_prompt) == "a storm begins"
+            os.write(master, "la mer calme\u0301".encode())
+            _wait_for(lambda: reader.typed == "la mer calme\u0301")
+            assert reader.footer().endswith("la mer calme\u0301\u2588")
+            os.write(master, b"\x15\r")  # Ctrl-U clears the line: an empty Enter submits nothing
+            _wait_for(lambda: reader.typed == "")
+            assert reader.next_prompt() is None
+        assert termios.tcgetattr(slave) == before
+        os.set_blocking(master, False)
+        try:
+            echoed = os.read(master, 1024)
+        except BlockingIOError:
+            echoed = b""
+        assert echoed == b""
+    finally:
+        stream.close()
+        os.close(master)
+
+
+def test_lines_are_read_as_they_come_without_a_terminal():
+    with PromptReader(io.StringIO("  \nfirst prompt\nsecond\n"), keys=False) as reader:
+        assert _wait_for(reader.next_prompt) == "first prompt"
+        assert _wait_for(reader.next_prompt) == "second"
+
+
+def test_the_typed_line_is_drawn_under_the_bar():
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    progress = TaskProgress("multishot", count_of("chunks"), console=console, total=3, rate=per_second("frames/s"),
+                            footer=lambda: "next prompt (Enter switches at the next chunk): a sto")
+    with console.capture() as captured:
+        console.print(progress._bar.get_renderable())
+    lines = captured.get().splitlines()
+    assert lines[0].startswith("multishot") and "0/3 chunks" in lines[0]
+    assert lines[1] == "next prompt (Enter switches at the next chunk): a sto"
+
+
+def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_decode):
+    recipe = load_recipe(None, ["stream.frames_per_block=2", "stream.local_window_frames=6", "stream.sink_frames=2",
+                                "video.height=32", "video.width=32"], preset="tiny")
+    prompts = iter(["a storm begins", None, "lightning"])  # polled before chunks 1, 2, 3
+    request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 4, 2), tmp_path / "i.mp4",
+                                  latents_out=tmp_path / "z.safetensors")
+    placement = gen.prepare(request)
+    models = build_models(request, placement, generation_spec(request, placement))
+    report = gen.generate_video(request, placement, models, prompt_source=lambda: next(prompts, None),
+                                log=lambda text: None)
+    expected = [{"chunk": 1, "frame": 5, "prompt": "a storm begins"}, {"chunk": 3, "frame": 21, "prompt": "lightning"}]
+    assert [(s["chunk"], s["frame"], s["prompt"]) for s in expected] == report.switches
+    with av.open(str(tmp_path / "i.mp4")) as container:
+        comment = json.loads(container.metadata["comment"])
+    assert comment["switches"] == expected and comment["shot_start_frames"] == [0]
+    with safe_open(str(tmp_path / "z.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["switches"]) == expected
+        assert json.loads(f.metadata()["shot_start_frames"]) == [0]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["i.mp4", "z.safetensors"]
