@@ -256,7 +256,8 @@ class VideoWriter:
     the one raised (a failing cleanup never hides it). A write the operating system refuses (disk
     full, read-only folder, file too large) is an `OutputError` naming `path` and the cause. `crf`
     is x264's quality (0 lossless .. 51 worst; 18 is visually lossless). `metadata` (title,
-    comment, ...) may change until the block ends (`update_metadata`): mp4 stores it at the end."""
+    comment, ...) may change until the block ends (`update_metadata`); a change made after the
+    first packet costs a remux at the end (packets copied, nothing re-encoded)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, fps: int = VIDEO_FPS,
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
@@ -282,6 +283,7 @@ class VideoWriter:
             discard_partial(self._temp)
             raise write_failed(self.path, err) from err
         self._container.metadata.update(self.metadata)
+        self._header_metadata = dict(self.metadata)
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
         stream.options = {"crf": str(self.crf), "preset": self.preset}
@@ -291,9 +293,30 @@ class VideoWriter:
         return self
 
     def update_metadata(self, values: Mapping[str, str]) -> None:
-        """Change container metadata before the block ends (e.g. facts known only at the end)."""
+        """Change container metadata before the block ends (facts known only at the end, e.g. the
+        interactive prompt switches). The mp4 muxer takes the metadata with its header, which goes
+        out with the first packet: a change after that is written by a remux at the end."""
         self.metadata.update(values)
-        self._container.metadata.update(values)
+
+    def _remux_with_metadata(self) -> None:
+        """Copy the closed temp file's packets (no re-encoding) into a new temp file that carries
+        the current metadata, and put it in the temp file's place."""
+        import av
+
+        remuxed = self._temp.with_name(self._temp.name + ".remux")
+        try:
+            with av.open(str(self._temp)) as source, av.open(str(remuxed), mode="w", format="mp4") as target:
+                target.metadata.update(self.metadata)
+                video = source.streams.video[0]
+                copy = target.add_stream_from_template(video)
+                for packet in source.demux(video):
+                    if packet.dts is not None:  # the demuxer's final flush packet carries no data
+                        packet.stream = copy
+                        target.mux(packet)
+            os.replace(remuxed, self._temp)
+        except BaseException:
+            discard_partial(remuxed)
+            raise
 
     def _encode(self, frames_THWC: np.ndarray) -> None:
         import av
@@ -350,6 +373,8 @@ class VideoWriter:
         try:
             self._close(complete)
             if complete:
+                if self.metadata != self._header_metadata:
+                    self._remux_with_metadata()
                 os.replace(self._temp, self.path)
                 return False
         except Exception as err:  # closing failed: report it unless an earlier error is on its way

@@ -80,7 +80,9 @@ def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_
     recipe = load_recipe(None, ["stream.frames_per_block=2", "stream.local_window_frames=6", "stream.sink_frames=2",
                                 "video.height=32", "video.width=32"], preset="tiny")
     prompts = iter(["a storm begins", None, "lightning"])  # polled before chunks 1, 2, 3
-    request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 4, 2), tmp_path / "i.mp4",
+    # 93 frames: x264 holds back ~40 frames, so the mp4 header (and the metadata in it) has gone out
+    # long before the run ends and the switches are known
+    request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 12, 2), tmp_path / "i.mp4",
                                   latents_out=tmp_path / "z.safetensors")
     placement = gen.prepare(request)
     models = build_models(request, placement, generation_spec(request, placement))
@@ -90,6 +92,7 @@ def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_
     assert [(s["chunk"], s["frame"], s["prompt"]) for s in expected] == report.switches
     with av.open(str(tmp_path / "i.mp4")) as container:
         comment = json.loads(container.metadata["comment"])
+        assert len(list(container.decode(video=0))) == 93 and container.streams.video[0].average_rate == 24
     assert comment["switches"] == expected and comment["shot_start_frames"] == [0]
     with safe_open(str(tmp_path / "z.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["switches"]) == expected
