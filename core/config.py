@@ -412,7 +412,9 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     seed: int = 0
-    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
+    # SDPA kernel family, or "fp8": self-attention over the KV window through FlashAttention-3's
+    # FP8 kernel (per-head scales; Hopper; the fa3-fwd package, extra `fp8-attention`).
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math", "fp8"] = "auto"
     # torch.compile the DiT blocks and the VAE decoder: "auto" = on a GPU, when the video is long
     # enough to win back the compile time (core/optimize.py; bench measures steady state and
     # always compiles under "auto"); never on a CPU, where compiling costs more than it saves.

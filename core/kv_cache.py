@@ -204,13 +204,19 @@ class LayerStorage(Protocol):
 StorageFactory = Callable[[LayerSpec, "torch.device | str"], LayerStorage]
 
 
-class LayerKV:
-    """Dense key/value buffers of one layer in the working dtype."""
+# The attention of a storage over its window: (q, k, v) `[B, L, N, d]` -> `[B, Lq, N, d]`.
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-    def __init__(self, spec: LayerSpec, device: torch.device | str):
+
+class LayerKV:
+    """Dense key/value buffers of one layer in the working dtype. `attention` computes the
+    attention over the window (default SDPA; e.g. an FP8 kernel, `quant/fp8_attention.py`)."""
+
+    def __init__(self, spec: LayerSpec, device: torch.device | str, attention: Attention = sdpa):
         shape = (spec.batch, spec.layout.capacity, spec.heads, spec.head_dim)
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.attention = attention
         self.plan: WritePlan | None = None
 
     @property
@@ -229,7 +235,7 @@ class LayerKV:
             slide_left(self.v, plan.roll)
         self.k[:, plan.write_start:plan.write_end] = k_BnND
         self.v[:, plan.write_start:plan.write_end] = v_BnND
-        return sdpa(q_BnND, self.k[:, :plan.write_end], self.v[:, :plan.write_end])
+        return self.attention(q_BnND, self.k[:, :plan.write_end], self.v[:, :plan.write_end])
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from core.dit import CausalWanDiT
 
 # Measured on an H200 at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and
-# saves ~0.29 s per chunk; compiling the VAE decoder takes ~55 s and saves ~0.31 s per chunk.
+# saves ~0.29 s per chunk; compiling the VAE decoder takes ~55 s and saves ~0.31 s per chunk
+# (the per-latent decoder; docs/benchmarks/vae_decode.py measures the cell decoder).
 DIT_BREAK_EVEN_CHUNKS = 40
 VAE_BREAK_EVEN_CHUNKS = 180
 
@@ -30,20 +33,46 @@ def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT
     return model
 
 
-def compile_vae_decoder(vae) -> None:
-    """torch.compile the VAE decoder step (measured 1.30 -> 0.98 s per 720p chunk on an H200,
-    docs/BENCHMARKS.md). The feature cache and the first-step rule stay Python-side state; the
-    two step kinds (first, later) compile once each."""
-    vae.decoder.compile()
+# Compiled units of the VAE decoder: conv1 + middle, each up stage, the head. Each unit sees a
+# few input kinds (start of the video, a first-cell remainder slice, the steady slice), static.
+VAE_RECOMPILE_LIMIT = 32
+
+
+def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None) -> None:
+    """torch.compile the VAE decoder's units (fuses each norm + SiLU + causal padding into one
+    kernel, the sub-pixel interleave into the stage shortcut's add). The cell and slice loops, the
+    feature cache and the first-frame rules stay eager Python; each unit compiles once per kind of
+    slice (start of the video, steady state, and a first-cell remainder), with static shapes.
+    `backend="eager"` traces without code generation (CPU tests of the capture)."""
+    decoder = vae.decoder
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
+    compile_unit = functools.partial(torch.compile, backend=backend, mode=mode, dynamic=False)
+    # instance attributes shadow the methods; the modules keep their parameters and names
+    decoder.low_res = compile_unit(decoder.low_res)
+    decoder.head_out = compile_unit(decoder.head_out)
+    for stage in decoder.upsamples:
+        stage.compile(backend=backend, mode=mode, dynamic=False)
+
+
+def channels_last_vae_decoder(vae) -> None:
+    """Store the decoder's convolution weights channels-last (C innermost). Convolutions then
+    return channels-last activations, and the decoder's own reshapes keep that layout
+    (`core.vae.empty_like_layout`), so cuDNN needs no layout transposes around each conv."""
+    for module in vae.decoder.modules():
+        if isinstance(module, torch.nn.Conv3d | torch.nn.Conv2d):
+            layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
 
 def warm_up_vae_decoder(vae, latent_height: int, latent_width: int, frames_per_block: int) -> None:
-    """Compile both decoder step kinds ahead of a timed or latency-sensitive run."""
+    """Run (and so compile) every kind of decoder slice ahead of a timed or latency-sensitive run:
+    chunks of `frames_per_block` latents until the first cell and a later one are done."""
     param = next(vae.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(0)
-    latents = torch.randn(1, vae.config.z_dim, 2 * frames_per_block, latent_height, latent_width,
-                          generator=generator, device=param.device, dtype=param.dtype)
     decoder = vae.streaming_decoder()
+    chunks = max(2, -(-2 * decoder.plan.latents_per_cell // frames_per_block))
+    generator = torch.Generator(device=param.device).manual_seed(0)
+    latents = torch.randn(1, vae.config.z_dim, chunks * frames_per_block, latent_height, latent_width,
+                          generator=generator, device=param.device, dtype=param.dtype)
     with torch.no_grad():
-        decoder.decode(latents[:, :, :frames_per_block])
-        decoder.decode(latents[:, :, frames_per_block:])
+        for chunk in latents.split(frames_per_block, dim=2):
+            decoder.decode(chunk)

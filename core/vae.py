@@ -9,31 +9,71 @@ Inside, `patchify` turns the video into [B, 12, T, H/2, W/2] (2x2 space-to-depth
 Both halves are causal in time and run in steps, carrying a few frames of state from one step to
 the next in a `CausalCache`:
   * encode: frame 0 alone, then groups of 4 frames; each step yields one latent frame;
-  * decode: one latent frame per step; latent 0 yields 1 frame, every later latent 4 frames.
-The first step of a video follows its own rules (the temporal resample convolutions are skipped;
-the decoder's shortcut drops a frame), copied from the official model, not "fixed".
+  * decode: a "cell" of `DecodePlan.latents_per_cell` latent frames per step (the official loop
+    is the special case of one latent per step). A causal convolution over n frames with its
+    cached past prepended equals n one-frame calls, and every other layer works per frame, so a
+    cell is the same function of the latents as the official loop; inside a cell, each up stage
+    runs on frame slices sized to a memory cap. The video's first latent yields 1 frame, every
+    later one 4 frames.
+The start of a video follows its own rules (the temporal resample convolutions skip its first
+frame; the decoder's shortcut drops frames), copied from the official model, not "fixed".
 
-`WanVAE.decode` is a fresh `StreamingDecoder` fed the whole sequence, so decoding a video in
-pieces runs the same computation step for step and concatenates bit for bit to the one-shot
-result. Parameter names and shapes equal the official `Wan2.2_VAE.pth` (196 tensors).
+`WanVAE.decode` is a fresh `StreamingDecoder` fed the whole sequence. Cells sit on a fixed grid
+of latent indices and a chunk that ends inside a cell is decoded by padding that cell, so every
+chunking of a video runs the same operations on the same shapes and the pieces concatenate bit
+for bit to the one-shot result. Parameter names and shapes equal the official `Wan2.2_VAE.pth`
+(196 tensors).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.checkpoint import check_state_dict, read_state_dict
-from core.config import LATENT_MEAN, LATENT_STD, VAE_PRESETS, VAEConfig
+from core.config import LATENT_MEAN, LATENT_STD, VAE_PRESETS, VAE_TEMPORAL_STRIDE, VAEConfig
 from core.config import require as _require
 
 PATCH = 2  # patchify cell (2x2 pixels -> 12 channels)
-TEMPORAL_STRIDE = 4  # pixel frames per latent frame (two temporal down stages)
+TEMPORAL_STRIDE = VAE_TEMPORAL_STRIDE  # pixel frames per latent frame (two temporal down stages)
 
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How the decoder walks a video. Every plan computes the same function of the latents; only
+    the shapes of the operations, and so the floating-point rounding, differ between plans.
+
+    latents_per_cell: latents pushed through the decoder together, on a fixed grid of latent
+        indices [0, k), [k, 2k), ... A chunk that ends inside a cell is decoded with the cell
+        padded to k latents, and the next chunk recomputes that cell from its start: any chunking
+        then runs the same shapes and concatenates bit for bit to `WanVAE.decode`. Chunks that are
+        multiples of k waste nothing.
+    slice_bytes: memory cap; each up stage runs on frame slices whose widest activation stays within
+        it (`UpStage.frames_per_slice`). None: whole cells. 256 MiB gives 720p single-frame slices
+        above latent resolution: ~4.7 GiB of activations and feature cache in bf16 (3.1 GiB of it
+        the cache), against ~6.7 GiB for the per-latent loop (tests/test_vae.py, on `meta`).
+    subpixel_upsample: compute "nearest 2x, then 3x3 conv" as a 2x2 conv with four phases on the
+        small input (`subpixel_weight`): 2.25x fewer FLOPs in those convolutions.
+    """
+
+    latents_per_cell: int = 4
+    slice_bytes: int | None = 256 * 2**20
+    subpixel_upsample: bool = True
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.latents_per_cell, int) and self.latents_per_cell >= 1,
+                 f"latents_per_cell must be a positive integer (got {self.latents_per_cell!r})")
+        _require(self.slice_bytes is None or (isinstance(self.slice_bytes, int) and self.slice_bytes > 0),
+                 f"slice_bytes must be a positive integer or None for no cap (got {self.slice_bytes!r})")
+
+
+# The official loop, operation for operation: one latent per step, whole steps, nearest + 3x3.
+PER_LATENT_PLAN = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,23 +99,58 @@ def unpatchify(x: Tensor) -> Tensor:
 # Building blocks. All take 5-D tensors [B, C, T, H, W].
 
 
+def empty_like_layout(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised [B, C, *rest] tensor laid out like x: channels innermost when x is
+    channels-last (`core.optimize.channels_last_vae_decoder`), so that layout survives our reshapes."""
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return x.new_empty((shape[0], *shape[2:], shape[1])).movedim(-1, 1)
+    return x.new_empty(shape)
+
+
+def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...] = (1, 1, 1),
+           padding: tuple[int, ...] = (0, 0, 0)) -> Tensor:
+    """`F.conv3d`, except that eager fp32 on the CPU always runs oneDNN: PyTorch picks its reference
+    kernel when B*C*T*H <= 20480, 2.5-6x slower (measured on 2 cores), e.g. for every step of the
+    per-latent loop of the tiny VAE. oneDNN's per-frame results do not depend on T here."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling() \
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled:
+        return torch.mkldnn_convolution(x, weight, bias, padding, stride, (1, 1, 1), 1)
+    return F.conv3d(x, weight, bias, stride, padding)
+
+
 class CausalCache:
     """What the causal layers of one encoder or decoder pass carry from one step to the next.
 
-    For each temporal convolution, the last input frames it needs as past context; and whether
-    the current step is the first of the video (it follows special rules). One object per video:
-    independent streams never share state.
+    For each temporal convolution, the last input frames it needs as past context; and, for the
+    encoder, whether the current step is the first of the video (it follows special rules; the
+    decoder is told per call). One object per video: independent streams never share state.
     """
 
     def __init__(self) -> None:
         self.first_step = True
-        self._frames: dict[nn.Module, Tensor] = {}
+        self._frames: dict[nn.Module, Tensor | None] = {}
 
     def get(self, layer: nn.Module) -> Tensor | None:
         return self._frames.get(layer)
 
     def put(self, layer: nn.Module, frames: Tensor) -> None:
         self._frames[layer] = frames
+
+    def take(self, layer: nn.Module) -> Tensor | None:
+        """Take a layer's frames out, so they can be freed as soon as they are used. The slot stays
+        where it is (a stable key order keeps `torch.compile`'s guards on this dict stable)."""
+        frames = self._frames.get(layer)
+        if frames is not None:
+            self._frames[layer] = None
+        return frames
+
+    def copy(self) -> CausalCache:
+        """A cache that continues from this one's state; stepping it leaves this one as it is
+        (entries are replaced, never written in place)."""
+        other = CausalCache()
+        other.first_step = self.first_step
+        other._frames = dict(self._frames)
+        return other
 
 
 class CausalConv3d(nn.Conv3d):
@@ -92,17 +167,24 @@ class CausalConv3d(nn.Conv3d):
         self.context = kt - 1
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
+        return self.convolve(self.with_past(x, cache))
+
+    def with_past(self, x: Tensor, cache: CausalCache | None) -> Tensor:
+        """x with its `context` past frames in front; stores x's last frames as the next past."""
         if self.context == 0:
-            return super().forward(x)
-        past = cache.get(self) if cache is not None else None
-        if past is None:
-            B, C, _, H, W = x.shape
-            past = x.new_zeros(B, C, self.context, H, W)
+            return x
+        past = cache.take(self) if cache is not None else None
+        if past is None:  # zero frames, in x's layout
+            past = torch.zeros_like(x[:, :, :1]).expand(-1, -1, self.context, -1, -1)
         x = torch.cat([past, x], dim=2)
+        del past  # the old past goes before the new one is cloned
         if cache is not None:
             # clone: a view would keep the whole input alive until the next step
             cache.put(self, x[:, :, -self.context:].clone())
-        return super().forward(x)
+        return x
+
+    def convolve(self, x_with_past: Tensor) -> Tensor:
+        return conv3d(x_with_past, self.weight, self.bias, self.stride, self.padding)
 
 
 class FrameConv2d(nn.Conv2d):
@@ -110,8 +192,7 @@ class FrameConv2d(nn.Conv2d):
     frames need not be folded into the batch (which would copy the tensor twice)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, stride=(1, *self.stride),
-                        padding=(0, *self.padding))
+        return conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
 
 
 class RMSNorm(nn.Module):
@@ -124,13 +205,18 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, *(1,) * gain_dims))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * (self.scale * self.gamma.view(-1, 1, 1, 1))
+        # in place on normalize's fresh output: one activation-sized buffer fewer
+        return F.normalize(x, dim=1).mul_(self.scale * self.gamma.view(-1, 1, 1, 1))
 
 
 def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
     """Apply a Sequential, handing the cache to its causal convolutions."""
     for layer in layers:
-        x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        if isinstance(layer, CausalConv3d):
+            x = layer.with_past(x, cache)  # two steps: the unpadded input is freed before the conv runs
+            x = layer.convolve(x)
+        else:
+            x = layer(x)
     return x
 
 
@@ -141,13 +227,14 @@ class ResidualBlock(nn.Module):
         super().__init__()
         # Index 5 held a dropout (p = 0) in the official model; kept so the parameters sit at
         # the checkpoint's indices 0, 2, 3, 6.
+        # SiLU in place: it always follows a norm's fresh output (the VAE is frozen, no autograd)
         self.residual = nn.Sequential(
-            RMSNorm(in_channels), nn.SiLU(), CausalConv3d(in_channels, out_channels, 3),
-            RMSNorm(out_channels), nn.SiLU(), nn.Identity(), CausalConv3d(out_channels, out_channels, 3))
+            RMSNorm(in_channels), nn.SiLU(inplace=True), CausalConv3d(in_channels, out_channels, 3),
+            RMSNorm(out_channels), nn.SiLU(inplace=True), nn.Identity(), CausalConv3d(out_channels, out_channels, 3))
         self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        return _run(self.residual, x, cache) + self.shortcut(x)
+        return _run(self.residual, x, cache).add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -192,12 +279,27 @@ class Downsample(nn.Module):
         return self.time_conv(torch.cat([previous, x], dim=2))
 
 
+# Rows of a 3x3 kernel that land on each of the two input rows a nearest-2x upsampled pixel sees:
+# output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1 = input rows (i - 1, i, i) for
+# a = 0 and (i, i, i + 1) for a = 1. Indexed [a, input row (2), kernel row (3)]; same for columns.
+_SUBPIXEL_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def subpixel_weight(weight: Tensor) -> Tensor:
+    """3x3 kernel [O, I, 3, 3] applied after nearest 2x upsampling -> the four 2x2 kernels
+    [4 * O, I, 2, 2] (phase 2a + b: output row parity a, column parity b) that give the same
+    result on the input itself, padded by 1. Summed in fp32, returned in the weight's dtype."""
+    taps = torch.tensor(_SUBPIXEL_TAPS, device=weight.device)
+    phases = torch.einsum("ari,ocij,bsj->abocrs", taps, weight.float(), taps)
+    return phases.reshape(4 * weight.shape[0], weight.shape[1], 2, 2).to(weight.dtype)
+
+
 class Upsample(nn.Module):
     """Optionally double T (a causal conv emits two frames per frame), then double H and W
     (nearest, 3x3 conv).
 
-    Temporal rule: the first step passes its frames through and they never enter the temporal
-    conv's past, so the second step sees zero padding (pitfall 2).
+    Temporal rule: the video's first frame passes through and never enters the temporal conv's
+    past, so the frame after it sees zero padding (pitfall 2).
     """
 
     def __init__(self, channels: int, temporal: bool) -> None:
@@ -207,12 +309,39 @@ class Upsample(nn.Module):
                                       FrameConv2d(channels, channels, 3, padding=1))
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1)) if temporal else None
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
-        if self.time_conv is not None and not cache.first_step:
-            pair = self.time_conv(x, cache)  # [B, 2C, T, H, W]: frames 2t and 2t+1 side by side
-            C = x.shape[1]
-            x = torch.stack((pair[:, :C], pair[:, C:]), dim=3).flatten(2, 3)
-        return self.resample(x)
+    def forward(self, x: Tensor, cache: CausalCache, starts_video: bool, subpixel: bool = False) -> Tensor:
+        """`starts_video`: x begins with the video's first frame. `subpixel`: see `subpixel_weight`."""
+        if self.time_conv is not None:
+            x = self._double_frames(x, cache, starts_video)
+        return self._subpixel_resample(x) if subpixel else self.resample(x)
+
+    def _double_frames(self, x: Tensor, cache: CausalCache, starts_video: bool) -> Tensor:
+        first, rest = (x[:, :, :1], x[:, :, 1:]) if starts_video else (None, x)
+        if rest.shape[2] == 0:
+            return first
+        pair = self.time_conv(rest, cache)  # [B, 2C, T, H, W]: frames 2t and 2t+1 side by side
+        B, C2, T, H, W = pair.shape
+        doubled = empty_like_layout(pair, (B, C2 // 2, T, 2, H, W))
+        doubled.copy_(pair.unflatten(1, (2, C2 // 2)).permute(0, 2, 3, 1, 4, 5))
+        doubled = doubled.flatten(2, 3)
+        return doubled if first is None else torch.cat([first, doubled], dim=2)
+
+    def _subpixel_resample(self, x: Tensor) -> Tensor:
+        """nearest 2x then 3x3 conv, as one 2x2 conv with four phases (2.25x fewer FLOPs; the
+        same sums with the shared input's weights added first, so fp rounding differs)."""
+        conv = self.resample[1]
+        C = conv.out_channels
+        B, _, T, H, W = x.shape
+        weight = subpixel_weight(conv.weight).unsqueeze(2)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):  # channels-last weights: the
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)  # phase kernels too
+        phases = conv3d(x, weight, conv.bias.repeat(4), padding=(0, 1, 1))
+        out = empty_like_layout(phases, (B, C, T, H, 2, W, 2))
+        for a in range(2):
+            for b in range(2):
+                phase = 2 * a + b  # its [H + 1, W + 1] map starts a rows and b columns early
+                out[:, :, :, :, a, :, b] = phases[:, phase * C:(phase + 1) * C, :, a:a + H, b:b + W]
+        return out.view(B, C, T, 2 * H, 2 * W)
 
 
 class AvgDown3D(nn.Module):
@@ -250,10 +379,13 @@ class DupUp3D(nn.Module):
 
     def forward(self, x: Tensor, first_step: bool) -> Tensor:
         ft, fs = self.factor_t, self.factor_s
-        B, _, T, H, W = x.shape
-        x = x.repeat_interleave(self.repeats, dim=1)
-        x = x.reshape(B, self.out_channels, ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
-        x = x.reshape(B, self.out_channels, T * ft, H * fs, W * fs)
+        B, C, T, H, W = x.shape
+        # = repeat_interleave over channels, as a broadcast view: the cell unfold below is then
+        # the only copy (reshape copies on its own where a view is impossible)
+        cells = x.unsqueeze(2).expand(B, C, self.repeats, T, H, W)
+        cells = cells.reshape(B, self.out_channels, ft, fs, fs, T, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        out = empty_like_layout(x, (B, self.out_channels, T, ft, H, fs, W, fs))
+        x = out.copy_(cells).view(B, self.out_channels, T * ft, H * fs, W * fs)
         return x[:, :, ft - 1:] if first_step else x
 
 
@@ -281,6 +413,9 @@ class UpStage(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, temporal: bool, spatial: bool) -> None:
         super().__init__()
+        self.out_channels = out_channels
+        self.frames_out_per_in = 2 if temporal and spatial else 1
+        self.pixels_out_per_in = 4 if spatial else 1
         self.shortcut = DupUp3D(in_channels, out_channels, 2 if temporal else 1, 2) if spatial else None
         blocks: list[nn.Module] = [ResidualBlock(in_channels if i == 0 else out_channels, out_channels)
                                    for i in range(num_blocks)]
@@ -288,11 +423,23 @@ class UpStage(nn.Module):
             blocks.append(Upsample(out_channels, temporal))
         self.upsamples = nn.Sequential(*blocks)
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache, starts_video: bool, subpixel: bool = False) -> Tensor:
+        """`starts_video`: x begins with the video's first frame (it follows the first-step rules)."""
         out = x
         for block in self.upsamples:
-            out = block(out, cache)
-        return out if self.shortcut is None else out + self.shortcut(x, cache.first_step)
+            out = block(out, cache, starts_video, subpixel) if isinstance(block, Upsample) else block(out, cache)
+        return out if self.shortcut is None else out.add_(self.shortcut(x, starts_video))
+
+    def frames_per_slice(self, x: Tensor, slice_bytes: int | None) -> int | None:
+        """Input frames per call so that the stage's widest activation (input width at input size,
+        or output width at output size) stays within `slice_bytes`: the largest power of two that
+        does, at least 1. None: no cap."""
+        if slice_bytes is None:
+            return None
+        B, C, _, H, W = x.shape
+        widest = max(C, self.out_channels * self.frames_out_per_in * self.pixels_out_per_in)
+        frames = max(1, slice_bytes // (B * widest * H * W * x.element_size()))
+        return 1 << (frames.bit_length() - 1)
 
 
 class Encoder(nn.Module):
@@ -324,7 +471,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """One call is one step: latent features [B, z_dim, 1, h, w] -> [B, 12, 1 or 4, H/2, W/2]."""
+    """One call is one cell of k latents: latent features [B, z_dim, k, h, w] -> patchified frames
+    [B, 12, 4k, H/2, W/2] (4k - 3 when the cell starts the video)."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
@@ -338,17 +486,47 @@ class Decoder(nn.Module):
             UpStage(widths[i], widths[i + 1], config.num_res_blocks + 1,
                     temporal=i < num_stages - 1 and temporal_upsample[i], spatial=i < num_stages - 1)
             for i in range(num_stages)))
-        self.head = nn.Sequential(RMSNorm(widths[-1]), nn.SiLU(), CausalConv3d(widths[-1], 3 * PATCH * PATCH, 3))
+        self.head = nn.Sequential(RMSNorm(widths[-1]), nn.SiLU(inplace=True),
+                                  CausalConv3d(widths[-1], 3 * PATCH * PATCH, 3))
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: CausalCache, starts_video: bool, plan: DecodePlan) -> Tensor:
+        pieces: list[Tensor] = []
+        self._up_from(0, self.low_res(x, cache), cache, starts_video, plan, pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def low_res(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """conv1 and the middle blocks, at latent resolution (a unit for `torch.compile`)."""
         x = self.conv1(x, cache)
         first_block, attention, second_block = self.middle
-        x = second_block(attention(first_block(x, cache)), cache)
-        for stage in self.upsamples:
-            x = stage(x, cache)
-        x = _run(self.head, x, cache)
-        cache.first_step = False
-        return x
+        return second_block(attention(first_block(x, cache)), cache)
+
+    def head_out(self, x: Tensor, cache: CausalCache) -> Tensor:
+        """Norm, SiLU, conv to the 12 patchified pixel channels (a unit for `torch.compile`)."""
+        return _run(self.head, x, cache)
+
+    def _up_from(self, index: int, x: Tensor, cache: CausalCache, starts_video: bool, plan: DecodePlan,
+                 pieces: list[Tensor]) -> None:
+        """Run up stage `index` on frame slices of x, each slice straight on through the later
+        stages and the head (depth first, so one slice per level is alive), appending the head
+        outputs in order. Slices lie on a grid of whole later-cell slices, so every cell but the
+        first sees the same shapes (the first is missing frames at the front of its grid)."""
+        if index == len(self.upsamples):
+            pieces.append(self.head_out(x, cache))
+            return
+        stage = self.upsamples[index]
+        frames = x.shape[2]
+        # the first cell's stage-`index` input lacks 2^u - 1 leading frames of a later cell's
+        # (u temporal doublings so far), since the first latent yields 1 frame
+        missing = (1 << sum(s.frames_out_per_in == 2 for s in self.upsamples[:index])) - 1 if starts_video else 0
+        step = stage.frames_per_slice(x, plan.slice_bytes) or frames + missing  # uncapped: one slice
+        start = 0
+        while start < frames:
+            stop = min(frames, start + step - (missing % step if start == 0 else 0))
+            first = starts_video and start == 0
+            y = stage(x[:, :, start:stop], cache, first, plan.subpixel_upsample)
+            self._up_from(index + 1, y, cache, first, plan, pieces)
+            del y  # before the next slice is computed
+            start = stop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,32 +595,37 @@ class WanVAE(nn.Module):
         mu = torch.cat(means, dim=2)
         return self.normalize(mu) if normalize else mu
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, plan: DecodePlan | None = None) -> Tensor:
         """[B, z, F, h, w] normalised latents -> pixels [B, 3, 4F - 3, 16h, 16w], not clamped, in the
         weights' dtype."""
-        return self.streaming_decoder().decode(latents)
+        return self.streaming_decoder(plan).decode(latents)
 
-    def streaming_decoder(self) -> StreamingDecoder:
+    def streaming_decoder(self, plan: DecodePlan | None = None) -> StreamingDecoder:
         """A decoder for one video fed in consecutive latent chunks (owns its cache)."""
-        return StreamingDecoder(self)
+        return StreamingDecoder(self, plan)
 
-    def decode_step(self, latent: Tensor, cache: CausalCache) -> Tensor:
-        """One un-normalised latent frame [B, z, 1, h, w] -> patchified pixels [B, 12, 1 or 4, ...]."""
-        return self.decoder(self.conv2(latent), cache)
+    def decode_cell(self, latents: Tensor, cache: CausalCache, starts_video: bool, plan: DecodePlan) -> Tensor:
+        """One cell of un-normalised latents [B, z, k, h, w] -> patchified pixels [B, 12, 4k, ...]
+        (4k - 3 when `starts_video`)."""
+        return self.decoder(self.conv2(latents), cache, starts_video, plan)
 
 
 class StreamingDecoder:
     """Decodes one video's latents chunk by chunk; the pieces concatenate bit for bit to
-    `WanVAE.decode` of the whole sequence. The first chunk of n latents gives 1 + 4(n - 1)
-    frames, every later one 4n. `reset()` starts a new video."""
+    `WanVAE.decode` of the whole sequence (same plan). The first chunk of n latents gives
+    1 + 4(n - 1) frames, every later one 4n. `reset()` starts a new video."""
 
-    def __init__(self, vae: WanVAE) -> None:
+    def __init__(self, vae: WanVAE, plan: DecodePlan | None = None) -> None:
         self.vae = vae
+        self.plan = plan or DecodePlan()
         self.reset()
 
     def reset(self) -> None:
-        self.cache = CausalCache()
+        self.cache = CausalCache()  # the state at the start of the open cell
         self._chunk_shape: tuple[int, int, int] | None = None  # (B, h, w) of this video
+        self._cells_done = 0
+        self._open_cell: Tensor | None = None  # latents of a cell that a chunk ended inside
+        self._open_frames = 0  # frames of that cell already returned
 
     def decode(self, latents: Tensor) -> Tensor:
         """[B, z, n, h, w] (n >= 1, the next latents of the video) -> [B, 3, frames, 16h, 16w]."""
@@ -457,8 +640,29 @@ class StreamingDecoder:
                  f"{self._chunk_shape[0]} and size {self._chunk_shape[1]}x{self._chunk_shape[2]}: "
                  f"call reset() (or use a new streaming_decoder()) for a new video")
         x = self.vae.denormalize(latents).to(self.vae.dtype)
-        frames = [self.vae.decode_step(x[:, :, i:i + 1], self.cache) for i in range(n)]
-        return unpatchify(frames[0] if n == 1 else torch.cat(frames, dim=2))
+        if self._open_cell is not None:
+            x = torch.cat([self._open_cell, x], dim=2)
+        k = self.plan.latents_per_cell
+        pieces = [self._decode_cell(x[:, :, start:start + k]) for start in range(0, x.shape[2], k)]
+        return unpatchify(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2))
+
+    def _decode_cell(self, cell: Tensor) -> Tensor:
+        """Decode one cell on the grid (padded if the chunk ends inside it); return its frames
+        not returned before. The cache moves on only past complete cells."""
+        k, n = self.plan.latents_per_cell, cell.shape[2]
+        starts_video = self._cells_done == 0
+        if n == k:
+            frames = self.vae.decode_cell(cell, self.cache, starts_video, self.plan)
+        else:  # the padding's values only reach frames after the real ones (causal), cut below
+            padded = F.pad(cell, (0, 0, 0, 0, 0, k - n))
+            frames = self.vae.decode_cell(padded, self.cache.copy(), starts_video, self.plan)
+        real = TEMPORAL_STRIDE * n - (TEMPORAL_STRIDE - 1 if starts_video else 0)
+        new = frames[:, :, self._open_frames:real]
+        if n == k:
+            self._cells_done, self._open_cell, self._open_frames = self._cells_done + 1, None, 0
+        else:
+            self._open_cell, self._open_frames = cell.contiguous(), real
+        return new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +707,6 @@ def random_vae(config: VAEConfig, seed: int = 0, device: str | torch.device = "c
 
 
 __all__ = [
-    "LATENT_MEAN", "LATENT_STD", "VAE_PRESETS", "CausalCache", "StreamingDecoder", "VAEConfig", "WanVAE",
-    "load_vae", "patchify", "random_vae", "unpatchify",
+    "LATENT_MEAN", "LATENT_STD", "PER_LATENT_PLAN", "VAE_PRESETS", "CausalCache", "DecodePlan", "StreamingDecoder",
+    "VAEConfig", "WanVAE", "load_vae", "patchify", "random_vae", "subpixel_weight", "unpatchify",
 ]

@@ -42,6 +42,7 @@ def interrupted(kept: str) -> Iterator[None]:
 from longlive_cli import bench as _bench  # noqa: E402,F401
 from longlive_cli import convert as _convert  # noqa: E402,F401
 from longlive_cli import download as _download  # noqa: E402,F401
+from longlive_cli import eval as _eval  # noqa: E402,F401
 from longlive_cli import generate as _generate  # noqa: E402,F401
 from longlive_cli import train as _train  # noqa: E402,F401
 

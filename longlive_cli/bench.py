@@ -54,7 +54,8 @@ def bench(
     lora: Annotated[str | None, typer.Option(help="LoRA file to merge (official layout).")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
-    attention: Annotated[str | None, typer.Option(help="SDPA kernel: auto, cudnn, flash, efficient, math.")] = None,
+    attention: Annotated[str | None, typer.Option(
+        help="SDPA kernel: auto, cudnn, flash, efficient, math; fp8 = FA3 FP8 self-attention.")] = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(

@@ -12,6 +12,7 @@ rules and the Blackwell gate of `--quant-mode native` are checked once, here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +55,13 @@ class DiTSpec:
     seed: int = 0
     use_ema: bool = False
     compile: bool = False  # torch.compile the blocks (core/optimize.py)
+    fp8_attention: bool = False  # the KV window attended by FA3's FP8 kernel (`runtime.attention: fp8`)
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, device: torch.device, dtype: torch.dtype, *,
                     checkpoint: Path | None = None, lora: Path | None = None, compile: bool = False) -> DiTSpec:
         return cls(recipe.model, device, dtype, checkpoint=checkpoint, lora=lora, quant=recipe.quant,
-                   seed=recipe.runtime.seed, compile=compile)
+                   seed=recipe.runtime.seed, compile=compile, fp8_attention=recipe.runtime.attention == "fp8")
 
 
 def is_packed(path: Path | None) -> bool:
@@ -94,6 +96,8 @@ def check_dit_spec(spec: DiTSpec) -> None:
         from quant.fp8 import check_fp8_supported
 
         check_fp8_supported(spec.device)
+    if spec.fp8_attention:
+        _fp8_attention(spec.device)  # loads the kernel package: a one-line error if it is missing
 
 
 def build_dit(spec: DiTSpec) -> BuiltDiT:
@@ -117,7 +121,8 @@ def build_dit(spec: DiTSpec) -> BuiltDiT:
         from core.optimize import compile_blocks
 
         compile_blocks(model)
-    return BuiltDiT(model.eval(), _kv_storage(spec.quant), spec.quant.label, parameters, spec.compile)
+    label = ", ".join(filter(None, (spec.quant.label, "attention fp8" if spec.fp8_attention else "")))
+    return BuiltDiT(model.eval(), _kv_storage(spec), label, parameters, spec.compile)
 
 
 def _load(model: CausalWanDiT, spec: DiTSpec) -> CausalWanDiT:
@@ -169,12 +174,29 @@ def _block_quantizer(spec: DiTSpec) -> Callable[[CausalWanDiT, str], None] | Non
     return lambda model, prefix: quantize_model(model, nvfp4, filter=lambda name, _: name.startswith(prefix))
 
 
-def _kv_storage(quant: QuantSettings) -> StorageFactory | None:
-    if quant.kv_precision == KVPrecision.bf16:
-        return None
-    from quant.kv import nvfp4_storage
+def _kv_storage(spec: DiTSpec) -> StorageFactory | None:
+    """The KV cache format: dense or NVFP4 slots, attended by SDPA or the FP8 kernel."""
+    attention = {"attention": _fp8_attention(spec.device)} if spec.fp8_attention else {}
+    if spec.quant.kv_precision == KVPrecision.nvfp4:
+        from quant.kv import nvfp4_storage
 
-    return nvfp4_storage(quant.kv_rule)  # one dequantized window shared by every cache
+        return nvfp4_storage(spec.quant.kv_rule, **attention)  # one dequantized window for every cache
+    if attention:
+        from core.kv_cache import LayerKV
+
+        return functools.partial(LayerKV, **attention)
+    return None
+
+
+def _fp8_attention(device: torch.device):
+    """FlashAttention-3's FP8 forward (per-head scales); a one-line UserError off CUDA or when the
+    fa3-fwd package is missing."""
+    if device.type != "cuda":
+        raise UserError("--attention fp8 runs FlashAttention-3's FP8 kernel on a Hopper GPU: use --device cuda, "
+                        "or another --attention on a CPU")
+    from quant.fp8_attention import fp8_attention
+
+    return fp8_attention("fa3")
 
 
 # ----------------------------------------------------------------------------------------------

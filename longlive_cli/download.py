@@ -33,8 +33,18 @@ def download(
     endpoint: Annotated[str | None, typer.Option(
         help="Hub endpoint or mirror (default: HF_ENDPOINT or huggingface.co).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and sizes only.")] = False,
+    eval_: Annotated[bool, typer.Option("--eval", help="Instead: the VBench environment (pip) and VBench's "
+                                        "weights for `eval-vbench` (see docs/eval.md).")] = False,
+    cache_dir: Annotated[str | None, typer.Option(help="With --eval: VBench's cache (VBENCH_CACHE_DIR).")] = None,
+    dimensions: Annotated[str | None, typer.Option(help="With --eval: only these dimensions' weights.")] = None,
+    env_only: Annotated[bool, typer.Option("--env-only", help="With --eval: the environment only.")] = False,
+    env_dir: Annotated[str | None, typer.Option(help="With --eval: where the VBench environment goes.")] = None,
 ) -> None:
     """Download the 5B model files (resumable, by allow-list), showing sizes first."""
+    if eval_:
+        from longlive_cli.eval import download_eval
+
+        return download_eval(cache_dir, dimensions, env_only, env_dir, dry_run)
     from core.checkpoint import check_writable_folder
     from core.hub import REPOS, plan_download, present_bytes, resolve_model_dir
     from core.hub import download as fetch

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from core.attention import sdpa
 from core.config import ModelConfig, StreamConfig
-from core.kv_cache import CacheLayout, KVCache, LayerSpec, Roll, StorageFactory, slide_left
+from core.kv_cache import Attention, CacheLayout, KVCache, LayerSpec, Roll, StorageFactory, slide_left
 from quant.kernels import quantize_triton
 from quant.nvfp4 import (
     NVFP4Tensor,
@@ -199,7 +199,7 @@ class NVFP4LayerKV:
     `update_and_attend`, `nbytes`)."""
 
     def __init__(self, spec: LayerSpec, device, *, rule: str = "mse", center_keys: bool = True,
-                 window: WindowBuffer | None = None):
+                 window: WindowBuffer | None = None, attention: Attention = sdpa):
         self.rule = check_rule(rule)
         self.center_keys = center_keys
         per_frame = spec.layout.tokens_per_frame
@@ -208,6 +208,7 @@ class NVFP4LayerKV:
         self.keys = FrameSlots(*self.shape, per_frame, rule, center_keys, device)
         self.values = FrameSlots(*self.shape, per_frame, rule, False, device)
         self.window = window if window is not None else WindowBuffer()
+        self.attention = attention
         self.plan = None
 
     @property
@@ -232,18 +233,19 @@ class NVFP4LayerKV:
         self.values.dequantize_into(window_v, plan.write_start)
         window_k[:, plan.write_start:plan.write_end] = k_BnND
         window_v[:, plan.write_start:plan.write_end] = v_BnND
-        return sdpa(q_BnND, window_k[:, :plan.write_end], window_v[:, :plan.write_end])
+        return self.attention(q_BnND, window_k[:, :plan.write_end], window_v[:, :plan.write_end])
 
 
 def nvfp4_storage(rule: str = "mse", window: WindowBuffer | None = None, *,
-                  center_keys: bool = True) -> StorageFactory:
+                  center_keys: bool = True, attention: Attention = sdpa) -> StorageFactory:
     """A `KVCache` storage factory: every layer NVFP4 (`NVFP4LayerKV`), all sharing one
-    dequantized `window` (pass the same one to the caches of both guidance branches)."""
+    dequantized `window` (pass the same one to the caches of both guidance branches), attending
+    with `attention` (default SDPA)."""
     check_rule(rule)
     window = window if window is not None else WindowBuffer()
 
     def make(spec: LayerSpec, device) -> NVFP4LayerKV:
-        return NVFP4LayerKV(spec, device, rule=rule, center_keys=center_keys, window=window)
+        return NVFP4LayerKV(spec, device, rule=rule, center_keys=center_keys, window=window, attention=attention)
 
     return make
 

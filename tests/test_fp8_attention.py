@@ -226,3 +226,52 @@ def test_fa3_adapter_passes_per_head_descales():
     out = FA3FP8Attention(SimpleNamespace(flash_attn_func=flash_attn_func))(q, k, v)
     expected = exact_attention(*(quantize_qkv(t, "head").dequantize() for t in (q, k, v))).to(torch.bfloat16)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 3, 32), (2, 40, 4, 16)])
+def test_quantize_heads_is_the_head_scaling_bit_for_bit(shape):
+    from quant.fp8_attention import quantize_heads
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3
+    x[:, :, 0] = 0  # an all-zero head never divides by zero
+    codes, scales = quantize_heads(x.to(torch.bfloat16))
+    reference = quantize_qkv(x.to(torch.bfloat16), "head")
+    assert torch.equal(codes.view(torch.uint8), reference.codes.view(torch.uint8))
+    assert torch.equal(scales, reference.scales[..., 0])
+
+
+@pytest.mark.parametrize("kv", ["dense", "nvfp4"])
+def test_kv_storage_attends_through_the_given_attention(kv):
+    """The hook `--attention fp8` uses: every self-attention over the KV window goes through the
+    storage's `attention` (here SDPA behind a counter), and nothing else changes."""
+    from functools import partial
+
+    from core.attention import sdpa
+    from core.kv_cache import LayerKV
+
+    calls = []
+
+    def counted(q, k, v):
+        calls.append(k.shape[1])
+        return sdpa(q, k, v)
+
+    noise, contexts = inputs(frames=8, seed=0)
+    stream = StreamConfig(**SMALL_STREAM)
+    plain = generate_latents(tiny_model(0), noise, contexts, stream,
+                             kv_storage=None if kv == "dense" else nvfp4_storage("mse"))
+    storage = partial(LayerKV, attention=counted) if kv == "dense" else nvfp4_storage("mse", attention=counted)
+    hooked = generate_latents(tiny_model(0), noise, contexts, stream, kv_storage=storage)
+    assert torch.equal(hooked, plain)
+    forwards = (8 // stream.frames_per_block) * (stream.sampling_steps + 1)
+    assert len(calls) == forwards * tiny_model(0).config.num_layers
+
+
+def test_fp8_attention_needs_a_gpu(tmp_path, capsys):
+    from longlive_cli.app import main
+
+    args = ["generate", "x", "--preset", "tiny", "--device", "cpu", "--frames", "8", "--height", "64",
+            "--width", "64", "--set", "runtime.attention=fp8", "-o", str(tmp_path / "x.mp4")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--attention fp8 runs FlashAttention-3's FP8 kernel" in err
+    assert not (tmp_path / "x.mp4").exists()

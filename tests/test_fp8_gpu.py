@@ -83,13 +83,17 @@ def test_emulated_and_tensor_core_layers_agree():
 
 
 @needs_fp8
-def test_compiled_blocks_equal_eager():
-    # Inductor fuses the per-token quantization into the LayerNorm / GELU kernels; its fp32 division
-    # may move a code by one step in rare elements, so the comparison is an SQNR floor.
+def test_compiled_blocks_are_as_accurate_as_eager():
+    # Inductor fuses the per-token quantization into the LayerNorm / GELU kernels. Its bf16 rounding
+    # of the fused producers differs from eager's, which moves some codes by one step, so compiled
+    # and eager FP8 differ at the FP8 noise level; what must hold is that compiling costs no
+    # accuracy against the fp32 model.
+    reference = dit_forward_cuda(tiny_model().cuda())
     model = quantize_fp8(tiny_model().cuda().to(torch.bfloat16), FP8Config())
     eager = dit_forward_cuda(model)
     compiled = dit_forward_cuda(compile_blocks(model))
-    assert torch.isfinite(compiled).all() and sqnr_db(eager, compiled) >= 40.0
+    eager_db, compiled_db = sqnr_db(reference, eager), sqnr_db(reference, compiled)
+    assert torch.isfinite(compiled).all() and compiled_db >= eager_db - 1.0, (eager_db, compiled_db)
 
 
 def dit_forward_cuda(model):

@@ -4,21 +4,27 @@ streaming decode == one-shot decode bit for bit, encode causality, loading."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.errors import UserError
+from core.optimize import channels_last_vae_decoder, compile_vae_decoder
 from core.vae import (
     LATENT_MEAN,
     LATENT_STD,
+    PER_LATENT_PLAN,
     AttentionBlock,
     AvgDown3D,
     CausalCache,
     CausalConv3d,
+    DecodePlan,
     Downsample,
     DupUp3D,
     RMSNorm,
@@ -28,10 +34,12 @@ from core.vae import (
     load_vae,
     patchify,
     random_vae,
+    subpixel_weight,
     unpatchify,
 )
 
 TINY = VAEConfig.preset("tiny")
+MID = VAEConfig(base_dim=16, decoder_base_dim=64)  # decoder widths 256, 256, 256, 128, 64
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
@@ -312,9 +320,8 @@ def test_upsample_first_step_skips_the_temporal_conv() -> None:
     x0, x1, x2 = (randn(1, 4, 1, 3, 5, seed=s) for s in (16, 17, 18))
     zero = torch.zeros_like(x0)
     cache = CausalCache()
-    y0 = up(x0, cache)
-    cache.first_step = False
-    y1, y2 = up(x1, cache), up(x2, cache)
+    y0 = up(x0, cache, starts_video=True)
+    y1, y2 = up(x1, cache, starts_video=False), up(x2, cache, starts_video=False)
     torch.testing.assert_close(y0, spatial(x0), rtol=1e-5, atol=1e-5)
     # step 2 sees zero padding, not x0; step 3 sees x1 (x0 never enters the temporal conv)
     torch.testing.assert_close(y1, spatial(doubled(torch.cat([zero, zero, x1], 2))), rtol=1e-5, atol=1e-5)
@@ -371,6 +378,290 @@ def test_decode_in_bfloat16(latents: torch.Tensor, full_pixels: torch.Tensor) ->
     pixels = vae_bf16.decode(latents[:1, :, :2])  # fp32 latents into a bf16 model
     assert pixels.dtype == torch.bfloat16 and vae_bf16.latent_mean.dtype == torch.float32
     torch.testing.assert_close(pixels.float(), full_pixels[:1, :, :5], rtol=0, atol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cell decoder against the official per-latent loop (reference-systems.md §1.3, §1.6).
+
+
+class ReferenceDecoder:
+    """The official streaming loop, slow and spelled out from the module's parameters: one latent
+    per step; each causal conv keeps the last frames of its input in a slot of a cache list (the
+    slot index restarts every step); the first step skips the temporal upsample convs (which then
+    see zero padding at the second step) and the shortcuts drop their first frames. The same
+    primitives as the model (F.conv3d with the same arguments), so the per-latent plan must equal
+    it bit for bit when both take PyTorch's default CPU conv kernels."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae, self.slots, self.first = vae, [], True
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = self.vae.denormalize(latents).to(self.vae.dtype)
+        frames = [self.step(x[:, :, i:i + 1]) for i in range(x.shape[2])]
+        return unpatchify(torch.cat(frames, dim=2))
+
+    def step(self, latent: torch.Tensor) -> torch.Tensor:
+        self.slot = 0
+        dec = self.vae.decoder
+        x = self.causal(F.conv3d(latent, self.vae.conv2.weight, self.vae.conv2.bias), dec.conv1)
+        x = self.residual(self.attention(self.residual(x, dec.middle[0]), dec.middle[1]), dec.middle[2])
+        for stage in dec.upsamples:
+            stage_input = x
+            for block in stage.upsamples:
+                x = self.upsample(x, block) if isinstance(block, Upsample) else self.residual(x, block)
+            if stage.shortcut is not None:
+                x = x + self.dup_up(stage_input, stage.shortcut)
+        x = self.causal(F.silu(self.rms(x, dec.head[0])), dec.head[2])
+        self.first = False
+        return x
+
+    def causal(self, x: torch.Tensor, conv: nn.Conv3d, zero_past: bool = False) -> torch.Tensor:
+        kt, kh, kw = conv.weight.shape[2:]
+        if self.slot == len(self.slots):
+            self.slots.append(None)
+        past = self.slots[self.slot]
+        if past is None or zero_past:
+            past = torch.zeros_like(x[:, :, :1]).repeat(1, 1, kt - 1, 1, 1)
+        window = torch.cat([past, x], dim=2)
+        self.slots[self.slot] = window[:, :, -(kt - 1):]
+        self.slot += 1
+        return F.conv3d(window, conv.weight, conv.bias, padding=(0, kh // 2, kw // 2))
+
+    @staticmethod
+    def rms(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        return F.normalize(x, dim=1) * (math.sqrt(x.shape[1]) * norm.gamma.view(-1, 1, 1, 1))
+
+    def residual(self, x: torch.Tensor, block: nn.Module) -> torch.Tensor:
+        norm1, _, conv1, norm2, _, _, conv2 = block.residual
+        h = self.causal(F.silu(self.rms(x, norm1)), conv1)
+        h = self.causal(F.silu(self.rms(h, norm2)), conv2)
+        shortcut = x if isinstance(block.shortcut, nn.Identity) else F.conv3d(x, block.shortcut.weight,
+                                                                              block.shortcut.bias)
+        return h + shortcut
+
+    def attention(self, x: torch.Tensor, block: AttentionBlock) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        qkv = F.conv3d(self.rms(x, block.norm), block.to_qkv.weight.unsqueeze(2), block.to_qkv.bias)
+        q, k, v = qkv.permute(0, 2, 3, 4, 1).reshape(B * T, 1, H * W, 3 * C).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v).reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+        return x + F.conv3d(out, block.proj.weight.unsqueeze(2), block.proj.bias)
+
+    def upsample(self, x: torch.Tensor, up: Upsample) -> torch.Tensor:
+        if up.time_conv is not None:
+            if self.first:  # skipped; its slot stays empty, so the next step pads with zeros
+                if self.slot == len(self.slots):
+                    self.slots.append(None)
+                self.slot += 1
+            else:
+                pair = self.causal(x, up.time_conv)
+                B, C2, T, H, W = pair.shape
+                x = torch.stack([pair[:, :C2 // 2], pair[:, C2 // 2:]], dim=3).reshape(B, C2 // 2, 2 * T, H, W)
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact")
+        conv = up.resample[1]
+        return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
+
+    def dup_up(self, x: torch.Tensor, dup: DupUp3D) -> torch.Tensor:
+        ft, fs = dup.factor_t, dup.factor_s
+        B, _, T, H, W = x.shape
+        x = x.repeat_interleave(dup.repeats, dim=1).reshape(B, dup.out_channels, ft, fs, fs, T, H, W)
+        x = x.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, dup.out_channels, T * ft, H * fs, W * fs)
+        return x[:, :, ft - 1:] if self.first else x
+
+
+def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Equal up to fp32 rounding: max |difference| within `rel` of the largest value."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    error, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    assert error <= rel * scale, f"max |diff| {error:.3g} > {rel} x max |value| {scale:.3g}"
+
+
+# Up stages 1-3 of the tiny VAE at 2 x 3 latents have 98304 B per input frame: 2-frame slices.
+SLICED = DecodePlan(slice_bytes=2 * 98304)
+
+
+def test_per_latent_plan_is_the_official_loop_bit_for_bit(vae: WanVAE, latents: torch.Tensor) -> None:
+    # PyTorch's default CPU conv kernels on both sides (our oneDNN routing is a kernel choice)
+    with torch.backends.mkldnn.flags(enabled=False):
+        expected = ReferenceDecoder(vae).decode(latents[:, :, :5])
+        assert torch.equal(vae.decode(latents[:, :, :5], PER_LATENT_PLAN), expected)
+
+
+@pytest.fixture(scope="module")
+def mid_vae() -> WanVAE:
+    return random_vae(MID, seed=3)
+
+
+@pytest.mark.parametrize("config, plan", [
+    ("tiny", DecodePlan()), ("tiny", SLICED), ("tiny", DecodePlan(latents_per_cell=3, subpixel_upsample=False)),
+    ("mid", DecodePlan()),
+], ids=["tiny-default", "tiny-sliced", "tiny-cells_of_3", "mid-default"])
+def test_cell_decoder_equals_the_official_loop(vae: WanVAE, mid_vae: WanVAE, config: str, plan: DecodePlan) -> None:
+    model = vae if config == "tiny" else mid_vae
+    latents = randn(1, 48, 7, 2, 3, seed=30) if config == "tiny" else randn(1, 48, 6, 3, 4, seed=31)
+    expected = ReferenceDecoder(model).decode(latents)
+    assert_fp32_close(model.decode(latents, plan), expected)
+
+
+@pytest.mark.parametrize("plan, split", [
+    (DecodePlan(), [1] * 8), (SLICED, [1, 3, 4]), (SLICED, [5, 3]), (DecodePlan(latents_per_cell=3), [2, 2, 4]),
+], ids=["default-ones", "sliced-1_3_4", "sliced-5_3", "cells_of_3-2_2_4"])
+def test_any_chunking_concatenates_bit_for_bit(vae: WanVAE, plan: DecodePlan, split: list[int]) -> None:
+    """Chunks ending inside cells (padded, then recomputed) give the same bits as one call."""
+    latents = randn(1, 48, 8, 2, 3, seed=32)
+    full = vae.decode(latents, plan)
+    decoder = vae.streaming_decoder(plan)
+    pieces = [decoder.decode(chunk) for chunk in latents.split(split, dim=2)]
+    assert [p.shape[2] for p in pieces] == [4 * split[0] - 3] + [4 * n for n in split[1:]]
+    assert torch.equal(torch.cat(pieces, dim=2), full)
+
+
+def test_slicing_caps_the_frames_per_call_and_changes_only_rounding(mid_vae: WanVAE) -> None:
+    latents = randn(1, 48, 8, 3, 4, seed=33)
+    seen: list[tuple[int, int]] = []
+    hooks = [stage.register_forward_pre_hook(lambda m, args, i=i: seen.append((i, args[0].shape[2])))
+             for i, stage in enumerate(mid_vae.decoder.upsamples)]
+    try:
+        whole = mid_vae.decode(latents, DecodePlan(slice_bytes=None))
+        assert sorted(set(seen)) == [(0, 4), (1, 7), (1, 8), (2, 13), (2, 16), (3, 13), (3, 16)]
+        seen.clear()
+        # the widest tensor per input frame of stages 1-3 is 393216 B here: 2 frames per slice
+        sliced = mid_vae.decode(latents, DecodePlan(slice_bytes=800_000))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert max(frames for stage, frames in seen if stage == 3) == 2
+    assert sum(frames for stage, frames in seen if stage == 3) == 29
+    assert_fp32_close(sliced, whole)
+
+
+def test_slices_sit_on_the_later_cells_grid(vae: WanVAE) -> None:
+    """The first cell's slices end where a later cell's slices would: its first slice is short
+    by the frames the video's first latent does not have, every other slice is full."""
+    sizes: dict[int, list[int]] = {0: [], 1: [], 2: [], 3: []}
+    hooks = [stage.register_forward_pre_hook(lambda m, args, i=i: sizes[i].append(args[0].shape[2]))
+             for i, stage in enumerate(vae.decoder.upsamples)]
+    try:  # the widest tensor per input frame of stages 1-3 here is 98304 B: 4 frames per slice
+        vae.decode(randn(1, 48, 8, 2, 3, seed=34), DecodePlan(slice_bytes=4 * 98304))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sizes[0] == [4, 4]  # whole cells at latent resolution
+    assert sizes[1] == [3, 4, 4, 4]  # 7 frames (a later cell's 8 less 1), then 8, 4 per slice
+    assert sizes[2] == sizes[3] == [1, 4, 4, 4] + [4] * 4  # 13 frames (16 less 3), then 16
+
+
+@pytest.mark.parametrize("temporal", [True, False])
+def test_subpixel_upsample_equals_nearest_then_conv(temporal: bool) -> None:
+    up = randomize_(Upsample(6, temporal=temporal), seed=35)
+    x = randn(2, 6, 3, 5, 7, seed=36)
+    expected = up(x, CausalCache(), starts_video=True)
+    assert_fp32_close(up(x, CausalCache(), starts_video=True, subpixel=True), expected, rel=1e-6)
+    weight = up.resample[1].weight  # phase (a, b) kernel entry (r, s) sums the 3x3 taps it covers
+    phases = subpixel_weight(weight).view(2, 2, 6, 6, 2, 2)
+    torch.testing.assert_close(phases[0, 0, :, :, 0, 0], weight[:, :, 0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(phases[0, 1, :, :, 1, 0], weight[:, :, 1:, :2].sum((-1, -2)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(phases[1, 1, :, :, 0, 1], weight[:, :, :2, 2].sum(-1), rtol=0, atol=1e-6)
+
+
+def test_upsample_on_a_slice_equals_frame_steps() -> None:
+    """The first-frame rule inside a multi-frame slice: frame 0 passes, frame 1 sees zeros."""
+    up = randomize_(Upsample(4, temporal=True), seed=37)
+    x = randn(1, 4, 4, 3, 5, seed=38)
+    stepped, cache = [], CausalCache()
+    for t in range(4):
+        stepped.append(up(x[:, :, t:t + 1], cache, starts_video=t == 0))
+    assert_fp32_close(up(x, CausalCache(), starts_video=True), torch.cat(stepped, dim=2), rel=1e-6)
+
+
+def test_decode_plan_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="latents_per_cell must be a positive integer"):
+        DecodePlan(latents_per_cell=0)
+    with pytest.raises(ValueError, match="slice_bytes must be a positive integer or None"):
+        DecodePlan(slice_bytes=0)
+
+
+def test_cell_decoder_in_bfloat16(latents: torch.Tensor) -> None:
+    vae_bf16 = random_vae(TINY, seed=0, dtype=torch.bfloat16)
+    new, old = vae_bf16.decode(latents[:1, :, :6]), vae_bf16.decode(latents[:1, :, :6], PER_LATENT_PLAN)
+    assert new.dtype == torch.bfloat16
+    torch.testing.assert_close(new.float(), old.float(), rtol=0, atol=0.05)
+
+
+def test_channels_last_decoder_keeps_its_layout_and_values() -> None:
+    model = random_vae(TINY, seed=4)
+    latents = randn(1, 48, 5, 2, 3, seed=39)
+    expected = model.decode(latents)
+    channels_last_vae_decoder(model)
+    layouts = []
+    hook = model.decoder.upsamples[3].register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    try:
+        actual = model.decode(latents)
+    finally:
+        hook.remove()
+    assert layouts and all(layouts)  # every up stage output stayed channels-last
+    assert_fp32_close(actual, expected)
+
+
+def test_compiled_decoder_captures_each_unit_once_per_kind() -> None:
+    """The GPU path's torch.compile, traced on the CPU without code generation: no graph breaks,
+    two graphs per unit (start of the video, steady state), the same bits as eager."""
+    from torch._dynamo.utils import counters
+
+    model = random_vae(TINY, seed=5)
+    latents = randn(1, 48, 4, 2, 3, seed=40)
+    plan = DecodePlan(latents_per_cell=2, slice_bytes=None)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.backends.mkldnn.flags(enabled=False):  # the same CPU conv kernels traced and eager
+        expected = model.decode(latents, plan)
+        compile_vae_decoder(model, backend="eager")
+        decoder = model.streaming_decoder(plan)
+        pieces = [decoder.decode(chunk) for chunk in latents.split([1, 3], dim=2)]
+    assert torch.equal(torch.cat(pieces, dim=2), expected)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2 * 6  # low_res, 4 stages, head
+    torch._dynamo.reset()
+
+
+def test_meta_decode_at_720p_stays_within_its_memory_budget() -> None:
+    """The memory cap at the real size, without a GPU: decode 720p bf16 latents on `meta` and
+    track the bytes of live tensors (activations and the feature cache; the weights are extra)."""
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig.preset("wan2.2")).to(torch.bfloat16).requires_grad_(False)
+    latents = torch.empty(1, 48, 8, 44, 80, device="meta", dtype=torch.bfloat16)
+    peaks = {}
+    for name, plan in (("capped", DecodePlan()), ("per_latent", PER_LATENT_PLAN)):
+        with torch.no_grad(), LiveBytes() as tracker:
+            model.decode(latents, plan)
+        peaks[name] = tracker.peak / 2**30
+    # 3.1 GiB of it is the feature cache (2 frames per causal conv), needed by every plan
+    assert peaks["capped"] < 5.0 and peaks["capped"] < peaks["per_latent"] - 1.5, peaks
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages alive at once while the mode is on, counted as operations
+    create them (a storage leaves the count when it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage._cdata not in self._sizes:
+                    self._sizes[storage._cdata] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, storage._cdata)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key)
 
 
 # ----------------------------------------------------------------------------------------------

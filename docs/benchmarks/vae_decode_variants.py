@@ -1,5 +1,7 @@
 """VAE streaming-decode speed at 720p on one GPU: s per 8-latent (32-frame) chunk, for a few
-execution variants of the same module. Run from the repo root:
+execution variants of the per-latent decoder (`PER_LATENT_PLAN`, the official loop; the figures
+of docs/BENCHMARKS.md of 2026-11-21). The cell decoder and its variants: vae_decode.py. Run from
+the repo root:
     python docs/benchmarks/vae_decode_variants.py [variant ...]
 Random bf16 weights (timings do not depend on values); CUDA events, 1 warm-up chunk, median."""
 
@@ -8,7 +10,7 @@ import sys
 
 import torch
 
-from core.vae import VAEConfig, random_vae
+from core.vae import PER_LATENT_PLAN, VAEConfig, random_vae
 
 
 def channels_last(vae):
@@ -27,7 +29,7 @@ def time_variant(name: str, chunks: int = 4) -> None:
         vae.decoder.compile()
     g = torch.Generator(device="cuda").manual_seed(0)
     latents = torch.randn(1, 48, 8 * (chunks + 1), 44, 80, generator=g, device="cuda", dtype=torch.bfloat16)
-    decoder = vae.streaming_decoder()
+    decoder = vae.streaming_decoder(PER_LATENT_PLAN)
     times = []
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Evaluation: VBench / VBench-Long scoring and the offline shapes-world probe."""
