@@ -38,7 +38,13 @@ EXAMPLES: dict[str, list[str]] = {
         "longlive download --dry-run                      # list the files and sizes",
         "longlive download                                # ~24 GB into ~/.cache/longlive/models",
         "longlive download --what generator --local-dir /models",
-        "longlive download --endpoint https://hf-mirror.com",
+        "longlive download --eval                         # VBench environment + weights (eval-vbench)",
+    ],
+    "eval-vbench": [
+        "longlive eval-vbench videos/ --out results/bf16.json --scene-split    # score mp4s",
+        "longlive eval-vbench --suite vbench --mode standard --out results/nvfp4.json --precision nvfp4",
+        "longlive eval-vbench --prompt-file prompts.txt --samples 3 --seconds 60 --out results/long.json",
+        "longlive eval-vbench --compare results/bf16.json results/nvfp4.json",
     ],
     "train-ar": [
         "longlive train-ar train_ar_tiny --logdir runs/tiny                 # CPU, generated data",

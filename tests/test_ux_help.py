@@ -50,12 +50,14 @@ def test_every_subcommand_has_examples_and_plain_flags(docs, name):
     ("multishot", {"--preset": "wan2.2-ti2v-5b", "--steps": "4", "--seed": "0"}),
     ("bench", {"--preset": "wan2.2-ti2v-5b", "--steps": "4", "--seed": "0",
                "--frames": "the window fill + 6 chunks (80 for the 5B)"}),
+    ("eval-vbench", {"--preset": "wan2.2-ti2v-5b", "--steps": "4", "--seed": "0", "--mode": "long",
+                     "--seconds": "the recipe's length"}),
 ])
 def test_defaults_are_shown(docs, name, defaults):
     options = _options(docs.help_text([name]))
     for option, value in defaults.items():
         assert f"[default: {value}" in options[option], options[option]
-    if name != "bench":
+    if name in ("generate", "multishot"):
         assert "not both" in options["--seconds"] and "not both" in options["--frames"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,99 @@ def test_unwritable_folder_is_one_line_before_any_model(tmp_path, capsys, never_
     err = capsys.readouterr().err
     assert err == f"error: {flag} {path}: cannot write in {folder} ({reason}): choose a writable location\n"
     assert not (tmp_path / "v.mp4").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["sysfs", "chmod"])
+def test_unwritable_logdir_is_one_line_before_any_model(tmp_path, capsys, never_build, kind):
+    folder, _ = _unwritable_folder(tmp_path, kind)
+    try:  # the log dir is created, so the OS's reason is mkdir's (EPERM in sysfs, where open says EACCES)
+        os.mkdir(folder / "run")
+    except OSError as err:
+        reason = err.strerror
+    assert main(["train-ar", "train_ar_tiny", "--logdir", str(folder / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: log dir {folder / 'run'} is not writable ({reason}): "
+                                       f"pass a writable --logdir\n")
+    assert not (folder / "run").exists()
+
+
+def test_a_folder_that_cannot_hold_files_is_one_line(tmp_path, capsys, never_build):
+    """/proc refuses to create any file (the kernel says "No such file or directory")."""
+    assert main(["generate", "x", *SMALL, "-o", "/proc/v.mp4"]) == 2
+    assert capsys.readouterr().err == ("error: -o /proc/v.mp4: cannot write in /proc (No such file or directory): "
+                                       "choose a writable location\n")
+
+
+# A fresh mount namespace (user namespace too, so no root is needed where they are enabled): the
+# small tmpfs exists only for the command, and what is left in it is listed before it goes.
+_IN_TMPFS = ('mnt=$1; options=$2; fill=$3; listing=$4; shift 4; '
+             'mount -t tmpfs -o "$options" tmpfs "$mnt" || exit 99; '
+             'if [ "$fill" -gt 0 ]; then head -c "$fill" /dev/zero > "$mnt/filler"; fi; '
+             '"$@"; code=$?; ls -A "$mnt" > "$listing"; exit $code')
+
+
+def _run_in_tmpfs(tmp_path: Path, options: str, fill: int, args: list[str]) -> tuple[subprocess.CompletedProcess,
+                                                                                        list[str]]:
+    """`longlive ARGS` with a tmpfs (mount `options`, `fill` bytes taken by a file) on tmp_path/mnt;
+    returns the run and the names left in the tmpfs afterwards. Skips where mounting is refused."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here")
+    mnt, listing = tmp_path / "mnt", tmp_path / "left.txt"
+    mnt.mkdir()
+    command = ["unshare", "-rm", "sh", "-c", _IN_TMPFS, "sh", str(mnt), options, str(fill), str(listing),
+               sys.executable, "-m", "longlive_cli", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode == 99 or not listing.exists():
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()[:200]}")
+    return done, listing.read_text().split()
+
+
+TINY_RUN = ["generate", "x", "--preset", "tiny", "--height", "32", "--width", "32", "--frames", "8"]
+
+
+@pytest.mark.parametrize("target", ["-o", "--latents-out", "convert OUT", "train-ar --export", "train-ar --logdir",
+                                    "eval-vbench --out"])
+def test_a_read_only_mount_is_one_line_before_any_model(tmp_path, target):
+    """The issue's case: a read-only mount as the output folder (the whole generation used to run
+    first). Real, as root too (where a chmod-ed folder stays writable)."""
+    path = tmp_path / "mnt" / {"-o": "v.mp4", "--latents-out": "z.safetensors", "convert OUT": "q.safetensors",
+                               "train-ar --export": "e.safetensors", "train-ar --logdir": "run",
+                               "eval-vbench --out": "results.json"}[target]
+    if target == "convert OUT":
+        save_generator(tiny_model(), tmp_path / "gen.safetensors")
+    args = {
+        "-o": [*TINY_RUN, "-o", str(path)],
+        "--latents-out": [*TINY_RUN, "-o", str(tmp_path / "v.mp4"), "--latents-out", str(path)],
+        "convert OUT": ["convert-nvfp4", str(tmp_path / "gen.safetensors"), str(path), "--preset", "tiny",
+                        "--device", "cpu"],
+        "train-ar --export": ["train-ar", "train_ar_tiny", "--logdir", str(tmp_path / "run"), "--export", str(path)],
+        "train-ar --logdir": ["train-ar", "train_ar_tiny", "--logdir", str(path)],
+        "eval-vbench --out": ["eval-vbench", "--suite", "vbench", "--preset", "tiny", "--device", "cpu",
+                              "--out", str(path)],
+    }[target]
+    done, left = _run_in_tmpfs(tmp_path, "ro,size=120k", 0, args)
+    assert done.returncode == 2, done.stderr
+    flag = target.split()[-1]
+    assert done.stderr == (f"error: log dir {path} is not writable (Read-only file system): pass a writable --logdir\n"
+                           if flag == "--logdir" else
+                           f"error: {flag} {path}: cannot write in {path.parent} (Read-only file system): "
+                           f"choose a writable location\n")
+    assert left == [] and done.stdout == "" and not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("target", ["-o", "--latents-out"])
+def test_a_full_tmpfs_is_one_line_exit_1_and_leaves_nothing(tmp_path, target):
+    """The issue's case: a 120k tmpfs, almost all taken, so the probe passes and the write fails
+    part-way. Whatever was written (the video or the latents) is taken back."""
+    mnt = tmp_path / "mnt"
+    out, latents = (mnt / "v.mp4", tmp_path / "z.safetensors") if target == "-o" else \
+        (tmp_path / "v.mp4", mnt / "z.safetensors")
+    done, left = _run_in_tmpfs(tmp_path, "size=120k", 118 * 1024,
+                               [*TINY_RUN, "-o", str(out), "--latents-out", str(latents)])
+    full = out if target == "-o" else latents
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: cannot write {full}: {FULL}"
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
+    assert left == ["filler"] and not out.exists() and not latents.exists()
 
 
 def _enospc() -> OSError:
