@@ -48,9 +48,9 @@ def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
 # Write failures.
 
 _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")  # how Rust writers (safetensors) report errno
-_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # only ever a write refused
 _PERMISSION = (errno.EROFS, errno.EACCES, errno.EPERM)
-WRITE_ERRNOS = _SPACE + _PERMISSION  # errors that are about where we write, not what we read
+WRITE_ERRNOS = SPACE_ERRNOS + _PERMISSION  # errors that are about where we write, not what we read
 
 
 def os_error_of(err: BaseException) -> OSError | None:
@@ -74,7 +74,7 @@ def os_error_of(err: BaseException) -> OSError | None:
 def write_failed(path: os.PathLike | str, err: OSError) -> OutputError:
     """The one-line error of a write to `path` that failed with `err`."""
     cause = err.strerror or first_line(err)
-    if err.errno in _SPACE:
+    if err.errno in SPACE_ERRNOS:
         fix = "free some space there (or raise the file-size limit) or choose another location"
     elif err.errno in _PERMISSION:
         fix = "choose a writable location"

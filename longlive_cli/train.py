@@ -18,7 +18,7 @@ from rich.console import Console
 
 from core.config import Precision, overlay
 from core.errors import UserError
-from longlive_cli.app import app
+from longlive_cli.app import app, interrupted
 from longlive_cli.options import NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
 from sp.launcher import Launch, is_main_process, local_device, process_group, relaunch, under_torchrun, world_size
 
@@ -120,6 +120,20 @@ def _train(recipe, job: TrainJob, plan, on_step):
     return Trainer(recipe, options, plan, build_model, on_step).run()
 
 
+@contextlib.contextmanager
+def _refused_log_writes(logdir: Path):
+    """A log written along the way (metrics, TensorBoard) that the disk refused mid-run: one line
+    naming the file, as for the checkpoints and outputs (which report their own)."""
+    from core.errors import SPACE_ERRNOS, write_failed
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in SPACE_ERRNOS:
+            raise
+        raise write_failed(err.filename or logdir, err) from None
+
+
 @app.command("train-ar")
 def train_ar(
     recipe: Annotated[str, typer.Argument(
@@ -157,7 +171,9 @@ def train_ar(
         progress.update(task, completed=stats.step, loss=stats.loss, grad_norm=stats.grad_norm,
                         step_time=stats.seconds)
 
-    with progress if progress is not None else contextlib.nullcontext():
+    kept = f"the checkpoints written so far are kept in {job.logdir}: run the same command to resume"
+    with interrupted(kept), _refused_log_writes(job.logdir), \
+            progress if progress is not None else contextlib.nullcontext():
         result = run_train_ar(job, on_step)
     if isinstance(result, int):
         if result != 0:

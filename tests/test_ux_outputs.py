@@ -108,13 +108,14 @@ def test_a_folder_that_cannot_hold_files_is_one_line(tmp_path, capsys, never_bui
 _IN_TMPFS = ('mnt=$1; options=$2; fill=$3; listing=$4; shift 4; '
              'mount -t tmpfs -o "$options" tmpfs "$mnt" || exit 99; '
              'if [ "$fill" -gt 0 ]; then head -c "$fill" /dev/zero > "$mnt/filler"; fi; '
-             '"$@"; code=$?; ls -A "$mnt" > "$listing"; exit $code')
+             '"$@"; code=$?; (cd "$mnt" && find . -mindepth 1 | sort) > "$listing"; exit $code')
 
 
 def _run_in_tmpfs(tmp_path: Path, options: str, fill: int, args: list[str]) -> tuple[subprocess.CompletedProcess,
                                                                                         list[str]]:
     """`longlive ARGS` with a tmpfs (mount `options`, `fill` bytes taken by a file) on tmp_path/mnt;
-    returns the run and the names left in the tmpfs afterwards. Skips where mounting is refused."""
+    returns the run and the paths left in the tmpfs afterwards ("./name"). Skips where mounting is
+    refused."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare(1) here")
     mnt, listing = tmp_path / "mnt", tmp_path / "left.txt"
@@ -173,7 +174,21 @@ def test_a_full_tmpfs_is_one_line_exit_1_and_leaves_nothing(tmp_path, target):
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines()[-1] == f"error: cannot write {full}: {FULL}"
     assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
-    assert left == ["filler"] and not out.exists() and not latents.exists()
+    assert left == ["./filler"] and not out.exists() and not latents.exists()
+
+
+def test_a_full_disk_while_training_is_one_line_and_keeps_no_partial_checkpoint(tmp_path):
+    """A 2 MB tmpfs as --logdir holds the generated data and the logs but not the first
+    checkpoint (the tiny model with its Adam state): DCP's gathered error becomes one line naming
+    the checkpoint, and its partial folder is removed."""
+    run = tmp_path / "mnt" / "run"
+    done, left = _run_in_tmpfs(tmp_path, "size=2m", 0, ["train-ar", "train_ar_tiny", "--logdir", str(run),
+                                                        "--max-steps", "2"])
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines()[-1] == f"error: cannot write {run}/checkpoints/step_00000002: {FULL}"
+    assert "Traceback" not in done.stderr and done.stderr.count("error:") == 1
+    assert "./run/checkpoints" in left and not [path for path in left if path.startswith("./run/checkpoints/")]
+    assert not [path for path in left if path.endswith(".tmp")]
 
 
 def _enospc() -> OSError:

@@ -193,3 +193,24 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path):
     assert rest.splitlines()[-1] == "interrupted; nothing was written"
     assert "Traceback" not in rest and stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_training_is_one_line_exit_130(tmp_path):
+    """SIGINT to a real training run after its first step: one line saying the checkpoints are
+    kept (a resume picks them up), exit 130, no traceback."""
+    import time
+
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "longlive_cli", "train-ar", "train_ar_tiny", "--logdir", str(run), "--max-steps",
+         "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first step's record: training is under way
+    process.send_signal(signal.SIGINT)
+    stdout, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == (f"interrupted; the checkpoints written so far are kept in {run}: "
+                                    f"run the same command to resume")
+    assert "Traceback" not in err and stdout == ""
+    assert not list(run.glob("checkpoints/.tmp-*"))

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from core.checkpoint import WRAPPER_TOKENS, atomic_write
-from core.errors import UserError, first_line
+from core.errors import WRITE_ERRNOS, UserError, first_line, os_error_of, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,19 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
+def _refused_write(err: BaseException) -> OSError | None:
+    """The operating system's refusal behind a failed checkpoint write (disk full, read-only), if
+    that is what it was: DCP gathers each rank's error into a CheckpointException."""
+    failures = getattr(err, "failures", None)
+    errors = [failure[0] if isinstance(failure, tuple) else failure for failure in failures.values()] \
+        if isinstance(failures, dict) else [err]
+    for error in errors:
+        cause = os_error_of(error) if isinstance(error, BaseException) else None
+        if cause is not None and cause.errno in WRITE_ERRNOS:
+            return cause
+    return None
+
+
 class CheckpointManager:
     """Writes, finds, loads and prunes checkpoints under `logdir/checkpoints` (see the module doc).
 
@@ -170,9 +183,26 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              model_config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        """Write model + optimizer (DCP) and this rank's `extra` state; returns the final directory."""
+        """Write model + optimizer (DCP) and this rank's `extra` state; returns the final directory.
+        A write the operating system refuses (disk full, read-only) is an `OutputError` naming the
+        checkpoint; the partial folder is removed and the earlier checkpoints are kept."""
         final = self.path(step)
         tmp = self.root / f".tmp-{final.name}"
+        rank = _rank()
+        try:
+            self._write(tmp, final, step, model, optimizer, model_config, extra)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # never masks the error being raised
+            cause = _refused_write(err)
+            if cause is not None:
+                raise write_failed(final, cause) from None
+            raise
+        _barrier()
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+               model_config: dict[str, Any], extra: dict[str, Any] | None) -> None:
         rank = _rank()
         if rank == 0:
             if tmp.exists():  # a crashed earlier attempt at this step
@@ -191,8 +221,6 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self.prune()
-        _barrier()
-        return final
 
     def latest(self) -> Path | None:
         """The newest `step_XXXXXXXX` directory with a COMPLETE marker, or None."""
