@@ -9,6 +9,7 @@ into place only if everything succeeded) -> report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from core.config import VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
 from core.errors import UserError, discard_partial
 from core.hub import ModelFiles, resolve_model_dir
+from core.interactive import BackgroundPrompts, Switch
 from core.pipeline import BuiltDiT, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
@@ -70,6 +72,7 @@ class GenerateReport:
     end_to_end_seconds: float
     peak_gpu_memory_gib: float | None
     switches: list[tuple[int, int, str]] = field(default_factory=list)  # (chunk, frame, prompt)
+    prompt_timings: list[Switch] = field(default_factory=list)  # every typed prompt, applied or not
 
     @property
     def denoise_fps(self) -> float:
@@ -197,9 +200,11 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
                    prompt_source: Callable[[], str | None] | None = None,
                    log: Callable[[str], None] = print) -> GenerateReport:
     """Stream the request's schedule into its mp4 (stages in the module doc). `on_chunk(done,
-    total)` with done = 0 when the first chunk starts, then after each chunk; `prompt_source()` is
-    polled before each chunk for an interactive switch (a new prompt, or None); `log` gets one
-    line per switch. The switches are recorded in the mp4's and the latents' metadata."""
+    total)` with done = 0 when the first chunk starts, then after each chunk; `prompt_source()` (a
+    new prompt, or None) is polled on its own thread, which also encodes what it returns
+    (core/interactive.py): a switch lands at the first chunk boundary after its context is ready
+    and never stalls the video; `log` gets one line per switch. The switches are recorded in the
+    mp4's and the latents' metadata."""
     recipe, schedule = request.recipe, request.schedule
     stream, video = recipe.stream, recipe.video
     device, dtype = placement.device, placement.dtype
@@ -212,15 +217,19 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         first_image = image_latent(models.vae, placement.image, device, dtype)
     noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
     switches: list[tuple[int, int, str]] = []
-    switcher = None
-    if prompt_source is not None:
-        switcher = _prompt_switcher(models.text, schedule, prompt_source, switches, log, device, dtype)
-    chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
-                            image_latent=first_image, negative_context=negative_context,
-                            prompt_switch=switcher, kv_storage=models.dit.kv_storage)
     timer = SpanTimer(device)
-    started = time.perf_counter()
-    frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, switches)
+    with contextlib.ExitStack() as scope:
+        switcher, typed = None, []
+        if prompt_source is not None:  # typed prompts are encoded on their own thread
+            prompts = scope.enter_context(BackgroundPrompts(
+                prompt_source, lambda prompt: models.text.encode([prompt]).to(device=device, dtype=dtype),
+                device))
+            switcher, typed = _prompt_switcher(prompts, schedule, switches, log), prompts.switches
+        chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
+                                image_latent=first_image, negative_context=negative_context,
+                                prompt_switch=switcher, kv_storage=models.dit.kv_storage)
+        started = time.perf_counter()
+        frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, switches)
     end_to_end = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GenerateReport(
@@ -229,22 +238,26 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         width=video.width, steps=stream.sampling_steps,
         precision=", ".join(filter(None, (str(dtype).split(".")[-1], models.dit.label))),
         device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
-        end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches)
+        end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches,
+        prompt_timings=list(typed))
 
 
-def _prompt_switcher(text, schedule: PromptSchedule, prompt_source: Callable[[], str | None],
-                     switches: list[tuple[int, int, str]], log: Callable[[str], None], device: torch.device,
-                     dtype: torch.dtype) -> Callable[[int], Tensor | None]:
-    """The pipeline's `prompt_switch(chunk)`: a typed prompt's context, recorded in `switches`."""
+def _prompt_switcher(prompts: BackgroundPrompts, schedule: PromptSchedule,
+                     switches: list[tuple[int, int, str]],
+                     log: Callable[[str], None]) -> Callable[[int], Tensor | None]:
+    """The pipeline's `prompt_switch(chunk)`: the newest typed prompt whose context is ready (it
+    never waits for the encoder), recorded in `switches`."""
 
     def prompt_switch(chunk: int) -> Tensor | None:
-        prompt = prompt_source()
-        if not prompt:
+        taken = prompts.take(chunk)
+        if taken is None:
             return None
+        switch, context = taken
         frame = schedule.chunk_start_frames[chunk]
-        switches.append((chunk, frame, prompt))
-        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {prompt!r}")
-        return text.encode([prompt]).to(device=device, dtype=dtype)
+        switches.append((chunk, frame, switch.prompt))
+        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {switch.prompt!r} "
+            f"(encoded in {switch.encode_seconds:.2f} s beside the denoising)")
+        return context
 
     return prompt_switch
 

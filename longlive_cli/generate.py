@@ -150,7 +150,8 @@ def shot_line(span) -> str:
 def _prompt_reader(console: Console) -> PromptReader:
     """Typed prompts: key by key under a live bar (no echo into it), else line by line."""
     keys = console.is_terminal and sys.stdin.isatty()
-    console.print("[bold]interactive:[/] type a prompt and press Enter to switch at the next chunk")
+    console.print("[bold]interactive:[/] type a prompt and press Enter: it is encoded beside the video "
+                  "and switches at the next chunk start after that")
     return PromptReader(sys.stdin, keys=keys)
 
 

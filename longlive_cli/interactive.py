@@ -60,7 +60,7 @@ class PromptReader:
 
     def footer(self) -> str:
         """The line under the progress bar: what is being typed."""
-        return f"next prompt (Enter switches at the next chunk): {self.typed}\u2588"
+        return f"next prompt (Enter switches once it is encoded, at a chunk start): {self.typed}\u2588"
 
     def _submit(self, text: str) -> None:
         if text.strip():

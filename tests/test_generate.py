@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import queue
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -98,18 +101,58 @@ def test_image_to_video(tmp_path):
     assert len(read_video(out)[0]) == 29
 
 
-def test_interactive_prompt_switch_is_logged_with_its_frame(tmp_path):
+def _interactive_run(tmp_path, encoder_blocks: bool):
+    """A 4-chunk run where "a storm begins" is typed when chunk 2 (of 0..3) is about to start.
+    With `encoder_blocks` the text encoder does not return that prompt's context until the last
+    chunk is done (or 30 s pass: then it records that the video waited for it)."""
     recipe = load_recipe(None, ["stream.frames_per_block=2", "stream.local_window_frames=6", "stream.sink_frames=2",
                                 "video.height=64", "video.width=64"], preset="tiny")
-    prompts = iter([None, "a storm begins"])
-    logged = []
+    typed, encoded, release, logged, stalled = queue.Queue(), threading.Event(), threading.Event(), [], []
     request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 4, 2), tmp_path / "i.mp4")
     placement = gen.prepare(request)
     models = build_models(request, placement, generation_spec(request, placement))
-    report = gen.generate_video(request, placement, models, prompt_source=lambda: next(prompts, None),
-                                log=logged.append)
+    encode = models.text.encode
+
+    def gated_encode(prompts):
+        if prompts == ["a storm begins"] and encoder_blocks and not release.wait(30):
+            stalled.append(True)
+        context = encode(prompts)
+        encoded.set()
+        return context
+
+    models.text.encode = gated_encode
+
+    def on_chunk(done, total):
+        if done == 2:
+            typed.put("a storm begins")
+            if not encoder_blocks:  # let the encoder finish (and hand over) so the switch lands at chunk 2
+                assert encoded.wait(10)
+                time.sleep(0.5)
+        if done == total:
+            release.set()
+
+    def source():
+        return None if typed.empty() else typed.get()
+
+    report = gen.generate_video(request, placement, models, on_chunk, prompt_source=source, log=logged.append)
+    return report, logged, stalled
+
+
+def test_interactive_prompt_switch_is_logged_with_its_frame(tmp_path):
+    report, logged, _ = _interactive_run(tmp_path, encoder_blocks=False)
     assert report.switches == [(2, 4 * 2 * 2 - 3, "a storm begins")]
     assert "switch at chunk 2 (frame 13" in logged[0]
+    assert [t.chunk for t in report.prompt_timings] == [2]
+    assert len(read_video(tmp_path / "i.mp4")[0]) == 29
+
+
+def test_a_busy_text_encoder_does_not_stall_the_video(tmp_path):
+    """Chunks 2 and 3 are denoised while the encoder still works on the typed prompt: the video
+    reaches its end without waiting, and the late prompt is recorded as typed, never applied."""
+    report, _, stalled = _interactive_run(tmp_path, encoder_blocks=True)
+    assert stalled == []
+    assert report.switches == []
+    assert [(t.prompt, t.chunk) for t in report.prompt_timings] == [("a storm begins", None)]
     assert len(read_video(tmp_path / "i.mp4")[0]) == 29
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import termios
+import threading
 import time
 from pathlib import Path
 
@@ -68,26 +70,41 @@ def test_lines_are_read_as_they_come_without_a_terminal():
 def test_the_typed_line_is_drawn_under_the_bar():
     console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
     progress = TaskProgress("multishot", count_of("chunks"), console=console, total=3, rate=per_second("frames/s"),
-                            footer=lambda: "next prompt (Enter switches at the next chunk): a sto")
+                            footer=lambda: "next prompt (Enter switches once it is encoded, at a chunk start): a sto")
     with console.capture() as captured:
         console.print(progress._bar.get_renderable())
     lines = captured.get().splitlines()
     assert lines[0].startswith("multishot") and "0/3 chunks" in lines[0]
-    assert lines[1] == "next prompt (Enter switches at the next chunk): a sto"
+    assert lines[1] == "next prompt (Enter switches once it is encoded, at a chunk start): a sto"
 
 
-def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_decode):
+def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_decode, monkeypatch):
     recipe = load_recipe(None, ["stream.frames_per_block=2", "stream.local_window_frames=6", "stream.sink_frames=2",
                                 "video.height=32", "video.width=32"], preset="tiny")
-    prompts = iter(["a storm begins", None, "lightning"])  # polled before chunks 1, 2, 3
+    # Prompts typed as chunks 1 and 3 are about to start; the run waits until each is encoded and
+    # handed over, so each lands at that chunk (the encoder runs on its own thread).
+    typed, ready = queue.Queue(), {"a storm begins": threading.Event(), "lightning": threading.Event()}
+
+    class HandedOver(gen.BackgroundPrompts):
+        def _encode_one(self, switch, side):
+            super()._encode_one(switch, side)
+            ready[switch.prompt].set()
+
+    def on_chunk(done, total):
+        prompt = {1: "a storm begins", 3: "lightning"}.get(done)
+        if prompt is not None:
+            typed.put(prompt)
+            assert ready[prompt].wait(30)
+
+    monkeypatch.setattr(gen, "BackgroundPrompts", HandedOver)
     # 93 frames: x264 holds back ~40 frames, so the mp4 header (and the metadata in it) has gone out
     # long before the run ends and the switches are known
     request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 12, 2), tmp_path / "i.mp4",
                                   latents_out=tmp_path / "z.safetensors")
     placement = gen.prepare(request)
     models = build_models(request, placement, generation_spec(request, placement))
-    report = gen.generate_video(request, placement, models, prompt_source=lambda: next(prompts, None),
-                                log=lambda text: None)
+    report = gen.generate_video(request, placement, models, on_chunk,
+                                prompt_source=lambda: None if typed.empty() else typed.get(), log=lambda text: None)
     expected = [{"chunk": 1, "frame": 5, "prompt": "a storm begins"}, {"chunk": 3, "frame": 21, "prompt": "lightning"}]
     assert [(s["chunk"], s["frame"], s["prompt"]) for s in expected] == report.switches
     with av.open(str(tmp_path / "i.mp4")) as container:
