@@ -41,6 +41,7 @@ def interrupted(kept: str) -> Iterator[None]:
 # Subcommands register themselves on `app` when imported; only commands that work are listed.
 from longlive_cli import bench as _bench  # noqa: E402,F401
 from longlive_cli import convert as _convert  # noqa: E402,F401
+from longlive_cli import distill as _distill  # noqa: E402,F401
 from longlive_cli import download as _download  # noqa: E402,F401
 from longlive_cli import eval as _eval  # noqa: E402,F401
 from longlive_cli import generate as _generate  # noqa: E402,F401

@@ -40,6 +40,12 @@ EXAMPLES: dict[str, list[str]] = {
         "longlive download --what generator --local-dir /models",
         "longlive download --eval                         # VBench environment + weights (eval-vbench)",
     ],
+    "distill": [
+        "longlive distill distill_tiny --logdir runs/dt --export-lora lora.safetensors  # CPU",
+        "longlive distill distill --nproc-per-node 8 --set data.path=/data --export-lora lora.pt",
+        "longlive distill distill --logdir runs/d --max-steps 600 --merge-into merged.pt  # continues",
+        "longlive distill distill_nvfp4 --nproc-per-node 8 --set stream.sampling_steps=2  # 2 steps",
+    ],
     "eval-vbench": [
         "longlive eval-vbench videos/ --out results/bf16.json --scene-split    # score mp4s",
         "longlive eval-vbench --suite vbench --mode standard --out results/nvfp4.json --precision nvfp4",

@@ -8,7 +8,6 @@ torchrun when more than one process is asked for -> in each process: device, pro
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -18,36 +17,11 @@ from rich.console import Console
 
 from core.config import Precision, overlay
 from core.errors import UserError
-from longlive_cli.app import app, interrupted
+from core.train.metrics import RunEvents
+from longlive_cli.app import app
 from longlive_cli.options import NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
-from sp.launcher import Launch, is_main_process, local_device, process_group, relaunch, under_torchrun, world_size
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """One `train-ar` invocation, as typed values."""
-
-    recipe: str
-    sets: tuple[str, ...]
-    precision: Precision | None
-    logdir: Path
-    launch: Launch
-    max_steps: int | None = None
-    resume: bool = True
-    export: Path | None = None
-
-    def command(self) -> list[str]:
-        """The same job as CLI arguments, for the torchrun re-execution."""
-        args = ["train-ar", self.recipe, "--logdir", str(self.logdir), "--resume" if self.resume else "--no-resume"]
-        if self.precision is not None:
-            args += ["--precision", str(self.precision)]
-        if self.max_steps is not None:
-            args += ["--max-steps", str(self.max_steps)]
-        if self.export is not None:
-            args += ["--export", str(self.export)]
-        for item in self.sets:
-            args += ["--set", item]
-        return args
+from longlive_cli.training import TrainJob, main_process_events, run_job
+from sp.launcher import Launch, is_main_process, world_size
 
 
 def load_job_recipe(job: TrainJob, world: int):
@@ -73,37 +47,35 @@ def load_job_recipe(job: TrainJob, world: int):
     return recipe
 
 
-def run_train_ar(job: TrainJob, on_step=None):
+def run_train_ar(job: TrainJob, events: RunEvents | None = None):
     """Check, then train here (one process, or this is a torchrun worker) or re-execute under
     torchrun. Returns the `TrainResult` (rank 0 / one process), or torchrun's exit code."""
-    from core.checkpoint import check_writable
+    from core.train.ar import TrainPlan
     from core.train.checks import check_run
 
     world = world_size(job.launch)
     recipe = load_job_recipe(job, world)
-    if is_main_process():
-        check_run(recipe, job.logdir, job.resume, world)
-        if job.export is not None:
-            check_writable(job.export, "--export", create_folders=True)
-    if not under_torchrun() and job.launch.world_size > 1:
-        return relaunch(Launch(**{**job.launch.__dict__, "max_restarts": recipe.parallel.max_restarts}),
-                        job.command())
-    device = local_device(recipe.runtime.device)
-    if not under_torchrun():
-        from core.train.ar import TrainPlan
 
-        return _train(recipe, job, TrainPlan(device), on_step)
-    with process_group(device):
-        import torch.distributed as dist
-
+    def distributed_plan(device):
         from sp.mesh import ParallelMesh
         from sp.train_plan import SequenceParallelPlan
 
-        plan = SequenceParallelPlan(recipe, device, ParallelMesh.build(recipe.parallel.sp, device.type))
-        return _train(recipe, job, plan, on_step if dist.get_rank() == 0 else None)
+        return SequenceParallelPlan(recipe, device, ParallelMesh.build(recipe.parallel.sp, device.type))
+
+    def check() -> None:
+        from core.checkpoint import check_writable
+
+        check_run(recipe, job.logdir, job.resume, world)
+        for flag, path in job.outputs:  # the temp file each will use: one line now, not after the run
+            check_writable(path, flag, create_folders=True)
+
+    return run_job(job, check=check,
+                   max_restarts=recipe.parallel.max_restarts, device_name=recipe.runtime.device,
+                   single_plan=TrainPlan, distributed_plan=distributed_plan,
+                   train=lambda plan: _train(recipe, job, plan, events if plan.is_main else None))
 
 
-def _train(recipe, job: TrainJob, plan, on_step):
+def _train(recipe, job: TrainJob, plan, events):
     from core.train.ar import RunOptions, Trainer
     from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
     from longlive_cli.parallelize import parallelize
@@ -116,22 +88,8 @@ def _train(recipe, job: TrainJob, plan, on_step):
     def build_model():
         return parallelize(build_dit(spec).model, recipe, plan)
 
-    options = RunOptions(job.logdir, job.max_steps, job.resume, job.export)
-    return Trainer(recipe, options, plan, build_model, on_step).run()
-
-
-@contextlib.contextmanager
-def _refused_log_writes(logdir: Path):
-    """A log written along the way (metrics, TensorBoard) that the disk refused mid-run: one line
-    naming the file, as for the checkpoints and outputs (which report their own)."""
-    from core.errors import SPACE_ERRNOS, write_failed
-
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in SPACE_ERRNOS:
-            raise
-        raise write_failed(err.filename or logdir, err) from None
+    options = RunOptions(job.logdir, job.max_steps, job.resume, job.output("--export"), recipe_name=job.recipe)
+    return Trainer(recipe, options, plan, build_model, events).run()
 
 
 @app.command("train-ar")
@@ -150,31 +108,17 @@ def train_ar(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
 ) -> None:
     """Train the causal DiT with teacher forcing (flow matching, error recycling, EMA, checkpoints)."""
-    from longlive_cli.progress import step_progress
+    from core.train.ar import PROGRESS_FIELDS
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: use 1 or more")
-    job = TrainJob(recipe=recipe, sets=tuple(set_ or ()), precision=precision, logdir=Path(logdir),
-                   launch=Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), max_steps=max_steps, resume=resume,
-                   export=Path(export) if export else None)
-    console = Console(stderr=True)
-    progress = step_progress(console) if is_main_process() else None
-    task = None
-
-    def on_step(stats, total: int) -> None:
-        nonlocal task
-        if progress is None:
-            return
-        if task is None:
-            task = progress.add_task("train-ar", total=total, completed=stats.step - 1, loss=stats.loss,
-                                     grad_norm=stats.grad_norm, step_time=stats.seconds)
-        progress.update(task, completed=stats.step, loss=stats.loss, grad_norm=stats.grad_norm,
-                        step_time=stats.seconds)
-
-    kept = f"the checkpoints written so far are kept in {job.logdir}: run the same command to resume"
-    with interrupted(kept), _refused_log_writes(job.logdir), \
-            progress if progress is not None else contextlib.nullcontext():
-        result = run_train_ar(job, on_step)
+    outputs = (("--export", Path(export)),) if export else ()
+    job = TrainJob("train-ar", recipe=recipe, sets=tuple(set_ or ()), precision=precision, logdir=Path(logdir),
+                   launch=Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), max_steps=max_steps,
+                   resume=resume, outputs=outputs)
+    events = main_process_events("train-ar", PROGRESS_FIELDS)
+    with events if events is not None else contextlib.nullcontext():
+        result = run_train_ar(job, events)
     if isinstance(result, int):
         if result != 0:
             raise typer.Exit(result)

@@ -61,8 +61,10 @@ def _nvfp4_dequantize_fake(codes, scales, amax, rule, dtype):
 
 
 def fp4_gemm(a: NVFP4Tensor, b: NVFP4Tensor, out_dtype: torch.dtype) -> Tensor:
-    """A·Bᵀ of two quantized row-major operands, emulated: dequantize both to fp32, fp32 matmul."""
-    return (dequantize_tensor(a, torch.float32) @ dequantize_tensor(b, torch.float32).T).to(out_dtype)
+    """A·Bᵀ of two quantized row-major operands, emulated: dequantize both to fp32, fp32 matmul
+    (also under an autocast region, which would otherwise round the operands to bf16)."""
+    with torch.autocast(a.codes.device.type, enabled=False):
+        return (dequantize_tensor(a, torch.float32) @ dequantize_tensor(b, torch.float32).T).to(out_dtype)
 
 
 def fp4_linear(x_q: NVFP4Tensor, w_q: NVFP4Tensor, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:

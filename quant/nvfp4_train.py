@@ -95,6 +95,28 @@ class _NVFP4LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+class _FrozenNVFP4LinearFunction(torch.autograd.Function):
+    """Y = Q(X)·W_qᵀ + b with a weight quantized once (W_q and the quantized Wᵀ): fprop and dgrad
+    of `_NVFP4LinearFunction`, no weight or bias gradient (a frozen LoRA base)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, w_q: NVFP4Tensor, w_t_q: NVFP4Tensor, rules: NVFP4TrainingConfig,
+                generator: torch.Generator):
+        x_MK = x.reshape(-1, x.shape[-1])
+        y_MN = fp4_linear(quantize_tensor(x_MK, rules.activation_rule), w_q, bias, x.dtype)
+        ctx.w_t_q, ctx.rules, ctx.generator = w_t_q, rules, generator
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y_MN.reshape(*x.shape[:-1], w_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dy_q = _quantize_gradient(dy.reshape(-1, dy.shape[-1]), ctx.rules.gradient_rule, ctx.generator)
+            dx = fp4_gemm(dy_q, ctx.w_t_q, ctx.x_dtype).reshape(ctx.x_shape)
+        return dx, None, None, None, None, None
+
+
 class NVFP4TrainLinear(nn.Linear):
     """An `nn.Linear` (same `weight` / `bias` parameters, same state-dict names, so FSDP, PEFT and
     checkpoints see a normal linear) whose forward and backward GEMMs run in emulated NVFP4; the
@@ -109,6 +131,7 @@ class NVFP4TrainLinear(nn.Linear):
         self.rules = rules
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._frozen: tuple[NVFP4Tensor, NVFP4Tensor] | None = None
 
     def reseed(self, seed: int) -> None:
         """Restart the stochastic-rounding noise (e.g. a different seed per data-parallel rank)."""
@@ -120,7 +143,20 @@ class NVFP4TrainLinear(nn.Linear):
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def materialize(self) -> None:
+        """Quantize the frozen master weight once (W, and Wᵀ for dgrad) and run from those: the
+        official materialisation of a frozen LoRA base before FSDP. The same numbers as
+        re-quantizing on every call; the weight must not train or change afterwards."""
+        assert not self.weight.requires_grad, "materialize() is for a frozen weight"
+        weight = self.weight.detach()
+        rule, tiles = self.rules.weight_rule, self.rules.weight_2d
+        self._frozen = (quantize_tensor(weight, rule, block_2d=tiles),
+                        quantize_tensor(weight.t().contiguous(), rule, block_2d=tiles))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._frozen is not None:
+            bias = None if self.bias is None else self.bias.detach()
+            return _FrozenNVFP4LinearFunction.apply(x, bias, *self._frozen, self.rules, self.generator(x.device))
         return _NVFP4LinearFunction.apply(x, self.weight, self.bias, self.rules, self.generator(x.device))
 
     def extra_repr(self) -> str:

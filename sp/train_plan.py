@@ -81,3 +81,38 @@ class SequenceParallelPlan(TrainPlan):
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+class DataParallelPlan(TrainPlan):
+    """Plain data parallelism over the world (DMD distillation): each rank rolls out its own
+    samples; FSDP2, when on, shards the networks over all ranks and averages the gradients,
+    otherwise `sync_gradients` averages them."""
+
+    def __init__(self, device: torch.device, fsdp: bool):
+        super().__init__(device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = self.rank, self.world_size
+        self.uses_fsdp = fsdp
+
+    def world_mean(self, x: Tensor) -> Tensor:
+        x = x.detach().float().clone()
+        dist.all_reduce(x)
+        return x / self.world_size
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        if self.uses_fsdp:
+            return
+        for param in model.parameters():
+            if param.requires_grad:
+                if param.grad is None:  # every rank issues the same collectives
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad)
+                param.grad.div_(self.world_size)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def broadcast_int(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return int(tensor.item())

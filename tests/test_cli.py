@@ -24,7 +24,8 @@ def test_module_entry_point_lists_only_working_commands():
     # Rows of the rich help panels: "│ name  description"; wrapped lines start with spaces.
     commands = [line[2:].split()[0] for line in out.stdout.splitlines()
                 if line.startswith("│ ") and line[2] not in " -"]
-    assert commands == ["bench", "convert-nvfp4", "download", "eval-vbench", "generate", "multishot", "train-ar"]
+    assert commands == ["bench", "convert-nvfp4", "distill", "download", "eval-vbench", "generate", "multishot",
+                        "train-ar"]
 
 
 def test_bench_tiny_json(capsys):

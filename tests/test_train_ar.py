@@ -42,7 +42,7 @@ def test_tiny_recipe_trains_logs_checkpoints_and_exports(tmp_path):
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     assert all(m["loss"] > 0 and m["grad_norm"] > 0 and m["tokens_per_second"] > 0 for m in steps)
     png = (logdir / "loss.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 640
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 800
     assert any((logdir / "tensorboard").iterdir())
     done = sorted(p.name for p in (logdir / "checkpoints").iterdir())
     assert done == ["step_00000002", "step_00000004"]

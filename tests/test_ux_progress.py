@@ -212,5 +212,5 @@ def test_ctrl_c_while_training_is_one_line_exit_130(tmp_path):
     assert process.returncode == 130, err
     assert err.splitlines()[-1] == (f"interrupted; the checkpoints written so far are kept in {run}: "
                                     f"run the same command to resume")
-    assert "Traceback" not in err and stdout == ""
+    assert "Traceback" not in err + stdout  # stdout: the plain progress lines of a log file
     assert not list(run.glob("checkpoints/.tmp-*"))

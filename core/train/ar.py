@@ -19,7 +19,6 @@ Legend: B batch, C latent channels, F latent frames, H/W latent size, K prompts 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -35,11 +34,16 @@ from core.config import VAEConfig, raw_frames
 from core.errors import UserError
 from core.runtime import resolve_dtype
 from core.train.config import TrainRecipe
+from core.train.metrics import Curve, MetricsLog, RunEvents
 from core.train.objective import FlowMatchSchedule, ar_targets, flow_loss, prediction_errors
 from core.train.recycle import ErrorRecycler
 from core.train.state import EMA, CheckpointManager, rng_state, set_rng_state
 
 log = logging.getLogger("longlive.train")
+
+# What the progress lines print and loss.png draws.
+LOSS_CURVES = (Curve("loss", "loss", "flow-matching loss\n(weighted MSE, latent units²)"),)
+PROGRESS_FIELDS = (*LOSS_CURVES, Curve("grad_norm", "|g|", "gradient norm"))
 
 
 # -- how a step is laid out over processes ----------------------------------------------------------
@@ -99,6 +103,10 @@ class TrainPlan:
 
     def barrier(self) -> None:
         """No-op on one process."""
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank (a draw the reference makes on rank 0 and broadcasts)."""
+        return value
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -180,6 +188,7 @@ class RunOptions:
     max_steps: int | None = None  # overrides train.max_steps
     resume: bool = True
     export: Path | None = None  # generator file written at the end (EMA weights once EMA started)
+    recipe_name: str = ""  # for the plot's title
 
 
 @dataclass
@@ -206,11 +215,10 @@ class Trainer:
     weights, parallelized for `plan`: `longlive_cli/parallelize.py`)."""
 
     def __init__(self, recipe: TrainRecipe, options: RunOptions, plan: TrainPlan,
-                 build_model: Callable[[], nn.Module],
-                 on_step: Callable[[StepStats, int], None] | None = None):
+                 build_model: Callable[[], nn.Module], events: RunEvents | None = None):
         self.recipe, self.options, self.plan = recipe, options, plan
         self.build_model = build_model
-        self.on_step = on_step
+        self.events = events or RunEvents()
         self.device = plan.device
         self.dtype = resolve_dtype(recipe.runtime.dtype, self.device)
         loop = recipe.train
@@ -312,8 +320,6 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train to `max_steps` from the newest complete checkpoint (or from scratch): log every
         step, checkpoint every `checkpoint_every` steps and at the end, export if asked."""
-        from core.train.plots import write_loss_curve
-
         self._seed()
         dataset, sampler = self._data()
         self.vae = build_vae(self.recipe, self.device, self.dtype)
@@ -327,25 +333,25 @@ class Trainer:
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
         resumed = self._restore(manager, model, optimizer, ema, sampler) if self.options.resume else None
         start_step = resumed or 0
-        writer = self._tensorboard()
+        metrics = MetricsLog(self.logdir, self.recipe.train.log_every)
+        if self.plan.is_main:
+            metrics.start(start_step)
         history: list[StepStats] = []
         batches = self._batches(dataset, sampler)
+        self.events.started(start_step, self.max_steps, self.recipe.train.log_every)
         for step in range(start_step, self.max_steps):
             stats = self._step(step, model, optimizer, ema, batches, sampler)
             history.append(stats)
             if self.plan.is_main:
-                self._log(writer, stats)
-                if self.on_step is not None:
-                    self.on_step(stats, self.max_steps)
+                self._log(metrics, stats)
             if not math.isfinite(stats.loss):
                 raise UserError(f"the loss became {stats.loss} at step {step + 1}: lower optim.lr or check the data")
             if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
                 self._save(manager, step + 1, model, optimizer, ema, sampler)
-        if writer is not None:
-            writer.close()
+        metrics.close()
         export = self._export(model, ema) if self.options.export is not None else None
         if self.plan.is_main and history:
-            write_loss_curve(self.logdir / "loss.png", [s.step for s in history], [s.loss for s in history])
+            metrics.plot(LOSS_CURVES, f"train-ar {self.options.recipe_name}: {self.logdir.name}")
         return TrainResult(steps_run=len(history), final_step=max(start_step, self.max_steps), history=history,
                            export=export, resumed_from=resumed)
 
@@ -374,7 +380,7 @@ class Trainer:
         self.generator.set_state(extra["generator"])
         step = int(extra["step"])
         if self.plan.is_main:
-            log.info("resumed from %s (step %d)", latest, step)
+            self.events.resumed(step, latest)
         return step
 
     def _step(self, step: int, model, optimizer, ema: EMA, batches, sampler) -> StepStats:
@@ -407,25 +413,11 @@ class Trainer:
             extra["recycler"] = self.recycler.state_dict()
         manager.save(step, model, optimizer, self._model_config(), extra)
 
-    def _tensorboard(self):
-        if not self.plan.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is a dependency; an unusual install still trains
-            log.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
-            return None
-        return SummaryWriter(str(self.logdir / "tensorboard"))
-
-    def _log(self, writer, stats: StepStats) -> None:
+    def _log(self, metrics: MetricsLog, stats: StepStats) -> None:
         record = {"step": stats.step, "loss": stats.loss, "grad_norm": stats.grad_norm, "lr": stats.lr,
                   "step_seconds": stats.seconds, "tokens_per_second": stats.tokens_per_second}
-        with open(self.logdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if writer is not None and stats.step % self.recipe.train.log_every == 0:
-            for key, value in record.items():
-                if key != "step":
-                    writer.add_scalar(f"train/{key}", value, stats.step)
+        metrics.append(record)
+        self.events.stepped(record)
 
     def _export(self, model: nn.Module, ema: EMA) -> Path:
         """A generator file `generate --checkpoint` loads: the EMA weights once EMA has started,

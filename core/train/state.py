@@ -5,6 +5,7 @@ Checkpoint layout (`logdir/checkpoints/`):
     step_00000120/            a finished checkpoint (the only names `latest()` considers)
         .metadata, *.distcp   model + optimizer, torch.distributed.checkpoint (any sharding)
         extra_rank{r}.pt      per-rank state: RNG, error buffers, data position, EMA shard
+        (other files)         written by rank 0 on request, e.g. distill's official `model.pt`
         COMPLETE              JSON {step, model_config, world_size, time}, written last
     .tmp-step_00000121/       being written (or left by a crash): never loaded
 
@@ -22,6 +23,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 from core.checkpoint import WRAPPER_TOKENS, atomic_write
@@ -153,6 +155,9 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
+
+
 def _refused_write(err: BaseException) -> OSError | None:
     """The operating system's refusal behind a failed checkpoint write (disk full, read-only), if
     that is what it was: DCP gathers each rank's error into a CheckpointException."""
@@ -170,29 +175,33 @@ class CheckpointManager:
     """Writes, finds, loads and prunes checkpoints under `logdir/checkpoints` (see the module doc).
 
     Every rank calls `save` and `load` (they are collective when a process group exists).
+    `trainable_only`: the model part holds the parameters that train (frozen ones come back from
+    their own files, e.g. a LoRA run's base weights). Several optimizers of one model may be given.
     """
 
-    def __init__(self, logdir: str | os.PathLike, keep: int = 20):
+    def __init__(self, logdir: str | os.PathLike, keep: int = 20, *, trainable_only: bool = False):
         if keep < 1:
             raise ValueError(f"keep = {keep} checkpoints: keep at least 1")
         self.root = Path(logdir) / "checkpoints"
         self.keep = keep
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def path(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-             model_config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-        """Write model + optimizer (DCP) and this rank's `extra` state; returns the final directory.
+    def save(self, step: int, model: nn.Module, optimizer: Optimizers,
+             model_config: dict[str, Any], extra: dict[str, Any] | None = None,
+             files: Mapping[str, Callable[[str], None]] | None = None) -> Path:
+        """Write model + optimizer (DCP), this rank's `extra` state and, on rank 0, each of `files`
+        (`name -> write(temp_path)`, e.g. an export in another layout); returns the final directory.
         A write the operating system refuses (disk full, read-only) is an `OutputError` naming the
         checkpoint; the partial folder is removed and the earlier checkpoints are kept."""
         final = self.path(step)
         tmp = self.root / f".tmp-{final.name}"
-        rank = _rank()
         try:
-            self._write(tmp, final, step, model, optimizer, model_config, extra)
+            self._write(tmp, final, step, model, optimizer, model_config, extra, files)
         except BaseException as err:  # DCP's CheckpointException is a BaseException
-            if rank == 0:
+            if _rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)  # never masks the error being raised
             cause = _refused_write(err)
             if cause is not None:
@@ -201,8 +210,9 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def _write(self, tmp: Path, final: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-               model_config: dict[str, Any], extra: dict[str, Any] | None) -> None:
+    def _write(self, tmp: Path, final: Path, step: int, model: nn.Module, optimizer: Optimizers,
+               model_config: dict[str, Any], extra: dict[str, Any] | None,
+               files: Mapping[str, Callable[[str], None]] | None) -> None:
         rank = _rank()
         if rank == 0:
             if tmp.exists():  # a crashed earlier attempt at this step
@@ -212,6 +222,9 @@ class CheckpointManager:
         with _single_process_quiet():
             dcp.save(self._app_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         atomic_write(tmp / f"extra_rank{rank}.pt", lambda temp: torch.save(extra or {}, temp))
+        if rank == 0:
+            for name, write in (files or {}).items():
+                atomic_write(tmp / name, write)
         _barrier()
         if rank == 0:
             marker = {"step": step, "model_config": _jsonable(model_config), "world_size": _world_size(),
@@ -253,22 +266,23 @@ class CheckpointManager:
                 raise UserError(f"checkpoint in {path} was written for a different model ({key}: {a} vs {b}); "
                                 "use --no-resume or another --logdir")
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    def load(self, path: Path, model: nn.Module, optimizer: Optimizers = None) -> dict[str, Any]:
         """Load model (+ optimizer) in place; returns this rank's extra state."""
         state = self._app_state(model, optimizer)
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         set_state_dict(model, optimizer if optimizer is not None else [],
-                       model_state_dict=state["model"], optim_state_dict=state.get("optim", {}))
+                       model_state_dict=state["model"], optim_state_dict=state.get("optim", {}),
+                       options=self.options)
         extra_file = path / f"extra_rank{_rank()}.pt"
         if not extra_file.exists():
             raise UserError(f"checkpoint in {path} has no state for rank {_rank()} (it was written by "
                             f"{self.info(path)['world_size']} ranks; resume with as many, or use --no-resume)")
         return torch.load(extra_file, weights_only=True)
 
-    @staticmethod
-    def _app_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-        model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    def _app_state(self, model: nn.Module, optimizer: Optimizers) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [],
+                                                  options=self.options)
         state: dict[str, Any] = {"model": model_state}
         if optimizer is not None:
             state["optim"] = optim_state
