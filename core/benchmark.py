@@ -69,6 +69,11 @@ class BenchResult:
     e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
     vae_peak_memory_gib: float | None = None
     storage: str = "bf16"  # e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"
+    # parallel runs (longlive_cli/parallel_inference.py): the layout, and fps summed over replicas
+    sp: int = 1
+    cfg_parallel: bool = False
+    replicas: int = 1
+    total_fps: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,7 +124,7 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
         timer.start()
         with sdpa_backend(runtime.attention):
             for chunk in stream_latents(model, noise, [context] * chunks, stream, negative_context=negative,
-                                        kv_storage=dit.kv_storage):
+                                        kv_storage=dit.kv_storage, branch_placement=dit.branches):
                 timer.stop()  # the chunk is denoised
                 if decoder is not None:
                     decoder.submit(chunk.latents)
@@ -143,7 +148,9 @@ def _result(recipe: Recipe, dit: BuiltDiT, chunks: int, seconds: list[float], st
     chunk_frames = chunk_video_frames(stream.frames_per_block)
     median = statistics.median(steady)
     tokens = tokens_per_frame(model, video.latent_height, video.latent_width)
-    branches = 2 if stream.uses_guidance else 1  # sized on meta: no memory
+    branches = 2 if stream.uses_guidance else 1
+    if dit.branches is not None:  # the caches this process holds (sized on meta: no memory)
+        branches = len(dit.branches.held(branches))
     kv_bytes = branches * allocate_cache(model, stream, 1, tokens, "meta", dit.kv_storage).nbytes
     cuda = device.type == "cuda"
     vae_peak = None

@@ -204,28 +204,31 @@ def check_crf(crf: int) -> None:
 @dataclass(frozen=True)
 class DecodeMode:
     """Where the VAE decodes finished chunks: `sync` (in line), `stream` (a side CUDA stream of the
-    generating GPU) or `device` (its own GPU, `gpu`). Parsed once from the `--decode` text."""
+    generating GPU), `device` (its own GPU, `gpu`) or `split` (in line, each rank of a parallel run
+    decoding a spatial band, `sp/vae_split.py`; in one process the band is the whole frame: sync).
+    Parsed once from the `--decode` text."""
 
-    kind: Literal["sync", "stream", "device"] = "sync"
+    kind: Literal["sync", "stream", "device", "split"] = "sync"
     gpu: int | None = None
 
     @classmethod
     def parse(cls, text: str | DecodeMode) -> DecodeMode:
-        """`sync` | `stream` | `device:N`, or a one-line UserError."""
+        """`sync` | `stream` | `device:N` | `split`, or a one-line UserError."""
         if isinstance(text, DecodeMode):
             return text
-        if text in ("sync", "stream"):
+        if text in ("sync", "stream", "split"):
             return cls(text)
         if text.startswith("device:") and text[7:].isdigit():
             return cls("device", int(text[7:]))
-        raise UserError(f"--decode {text!r}: use sync, stream or device:N (N = the GPU for the VAE)")
+        raise UserError(f"--decode {text!r}: use sync, stream or device:N (N = the GPU for the VAE), "
+                        f"or split (parallel runs)")
 
     def __str__(self) -> str:
         return f"device:{self.gpu}" if self.kind == "device" else self.kind
 
     def vae_device(self, main_device: torch.device) -> torch.device:
         """The device the VAE must live on; a UserError when this machine cannot decode this way."""
-        if self.kind == "sync":
+        if self.kind in ("sync", "split"):
             return main_device
         if not torch.cuda.is_available():
             raise UserError(f"--decode {self} needs a CUDA GPU, and none is visible: use --decode sync")
@@ -241,7 +244,9 @@ class DecodeMode:
 
 
 def make_decoder(mode: DecodeMode, vae, sink: FrameSink):
-    return {"sync": SyncDecoder, "stream": StreamDecoder, "device": DeviceDecoder}[mode.kind](vae, sink)
+    # split: the VAE a parallel run hands in decodes its band (sp/replica.py); in line like sync
+    return {"sync": SyncDecoder, "stream": StreamDecoder, "device": DeviceDecoder,
+            "split": SyncDecoder}[mode.kind](vae, sink)
 
 
 # ----------------------------------------------------------------------------------------------

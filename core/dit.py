@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,26 @@ class Head(nn.Module):
         return self.head(per_frame(self.norm(x_BLD), e_BFD.shape[1]) * (1 + scale) + shift)
 
 
+class ChunkFrames(Protocol):
+    """Which frames of a streamed chunk this process computes, and how their head outputs become
+    the whole chunk's. Self-attention reaches the other frames through the cache storage; every
+    other stage is per frame. A sequence-parallel plan (`sp/inference.py`) swaps it per instance."""
+
+    def local(self, num_frames: int) -> slice: ...
+
+    def gather(self, y_BfSP: Tensor) -> Tensor: ...
+
+
+class AllFrames:
+    """The one-process default: every frame of the chunk, nothing to gather."""
+
+    def local(self, num_frames: int) -> slice:
+        return slice(0, num_frames)
+
+    def gather(self, y_BfSP: Tensor) -> Tensor:
+        return y_BfSP
+
+
 @dataclass(frozen=True)
 class TextConditioning:
     """A text context prepared for every layer: compute once per prompt, reuse every step."""
@@ -173,11 +193,13 @@ class TextConditioning:
 class CausalWanDiT(nn.Module):
     """Wan2.2-TI2V causal DiT with the official parameter names (bare, no `model.` prefix).
 
-    `sequence_attention(q, k, v, mask)` is the attention of the full-sequence forwards; a
-    parallel plan (`sp/plan.py`) replaces it on the instance to spread attention over ranks."""
+    Two seams a parallel plan replaces on the instance: `sequence_attention(q, k, v, mask)`, the
+    attention of the full-sequence forwards (`sp/plan.py`), and `chunk_frames`, the frames of a
+    streamed chunk this process computes (`sp/inference.py`)."""
 
     sequence_attention: Callable[[Tensor, Tensor, Tensor, AttentionMask], Tensor] = \
         staticmethod(masked_attention)
+    chunk_frames: ChunkFrames = AllFrames()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -346,13 +368,16 @@ class CausalWanDiT(nn.Module):
         if cache.layout.tokens_per_frame != tokens_per_frame:
             raise ValueError(f"cache was sized for {cache.layout.tokens_per_frame} tokens per frame, "
                              f"chunk has {tokens_per_frame}")
-        positions = frame_positions(frames, start_frame, rope_offset, device=x.device)
+        # The cache plans the whole chunk; this process computes `local` of its frames.
+        local = self.chunk_frames.local(frames)
+        positions = frame_positions(frames, start_frame, rope_offset, device=x.device)[..., local]
         rope = self.rope_table(grid, positions)
-        e, e0 = self.time_embed(t)
+        e, e0 = (emb[:, local] for emb in self.time_embed(t))  # all frames: the same rows as one process
+        tokens = per_frame(tokens, frames)[:, local].flatten(1, 2)
         attends = cache.begin(start_frame, frames, rewrite_at, keep_kv=keep_kv)
         out = self.run_blocks(tokens, e0, self._text(context), rope, attends)
         cache.commit()
-        return self.unpatchify(self.head(out, e), grid)
+        return self.unpatchify(self.chunk_frames.gather(self.head(out, e)), grid)
 
 
 @torch.no_grad()

@@ -9,10 +9,9 @@ into place only if everything succeeded) -> report.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from core.config import VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
 from core.errors import UserError, discard_partial
 from core.hub import ModelFiles, resolve_model_dir
-from core.interactive import BackgroundPrompts, Switch
-from core.pipeline import BuiltDiT, stream_latents
+from core.interactive import PromptFeed, Switch, open_feed
+from core.pipeline import BuiltDiT, LatentChunk, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
 
@@ -197,37 +196,24 @@ def prepare(request: GenerateRequest) -> Placement:
 
 def generate_video(request: GenerateRequest, placement: Placement, models: Models,
                    on_chunk: Callable[[int, int], None] | None = None,
-                   prompt_source: Callable[[], str | None] | None = None,
+                   prompt_source: Callable[[], str | None] | PromptFeed | None = None,
                    log: Callable[[str], None] = print) -> GenerateReport:
     """Stream the request's schedule into its mp4 (stages in the module doc). `on_chunk(done,
-    total)` with done = 0 when the first chunk starts, then after each chunk; `prompt_source()` (a
+    total)` with done = 0 when the first chunk starts, then after each chunk. `prompt_source()` (a
     new prompt, or None) is polled on its own thread, which also encodes what it returns
     (core/interactive.py): a switch lands at the first chunk boundary after its context is ready
-    and never stalls the video; `log` gets one line per switch. The switches are recorded in the
-    mp4's and the latents' metadata."""
+    and never stalls the video; a ready `PromptFeed` (e.g. shared by a parallel run's ranks) is
+    used as it is. `log` gets one line per switch. The switches are recorded in the mp4's and the
+    latents' metadata."""
     recipe, schedule = request.recipe, request.schedule
     stream, video = recipe.stream, recipe.video
     device, dtype = placement.device, placement.dtype
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    negative = request.negative_prompt if stream.uses_guidance else None
-    contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
-    first_image = None
-    if placement.image is not None:
-        first_image = image_latent(models.vae, placement.image, device, dtype)
-    noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
     switches: list[tuple[int, int, str]] = []
     timer = SpanTimer(device)
-    with contextlib.ExitStack() as scope:
-        switcher, typed = None, []
-        if prompt_source is not None:  # typed prompts are encoded on their own thread
-            prompts = scope.enter_context(BackgroundPrompts(
-                prompt_source, lambda prompt: models.text.encode([prompt]).to(device=device, dtype=dtype),
-                device))
-            switcher, typed = _prompt_switcher(prompts, schedule, switches, log), prompts.switches
-        chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
-                                image_latent=first_image, negative_context=negative_context,
-                                prompt_switch=switcher, kv_storage=models.dit.kv_storage)
+    with open_feed(prompt_source, models.text, device, dtype) as feed:
+        chunks = stream_schedule(request, placement, models, feed, log, switches)
         started = time.perf_counter()
         frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, switches)
     end_to_end = time.perf_counter() - started
@@ -239,24 +225,47 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         precision=", ".join(filter(None, (str(dtype).split(".")[-1], models.dit.label))),
         device=str(device), decode=request.decode, denoise_seconds=sum(timer.durations()),
         end_to_end_seconds=end_to_end, peak_gpu_memory_gib=peak, switches=switches,
-        prompt_timings=list(typed))
+        prompt_timings=list(feed.switches) if feed is not None else [])
 
 
-def _prompt_switcher(prompts: BackgroundPrompts, schedule: PromptSchedule,
-                     switches: list[tuple[int, int, str]],
+def stream_schedule(request: GenerateRequest, placement: Placement, models: Models,
+                    feed: PromptFeed | None = None, log: Callable[[str], None] = print,
+                    switches: list[tuple[int, int, str]] | None = None) -> Iterator[LatentChunk]:
+    """The engine stages of `generate_video`: encode the prompts and the image, draw the noise, and
+    stream the latent chunks (every rank of a parallel run runs these; only the root writes).
+    Interactive switches come from the open `feed` and are appended to `switches`."""
+    recipe, schedule, stream = request.recipe, request.schedule, request.recipe.stream
+    device, dtype = placement.device, placement.dtype
+    negative = request.negative_prompt if stream.uses_guidance else None
+    contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
+    first_image = None
+    if placement.image is not None:
+        first_image = image_latent(models.vae, placement.image, device, dtype)
+    noise = draw_noise(recipe, schedule.num_latent_frames, device, dtype, recipe.model.in_channels)
+    switcher = None
+    if feed is not None:
+        switcher = _prompt_switcher(feed, schedule, switches if switches is not None else [], log)
+    return stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
+                          image_latent=first_image, negative_context=negative_context,
+                          prompt_switch=switcher, kv_storage=models.dit.kv_storage,
+                          branch_placement=models.dit.branches)
+
+
+def _prompt_switcher(feed: PromptFeed, schedule: PromptSchedule, switches: list[tuple[int, int, str]],
                      log: Callable[[str], None]) -> Callable[[int], Tensor | None]:
     """The pipeline's `prompt_switch(chunk)`: the newest typed prompt whose context is ready (it
     never waits for the encoder), recorded in `switches`."""
 
     def prompt_switch(chunk: int) -> Tensor | None:
-        taken = prompts.take(chunk)
+        taken = feed.take(chunk)
         if taken is None:
             return None
         switch, context = taken
         frame = schedule.chunk_start_frames[chunk]
         switches.append((chunk, frame, switch.prompt))
-        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {switch.prompt!r} "
-            f"(encoded in {switch.encode_seconds:.2f} s beside the denoising)")
+        encoded = ("" if switch.encode_seconds is None
+                   else f" (encoded in {switch.encode_seconds:.2f} s beside the denoising)")
+        log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {switch.prompt!r}{encoded}")
         return context
 
     return prompt_switch

@@ -13,10 +13,12 @@ plus that chunk's denoise and decode.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -41,6 +43,19 @@ class Switch:
     def wait_seconds(self) -> float | None:
         """From Enter to the start of the chunk that uses it."""
         return None if self.applied_at is None else self.applied_at - self.typed_at
+
+
+@runtime_checkable
+class PromptFeed(Protocol):
+    """Typed prompts with their contexts, taken at chunk boundaries; a context manager."""
+
+    switches: list[Switch]  # every prompt typed so far, applied or not
+
+    def take(self, chunk: int) -> tuple[Switch, Tensor] | None: ...
+
+    def __enter__(self) -> PromptFeed: ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 class BackgroundPrompts:
@@ -111,3 +126,17 @@ class BackgroundPrompts:
             context.record_stream(torch.cuda.current_stream(self.device))
         switch.applied_at, switch.chunk = time.perf_counter(), chunk
         return switch, context
+
+
+@contextlib.contextmanager
+def open_feed(source: Callable[[], str | None] | PromptFeed | None, text, device: torch.device,
+              dtype: torch.dtype) -> Iterator[PromptFeed | None]:
+    """The open feed of `generate_video`: None without a source, a ready `PromptFeed` as it is,
+    else `BackgroundPrompts` encoding with `text` (a `core.text.TextEncoder`) in `dtype`."""
+    if source is None:
+        yield None
+        return
+    feed = source if isinstance(source, PromptFeed) else BackgroundPrompts(
+        source, lambda prompt: text.encode([prompt]).to(device=device, dtype=dtype), device)
+    with feed:
+        yield feed

@@ -176,13 +176,18 @@ def slide_left(buffer: Tensor, roll: Roll) -> None:
 @dataclass(frozen=True)
 class LayerSpec:
     """What one layer's storage holds: keys and values `[batch, layout.capacity, heads, head_dim]`
-    of the working `dtype`, in frames of `layout.tokens_per_frame` tokens."""
+    of the working `dtype`, in frames of `layout.tokens_per_frame` tokens.
+
+    `all_heads_max`: set when the storage holds one shard of the layer's heads (sequence-parallel
+    inference, `sp/inference.py`): the elementwise max of a statistic over every shard, for a
+    storage whose format spans heads (an NVFP4 slot's amax); None: it holds every head."""
 
     layout: CacheLayout
     batch: int
     heads: int
     head_dim: int
     dtype: torch.dtype
+    all_heads_max: Callable[[Tensor], Tensor] | None = None
 
 
 class LayerStorage(Protocol):

@@ -11,8 +11,9 @@ normalized latent space; the DiT itself takes `[B, C, F, H, W]`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -21,6 +22,31 @@ from core.config import StreamConfig, check_whole_blocks
 from core.dit import CausalWanDiT, TextConditioning
 from core.kv_cache import CacheLayout, KVCache, StorageFactory
 from core.sampler import FlowUniPCSampler
+
+
+class BranchPlacement(Protocol):
+    """Where the guidance branches of a run (0: the prompt, 1: the negative prompt) are evaluated.
+
+    `held(count)`: the branches whose caches and forwards live in this process. `flows(local)`:
+    every branch's flow, in branch order, from this process's own (`{branch: flow}`). One process
+    holds them all (`AllBranchesHere`); `sp/cfg.py` puts each branch on its own group of ranks."""
+
+    def held(self, count: int) -> tuple[int, ...]: ...
+
+    def flows(self, local: Mapping[int, Tensor]) -> list[Tensor]: ...
+
+
+class AllBranchesHere:
+    """The one-process placement: every branch here, evaluated in turn."""
+
+    def held(self, count: int) -> tuple[int, ...]:
+        return tuple(range(count))
+
+    def flows(self, local: Mapping[int, Tensor]) -> list[Tensor]:
+        return [local[i] for i in sorted(local)]
+
+
+ALL_BRANCHES_HERE = AllBranchesHere()
 
 
 @dataclass
@@ -32,6 +58,7 @@ class BuiltDiT:
     label: str = ""  # the storage, for summaries ("" for plain bf16)
     parameters: int = 0  # logical parameter count, whatever the storage
     compiled: bool = False  # blocks compiled (core.optimize.compile_blocks)
+    branches: BranchPlacement | None = None  # None: every guidance branch in this process
 
 
 @dataclass(frozen=True)
@@ -147,9 +174,10 @@ def _condition_image(latents: Tensor, image_latent: Tensor | None) -> Tensor:
 
 
 def denoise_chunk(model: CausalWanDiT, noise_BfCHW: Tensor, plan: ChunkPlan,
-                  stream: StreamConfig, branches: Sequence[Branch],
-                  image_latent: Tensor | None = None) -> Tensor:
-    """Run the sampler over one chunk. `branches` is (positive,) or (positive, negative)."""
+                  stream: StreamConfig, branches: Mapping[int, Branch],
+                  image_latent: Tensor | None = None, placement: BranchPlacement = ALL_BRANCHES_HERE) -> Tensor:
+    """Run the sampler over one chunk. `branches`: this process's branches by index (0 positive,
+    1 negative); `placement` collects every branch's flow (all here by default)."""
     batch = noise_BfCHW.shape[0]
     sampler = FlowUniPCSampler(stream.sampling_steps, stream.timestep_shift,
                                stream.num_train_timesteps)
@@ -161,9 +189,11 @@ def denoise_chunk(model: CausalWanDiT, noise_BfCHW: Tensor, plan: ChunkPlan,
         if image_latent is not None:
             timestep[:, 0] = 0  # the conditioning frame is clean
         # The recache pass rewrites this chunk's keys/values, so a step's need not be stored.
-        flow = _model_call(model, latents, timestep, branches[0], plan, keep_kv=False)
-        if len(branches) == 2:
-            flow_uncond = _model_call(model, latents, timestep, branches[1], plan, keep_kv=False)
+        flows = placement.flows({i: _model_call(model, latents, timestep, branch, plan, keep_kv=False)
+                                 for i, branch in branches.items()})
+        flow = flows[0]
+        if len(flows) == 2:
+            flow_uncond = flows[1]
             flow = flow_uncond + stream.guidance_scale * (flow - flow_uncond)
         latents = _condition_image(sampler.step(flow, latents), image_latent)
     return latents
@@ -171,7 +201,8 @@ def denoise_chunk(model: CausalWanDiT, noise_BfCHW: Tensor, plan: ChunkPlan,
 
 def recache_chunk(model: CausalWanDiT, latents_BfCHW: Tensor, plan: ChunkPlan,
                   stream: StreamConfig, branches: Sequence[Branch]) -> None:
-    """Rewrite the chunk's K/V from its clean latents (t = 0); pin it at a scene cut."""
+    """Rewrite the chunk's K/V from its clean latents (t = 0) in this process's `branches`; pin
+    it at a scene cut."""
     if plan.pin_shot_sink and stream.shot_clean_recache:
         for branch in branches:
             branch.cache.drop_history(plan.start_frame)
@@ -208,11 +239,13 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
                    stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                    image_latent: Tensor | None = None, negative_context: Tensor | None = None,
                    prompt_switch: PromptSwitch | None = None,
-                   kv_storage: StorageFactory | None = None) -> Iterator[LatentChunk]:
+                   kv_storage: StorageFactory | None = None,
+                   branch_placement: BranchPlacement | None = None) -> Iterator[LatentChunk]:
     """Yield every finished latent chunk in order (see `generate_latents`).
 
     `kv_storage` builds every cache layer's storage (default dense, in the model's dtype): how
     another format (e.g. `quant.kv.nvfp4_storage`) plugs in without the pipeline knowing it.
+    `branch_placement`: which guidance branches this process evaluates (default: all of them).
 
     `prompt_switch(chunk_index)` is asked before every chunk after the first; a returned context
     replaces the prompt from that chunk on (until the schedule's next scene cut) and the cached
@@ -225,9 +258,11 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
     def new_cache() -> KVCache:
         return allocate_cache(model, stream, batch, tokens, noise.device, kv_storage)
 
-    branches = [Branch(new_cache())]
-    if stream.uses_guidance:
-        branches.append(Branch(new_cache(), text=model.prepare_text(negative_context)))
+    placement = branch_placement if branch_placement is not None else ALL_BRANCHES_HERE
+    branches = {i: Branch(new_cache()) for i in placement.held(2 if stream.uses_guidance else 1)}
+    if 1 in branches:
+        branches[1].text = model.prepare_text(negative_context)
+    positive = branches.get(0)  # None where another process holds the prompt's branch
     # What a window recache needs: the clean latents and RoPE shot offset of every frame so far.
     clean = torch.empty_like(noise) if prompt_switch is not None else None
     frame_offsets = torch.zeros(noise.shape[1], dtype=torch.float64) if prompt_switch is not None else None
@@ -240,14 +275,14 @@ def stream_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequence[
         if switched is not None:
             override = switched
         source = override if override is not None else plan.context
-        if source is not text_source:
-            branches[0].text, text_source = model.prepare_text(source), source
-        if switched is not None:
-            recache_window(model, clean, frame_offsets, branches[0])
+        if positive is not None and source is not text_source:
+            positive.text, text_source = model.prepare_text(source), source
+        if positive is not None and switched is not None:
+            recache_window(model, clean, frame_offsets, positive)
         frames = slice(plan.start_frame, plan.start_frame + plan.num_frames)
         first_image = image_latent if plan.index == 0 else None
-        latents = denoise_chunk(model, noise[:, frames], plan, stream, branches, first_image)
-        recache_chunk(model, latents, plan, stream, branches)
+        latents = denoise_chunk(model, noise[:, frames], plan, stream, branches, first_image, placement)
+        recache_chunk(model, latents, plan, stream, list(branches.values()))
         if clean is not None:
             clean[:, frames] = latents
             frame_offsets[frames] = plan.rope_offset
@@ -258,7 +293,8 @@ def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequenc
                      stream: StreamConfig, scene_cuts: Sequence[bool] | None = None, *,
                      image_latent: Tensor | None = None,
                      negative_context: Tensor | None = None,
-                     kv_storage: StorageFactory | None = None) -> Tensor:
+                     kv_storage: StorageFactory | None = None,
+                     branch_placement: BranchPlacement | None = None) -> Tensor:
     """Denoise `noise [B, F, C, H, W]` chunk by chunk; returns the final latents (same shape).
 
     `chunk_contexts`: one text-encoder output `[B, <=text_len, text_dim]` per chunk of
@@ -266,11 +302,11 @@ def generate_latents(model: CausalWanDiT, noise: Tensor, chunk_contexts: Sequenc
     (RoPE shot offset, and a pinned shot sink when `stream.multi_shot_sink`). `image_latent`
     `[B, 1, C, H, W]`: image-to-video conditioning of frame 0. `negative_context`: the
     negative prompt, required when `stream.guidance_scale != 1`. `kv_storage`: the KV cache
-    format (see `stream_latents`).
+    format, `branch_placement`: where the guidance branches run (see `stream_latents`).
     """
     output = torch.empty_like(noise)
     for chunk in stream_latents(model, noise, chunk_contexts, stream, scene_cuts,
                                 image_latent=image_latent, negative_context=negative_context,
-                                kv_storage=kv_storage):
+                                kv_storage=kv_storage, branch_placement=branch_placement):
         output[:, chunk.start_frame:chunk.start_frame + chunk.latents.shape[1]] = chunk.latents
     return output

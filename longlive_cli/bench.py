@@ -20,14 +20,20 @@ from core.optimize import wants_compile
 from longlive_cli.app import app, interrupted
 from longlive_cli.options import (
     DEFAULTS,
+    CfgParallelOpt,
     DeviceOpt,
     HeightOpt,
     KvPrecisionOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
     PrecisionOpt,
     PresetOpt,
     QuantModeOpt,
+    RdzvOpt,
     RecipeOpt,
     SetOpt,
+    SpOpt,
     WidthOpt,
     default_note,
     quant_flags,
@@ -40,6 +46,7 @@ _FRAMES_NOTE = default_note(f"the window fill + 6 chunks ({bench_length(DEFAULTS
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     preset: PresetOpt = None, recipe: RecipeOpt = None, height: HeightOpt = None, width: WidthOpt = None,
     steps: Annotated[int | None, typer.Option(
         help="Sampling steps per chunk." + default_note(DEFAULTS.stream.sampling_steps))] = None,
@@ -67,6 +74,8 @@ def bench(
     vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     set_: SetOpt = None,
+    nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
+    sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
     """Measure the engine: s/block, fps and peak memory at a resolution, steps and window."""
     chosen = resolve_recipe(preset, recipe, set_ or [], {
@@ -77,10 +86,15 @@ def bench(
                     "compile": None if compile is None else ("always" if compile else "never")},
         "quant": quant_flags(precision, quant_mode, kv_precision),
     })
-    _run(chosen, frames, checkpoint, lora, decode, vae, json_output)
+    from longlive_cli.parallel_inference import InferenceLayout, command_line
+    from sp.launcher import Launch
+
+    layout = InferenceLayout(Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), sp, cfg_parallel,
+                             command_line(ctx))
+    _run(chosen, frames, checkpoint, lora, decode, vae, json_output, layout)
 
 
-def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool) -> None:
+def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool, layout) -> None:
     from core.benchmark import run_benchmark, run_vae_benchmark
     from core.runtime import resolve_device, resolve_dtype
     from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
@@ -104,6 +118,10 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool)
                                lora=Path(lora) if lora else None,
                                compile=wants_compile(chosen.runtime.compile, target))
     check_dit_spec(spec)
+    if layout.requested:  # several processes (longlive_cli/parallel_inference.py)
+        from longlive_cli.parallel_inference import run_bench
+
+        return run_bench(chosen, spec, frames, decode, layout, lambda result: _show(result, json_output))
     console = Console(stderr=True)
     with interrupted("nothing was written"), TaskProgress(
             f"bench {chosen.preset}", count_of("chunks"), console=console, total=chunks,
@@ -120,6 +138,10 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool)
             result = run_benchmark(chosen, dit, frames, on_chunk, decode=decode)
         except ValueError as err:
             raise UserError(str(err)) from None
+    _show(result, json_output)
+
+
+def _show(result, json_output: bool) -> None:
     if json_output:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -162,6 +184,9 @@ def result_table(r) -> Table:
         *([("end-to-end", f"{r.e2e_seconds_per_block:.3f} s / block, {r.e2e_fps:.1f} fps with --decode "
                           f"{r.decode} ({r.e2e_over_dit:.2f} x the DiT alone)")] if r.decode else []),
         ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
+        *([("parallel", f"sp {r.sp}{' x 2 CFG branch groups' if r.cfg_parallel else ''} x {r.replicas} "
+                        f"replica(s): {r.total_fps:.1f} fps in all (per-rank cache above)")]
+          if r.total_fps is not None else []),
     ]
     for key, value in rows:
         table.add_row(key, value)

@@ -218,22 +218,52 @@ def generation_spec(request: GenerateRequest, placement: Placement) -> DiTSpec:
 def build_models(request: GenerateRequest, placement: Placement, spec: DiTSpec) -> Models:
     """DiT (`build_dit`), VAE and text encoder: seeded random weights for the tiny preset
     (offline), the model folder's files for the 5B."""
-    from core.optimize import VAE_BREAK_EVEN_CHUNKS, compile_vae_decoder, wants_compile
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)
+    text = _text_encoder(request, placement)
+    vae = _vae(request, placement)
+    return Models(build_dit(spec), vae, text)
+
+
+def _text_encoder(request: GenerateRequest, placement: Placement):
     from core.text import TextEncoder
+
+    if placement.files is None:
+        return TextEncoder.tiny(seed=request.recipe.runtime.seed, device=placement.device)
+    return TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=placement.device)
+
+
+def _vae(request: GenerateRequest, placement: Placement):
+    from core.optimize import VAE_BREAK_EVEN_CHUNKS, compile_vae_decoder, wants_compile
     from core.vae import load_vae, random_vae
 
-    recipe, device = request.recipe, placement.device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    seed = recipe.runtime.seed
+    recipe = request.recipe
     if placement.files is None:
-        text = TextEncoder.tiny(seed=seed, device=device)
-        vae = random_vae(recipe.vae, seed, device=placement.vae_device, dtype=placement.dtype)
+        vae = random_vae(recipe.vae, recipe.runtime.seed, device=placement.vae_device, dtype=placement.dtype)
     else:
-        text = TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=device)
         vae = load_vae(placement.files.vae, recipe.vae, device=placement.vae_device, dtype=placement.dtype)
-    dit = build_dit(spec)
     if wants_compile(recipe.runtime.compile, placement.vae_device, request.schedule.num_chunks,
                      VAE_BREAK_EVEN_CHUNKS):
         compile_vae_decoder(vae)
-    return Models(dit, vae, text)
+    return vae
+
+
+def build_rank_models(request: GenerateRequest, placement: Placement, spec: DiTSpec, mesh) -> Models:
+    """The models of one rank of a parallel run (`sp.mesh.InferenceMesh`): the DiT under the SP plan
+    (`sp/inference.py`: this rank's frames, its heads of the cache, its guidance branch); the text
+    encoder on the replica root only, its output broadcast; the VAE on the root (or, with
+    `--decode split`, on every rank, each decoding a band: `sp/vae_split.py`)."""
+    from sp.inference import apply_inference_sp
+    from sp.replica import ReplicaTextEncoder, ReplicaVAE
+    from sp.vae_split import GatheredBandDecoder
+
+    if placement.device.type == "cuda":
+        torch.cuda.set_device(placement.device)
+    root, group = mesh.replica_root, mesh.replica_group
+    split = request.decode.kind == "split"
+    text = _text_encoder(request, placement) if mesh.is_replica_root else None
+    vae = _vae(request, placement) if mesh.is_replica_root or split else None
+    decoders = (lambda: GatheredBandDecoder(vae, group, root)) if split else None
+    dit = apply_inference_sp(build_dit(spec), mesh.sp_group, mesh.cfg_group)
+    return Models(dit, ReplicaVAE(vae, group, root, placement.device, placement.dtype, decoders),
+                  ReplicaTextEncoder(text, group, root, placement.device))

@@ -20,15 +20,21 @@ from longlive_cli.interactive import PromptReader
 from longlive_cli.options import (
     DEFAULTS,
     TINY,
+    CfgParallelOpt,
     DeviceOpt,
     HeightOpt,
     KvPrecisionOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
     PrecisionOpt,
     PresetOpt,
     QuantModeOpt,
+    RdzvOpt,
     RecipeOpt,
     SeedOpt,
     SetOpt,
+    SpOpt,
     WidthOpt,
     default_note,
     quant_flags,
@@ -59,8 +65,8 @@ StepsOpt = Annotated[int | None, typer.Option(
     help="Sampling steps: 4 or 2." + default_note(DEFAULTS.stream.sampling_steps))]
 ImageOpt = Annotated[str | None, typer.Option(help="Image-to-video: condition the first frame on this image.")]
 DecodeOpt = Annotated[DecodeMode, typer.Option(
-    parser=DecodeMode.parse, metavar="sync|stream|device:N",
-    help="sync, stream (side CUDA stream) or device:N (VAE on GPU N).")]
+    parser=DecodeMode.parse, metavar="sync|stream|device:N|split",
+    help="sync, stream (side CUDA stream), device:N (VAE on GPU N) or split (bands over the ranks).")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (written atomically).")]
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
@@ -97,7 +103,7 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
 
 
 def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, *,
-         command: str, interactive: bool = False) -> None:
+         command: str, interactive: bool = False, layout=None) -> None:
     from core.generate import GenerateRequest, generate_video, prepare
     from longlive_cli.build import build_models, check_dit_spec, generation_spec
 
@@ -111,6 +117,11 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
     placement = prepare(request)  # every cheap check, once, before any model or output
     spec = generation_spec(request, placement)
     check_dit_spec(spec)
+    if layout is not None and layout.requested:  # several processes (longlive_cli/parallel_inference.py)
+        from longlive_cli.parallel_inference import run_generate
+
+        return run_generate(request, layout, (lambda: _typed_lines(console)) if interactive else None,
+                            lambda report: _show(report, command))
     if command == "multishot":
         for span in schedule.spans:
             console.print(shot_line(span), highlight=False, markup=False)
@@ -133,9 +144,21 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
                                     reader.next_prompt if reader is not None else None, log=progress.log)
         except ValueError as err:  # config / shape validation from the engine
             raise UserError(str(err)) from None
+    _show(report, command)
+
+
+def _show(report, command: str) -> None:
     out = Console()
     out.print(_summary(report, command))
     out.print(f"wrote {report.output}", soft_wrap=True, highlight=False)
+
+
+def _layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel):
+    from longlive_cli.parallel_inference import InferenceLayout, command_line
+    from sp.launcher import Launch
+
+    return InferenceLayout(Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), sp, cfg_parallel,
+                           command_line(ctx))
 
 
 def shot_line(span) -> str:
@@ -150,9 +173,19 @@ def shot_line(span) -> str:
 def _prompt_reader(console: Console) -> PromptReader:
     """Typed prompts: key by key under a live bar (no echo into it), else line by line."""
     keys = console.is_terminal and sys.stdin.isatty()
+    _announce_interactive(console)
+    return PromptReader(sys.stdin, keys=keys)
+
+
+def _typed_lines(console: Console):
+    """A parallel run's typed prompts (on the root rank), line by line: `next_prompt`."""
+    _announce_interactive(console)
+    return PromptReader(sys.stdin, keys=False).__enter__().next_prompt  # line mode: nothing to restore
+
+
+def _announce_interactive(console: Console) -> None:
     console.print("[bold]interactive:[/] type a prompt and press Enter: it is encoded beside the video "
                   "and switches at the next chunk start after that")
-    return PromptReader(sys.stdin, keys=keys)
 
 
 def _summary(report, command: str) -> Table:
@@ -175,6 +208,7 @@ def _summary(report, command: str) -> Table:
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[str, typer.Argument(help="What to generate.")],
     preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
     checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
@@ -183,6 +217,8 @@ def generate(
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
+    nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
+    sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
     """Generate one video from a prompt (text-to-video, or image-to-video with --image)."""
     from core.shots import single_prompt_schedule
@@ -193,11 +229,13 @@ def generate(
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = single_prompt_schedule(prompt, chunks, chosen.stream.frames_per_block)
-    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, command="generate")
+    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, command="generate",
+         layout=_layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))
 
 
 @app.command()
 def multishot(
+    ctx: typer.Context,
     shots_file: Annotated[str, typer.Argument(help="Shot list: .txt (a prompt per line), .yaml or .json.")],
     preset: PresetOpt = None, recipe: RecipeOpt = None, model_dir: ModelDirOpt = None,
     checkpoint: CheckpointOpt = None, lora: LoraOpt = None, seconds: SecondsOpt = None,
@@ -208,6 +246,8 @@ def multishot(
         "--interactive", help="Read new prompts from the terminal while generating.")] = False,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     set_: SetOpt = None,
+    nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
+    sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
     """Generate one multi-shot video from a shot list (scene cuts between shots).
 
@@ -222,4 +262,5 @@ def multishot(
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = load_schedule(shots_file, chosen.stream.frames_per_block, chunks)
     _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
-         command="multishot", interactive=interactive)
+         command="multishot", interactive=interactive,
+         layout=_layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))

@@ -57,6 +57,10 @@ NprocOpt = Annotated[int, typer.Option(help="Processes (GPUs) per node; more tha
 NnodesOpt = Annotated[int, typer.Option(help="Number of nodes.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's rank (multi-node).")]
 RdzvOpt = Annotated[str | None, typer.Option(help="HOST:PORT of the rendezvous (multi-node).")]
+SpOpt = Annotated[int, typer.Option(
+    "--sp", help="Sequence-parallel ranks per video (Ulysses); divides the heads and the frames per block.")]
+CfgParallelOpt = Annotated[bool, typer.Option(
+    "--cfg-parallel", help="With guidance: the prompt and negative branches on two groups of --sp ranks.")]
 
 
 # Options shared by generate, multishot and bench, with the defaults the help shows (the 5B

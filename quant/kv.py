@@ -25,6 +25,7 @@ d head size, n new tokens, f new frames, m held tokens, R rows (tokens x heads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -96,12 +97,13 @@ class FrameSlots:
     """NVFP4 storage of one `[B, K, N, d]` cache tensor, one fp32 amax per (batch, frame) slot."""
 
     def __init__(self, batch: int, capacity: int, heads: int, head_dim: int, tokens_per_frame: int,
-                 rule: str, centred: bool, device):
+                 rule: str, centred: bool, device, all_heads_max: Callable[[Tensor], Tensor] | None = None):
         if head_dim % 16:
             raise ValueError(f"NVFP4 KV storage needs head_dim % 16 == 0 (got {head_dim})")
         frames = _frames(capacity, tokens_per_frame)
         self.tokens_per_frame = tokens_per_frame
         self.rule = rule
+        self.all_heads_max = all_heads_max  # a head shard (core.kv_cache.LayerSpec): the slot amax spans all heads
         self.codes = torch.zeros(batch, capacity, heads, head_dim // 2, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(batch, capacity, heads, head_dim // 16, dtype=torch.float8_e4m3fn,
                                   device=device)
@@ -129,6 +131,8 @@ class FrameSlots:
         # One amax per (batch, frame) slot; a max is exact in any order, so this equals each
         # slot's own max|x| that quantize() would compute.
         amax_Bf = x_BfTND.abs().amax(dim=(2, 3, 4))
+        if self.all_heads_max is not None:
+            amax_Bf = self.all_heads_max(amax_Bf)
         self.amax[:, first:first + frames] = amax_Bf
         if x_BfTND.is_cuda and triton is not None:  # every slot of a batch element in one launch
             tokens = slice(start, start + frames * per_frame)
@@ -205,8 +209,8 @@ class NVFP4LayerKV:
         per_frame = spec.layout.tokens_per_frame
         self.tokens_per_frame = per_frame
         self.shape = (spec.batch, spec.layout.capacity, spec.heads, spec.head_dim)
-        self.keys = FrameSlots(*self.shape, per_frame, rule, center_keys, device)
-        self.values = FrameSlots(*self.shape, per_frame, rule, False, device)
+        self.keys = FrameSlots(*self.shape, per_frame, rule, center_keys, device, spec.all_heads_max)
+        self.values = FrameSlots(*self.shape, per_frame, rule, False, device, spec.all_heads_max)
         self.window = window if window is not None else WindowBuffer()
         self.attention = attention
         self.plan = None

@@ -92,3 +92,91 @@ class ParallelMesh:
     def sp_root(self) -> int:
         """Global rank of the first rank of this SP group (the one whose data the group uses)."""
         return dist.get_global_rank(self.sp_group, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: (dp, cfg, sp).
+
+
+def check_inference_layout(world_size: int, sp: int, cfg: int, num_heads: int, frames_per_block: int) -> None:
+    """Raise `UserError` (one line: the value and the fix) for an inference layout that cannot run:
+    `world = dp x cfg x sp` ranks, sp dividing the heads and the frames of a chunk."""
+    if sp < 1:
+        raise UserError(f"--sp {sp}: the sequence-parallel size must be >= 1 (1 turns SP off)")
+    if world_size % (sp * cfg):
+        what = f"--sp {sp} x 2 guidance branches = {sp * cfg}" if cfg > 1 else f"--sp {sp}"
+        raise UserError(f"{world_size} processes are not divisible by {what} (launch a multiple of {sp * cfg} "
+                        f"processes, or change --sp)")
+    if num_heads % sp:
+        raise UserError(f"--sp {sp}: the model's {num_heads} attention heads are not divisible by it (Ulysses "
+                        f"splits heads over ranks: use an SP size dividing {num_heads})")
+    if frames_per_block % sp:
+        raise UserError(f"--sp {sp}: the {frames_per_block} latent frames of a chunk are not divisible by it "
+                        f"(each rank computes whole frames: use an SP size dividing {frames_per_block})")
+
+
+def _new_groups(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
+    """Create every group of a partition (a collective call: every rank creates all of them, in the
+    same order) and return the one holding `rank`."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    assert mine is not None, (rank, rank_lists)
+    return mine
+
+
+@dataclass(frozen=True)
+class InferenceMesh:
+    """The `(dp, cfg, sp)` grid of an inference run: global rank `(replica * cfg + branch) * sp + s`.
+
+    A replica (`cfg x sp` consecutive ranks) makes one video; inside it an SP group (`sp`
+    consecutive ranks) runs the Ulysses all-to-alls of one guidance branch, and a CFG group (the
+    ranks with the same SP position in the two branch groups) exchanges the two flows."""
+
+    sp: int
+    cfg: int
+    rank: int
+    world: int
+    sp_group: dist.ProcessGroup
+    cfg_group: dist.ProcessGroup | None  # None without CFG-parallel
+    replica_group: dist.ProcessGroup
+
+    @classmethod
+    def build(cls, sp: int, cfg: int = 1) -> InferenceMesh:
+        """The groups of this process (collective: every rank of the default group calls it)."""
+        if not dist.is_initialized():
+            raise RuntimeError("InferenceMesh.build needs an initialised default process group")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if cfg not in (1, 2) or sp < 1 or world % (sp * cfg):
+            raise ValueError(f"world {world} cannot be laid out as dp x cfg {cfg} x sp {sp}")
+        replica_size = sp * cfg
+        replicas = [list(range(g * replica_size, (g + 1) * replica_size)) for g in range(world // replica_size)]
+        sp_groups = [list(range(g * sp, (g + 1) * sp)) for g in range(world // sp)]
+        cfg_groups = [[base + s, base + sp + s] for base in range(0, world, replica_size) for s in range(sp)]
+        return cls(sp, cfg, rank, world, sp_group=_new_groups(sp_groups, rank),
+                   cfg_group=_new_groups(cfg_groups, rank) if cfg == 2 else None,
+                   replica_group=_new_groups(replicas, rank))
+
+    @property
+    def replica_size(self) -> int:
+        return self.sp * self.cfg
+
+    @property
+    def replicas(self) -> int:
+        """Videos made at once (the data-parallel size)."""
+        return self.world // self.replica_size
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.replica_size
+
+    @property
+    def replica_root(self) -> int:
+        """Global rank of the replica's first rank: it encodes the text, writes the video."""
+        return self.replica * self.replica_size
+
+    @property
+    def is_replica_root(self) -> bool:
+        return self.rank == self.replica_root

@@ -23,7 +23,7 @@ from core.attention import masked_attention
 FLEX_BLOCK = 128  # FlexAttention's block size: flex sequences are padded to a multiple of it
 
 
-def _all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None) -> Tensor:
+def all_to_all(x: Tensor, scatter_dim: int, gather_dim: int, group: dist.ProcessGroup | None) -> Tensor:
     """Cut `x` into W pieces along `scatter_dim`, send piece j to rank j, and concatenate the pieces
     received from ranks 0..W-1 along `gather_dim`."""
     world = dist.get_world_size(group)
@@ -40,12 +40,12 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scatter_dim: int, gather_dim: int, group) -> Tensor:
         ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
+        return all_to_all(x, scatter_dim, gather_dim, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
+        return all_to_all(grad, gather_dim, scatter_dim, ctx.group), None, None, None
 
 
 def seq_to_heads(x_BLND: Tensor, group: dist.ProcessGroup | None) -> Tensor:

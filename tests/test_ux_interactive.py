@@ -17,6 +17,7 @@ from rich.console import Console
 from safetensors import safe_open
 
 import core.generate as gen
+import core.interactive
 from core.config import load_recipe
 from core.shots import single_prompt_schedule
 from longlive_cli.build import build_models, generation_spec
@@ -85,7 +86,7 @@ def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_
     # handed over, so each lands at that chunk (the encoder runs on its own thread).
     typed, ready = queue.Queue(), {"a storm begins": threading.Event(), "lightning": threading.Event()}
 
-    class HandedOver(gen.BackgroundPrompts):
+    class HandedOver(core.interactive.BackgroundPrompts):
         def _encode_one(self, switch, side):
             super()._encode_one(switch, side)
             ready[switch.prompt].set()
@@ -96,7 +97,7 @@ def test_switches_are_recorded_in_the_video_and_latents_metadata(tmp_path, fast_
             typed.put(prompt)
             assert ready[prompt].wait(30)
 
-    monkeypatch.setattr(gen, "BackgroundPrompts", HandedOver)
+    monkeypatch.setattr(core.interactive, "BackgroundPrompts", HandedOver)
     # 93 frames: x264 holds back ~40 frames, so the mp4 header (and the metadata in it) has gone out
     # long before the run ends and the switches are known
     request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 12, 2), tmp_path / "i.mp4",

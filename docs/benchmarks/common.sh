@@ -13,7 +13,7 @@ if "seconds_per_chunk" in r:
 else:
     line = (f"   s/block {r['seconds_per_block']:.4f} (min {r['seconds_per_block_min']:.4f}, "
             f"max {r['seconds_per_block_max']:.4f}, {r['steady_chunks']} steady), fps {r['fps']:.2f}, "
-            f"peak {r['peak_memory_gib']:.2f} GiB, compiled {r['compiled']}")
+            f"peak {r['peak_memory_gib'] or float('nan'):.2f} GiB, compiled {r['compiled']}")
     if r.get("decode"):
         line += (f"\n   end-to-end ({r['decode']}): {r['e2e_seconds_per_block']:.4f} s/block, "
                  f"{r['e2e_fps']:.2f} fps = {r['e2e_over_dit']:.3f} x DiT; VAE GPU peak {r['vae_peak_memory_gib']}")
