@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from core.attention import sdpa_backend
-from core.config import Recipe, check_whole_blocks, chunk_video_frames
+from core.config import Recipe, StreamConfig, check_whole_blocks, chunk_video_frames
 from core.decode import DecodeMode
 from core.dit import module_bytes
 from core.optimize import compile_vae_decoder, wants_compile, warm_up_vae_decoder
@@ -79,6 +79,19 @@ class BenchResult:
         return asdict(self)
 
 
+def bench_length(stream: StreamConfig, frames: int | None) -> tuple[int, int, int]:
+    """(latent frames, chunks, chunks that fill the window) of a benchmark run; `frames` None:
+    the window fill + 6 chunks. ValueError unless the run reaches steady state (no model needed)."""
+    fpb = stream.frames_per_block
+    window_chunks = -(-stream.local_window_frames // fpb)
+    frames = (window_chunks + 6) * fpb if frames is None else frames
+    chunks = check_whole_blocks(frames, fpb, "frames")
+    if chunks <= window_chunks:
+        raise ValueError(f"frames must exceed the {window_chunks * fpb} frames that fill the "
+                         f"window, to reach steady state (got {frames})")
+    return frames, chunks, window_chunks
+
+
 def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
                   decode: DecodeMode | None = None) -> BenchResult:
@@ -90,13 +103,7 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
     model = dit.model
     device, dtype = next(model.parameters()).device, model.dtype
-    fpb = stream.frames_per_block
-    window_chunks = -(-stream.local_window_frames // fpb)
-    frames = (window_chunks + 6) * fpb if frames is None else frames
-    chunks = check_whole_blocks(frames, fpb, "frames")
-    if chunks <= window_chunks:
-        raise ValueError(f"frames must exceed the {window_chunks * fpb} frames that fill the "
-                         f"window, to reach steady state (got {frames})")
+    frames, chunks, window_chunks = bench_length(stream, frames)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cfg = model.config

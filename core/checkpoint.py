@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import secrets
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from core.dit import CausalWanDiT
-from core.errors import UserError, first_line, first_names
+from core.errors import UserError, discard_partial, first_line, first_names, os_error_of, plural, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -101,27 +102,115 @@ def block_linear_names(num_layers: int) -> list[str]:
 _CORRUPT_FIX = "the file is truncated or corrupt: download or save it again"
 
 
-def _is_zip(path: Path) -> bool:
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch.save's legacy (non-zip) format opens with this number pickled at protocol 2.
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC_NUMBER.to_bytes(10, "little")
+_SCAN_OPCODES = 1_000_000  # opcodes read when naming a plain pickle's first refused global
+
+
+def _pickle_format(path: Path) -> str:
+    """"zip" (torch.save), "legacy" (torch.save before 1.6), "plain" (another pickle, e.g.
+    `pickle.dump`) or "unknown", from the first bytes."""
     with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        head = f.read(len(_LEGACY_MAGIC))
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head == _LEGACY_MAGIC:
+        return "legacy"
+    return "plain" if head[:1] == pickle.PROTO else "unknown"
+
+
+_FRAMING_OPS = ("PROTO", "FRAME", "STOP", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _first_pickle_ops(path: Path) -> tuple[list[tuple[str, Any, bool]], bool]:
+    """(opcode name, argument, pushes a value) of the first pickle in `path`, read with
+    `pickletools` (opcodes only: nothing runs; byte strings are dropped), and whether that pickle
+    is whole (a damaged one gives what was read)."""
+    import pickletools
+
+    ops: list[tuple[str, Any, bool]] = []
+    with path.open("rb") as f:
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                ops.append((op.name, None if isinstance(arg, bytes | bytearray) else arg, bool(op.stack_after)))
+                if len(ops) >= _SCAN_OPCODES:
+                    return ops, True
+        except ValueError:
+            return ops, False
+    return ops, bool(ops) and ops[-1][0] == "STOP"
+
+
+def _called_globals(ops: list[tuple[str, Any, bool]]) -> list[str]:
+    """"module.name" of every class or function a pickle's opcodes would call, in order."""
+    names: list[str] = []
+    stack: list[Any] = []  # pushed values, strings only (None for the rest): never popped, which
+    memo: dict[int, Any] = {}  # is enough to read the two names just before a STACK_GLOBAL
+    for name, arg, pushes in ops:
+        if name in ("GLOBAL", "INST"):
+            names.append(".".join(str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL" and len(stack) >= 2:
+            names.append(f"{stack[-2]}.{stack[-1]}")
+        if name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(arg)] = stack[-1] if stack else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(int(arg)))
+        elif pushes:
+            stack.append(arg if isinstance(arg, str) else None)
+    return list(dict.fromkeys(names))
+
+
+def _check_plain_pickle(path: Path) -> None:
+    """A pickle that is not a torch.save file: refused with the globals it would call, unless it
+    is the legacy torch.save header written at a newer pickle protocol (torch reads that)."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    ops, whole = _first_pickle_ops(path)
+    refused = [name for name in _called_globals(ops) if name not in _get_allowed_globals()]
+    refused.sort(key=lambda name: name.startswith("torch."))  # foreign code first, torch's own helpers last
+    if refused:
+        raise _code_refused(path, first_names(refused))
+    if not whole:
+        raise UserError(f"cannot read {path} (a damaged pickle): {_CORRUPT_FIX}")
+    if [(name, arg) for name, arg, _ in ops if name not in _FRAMING_OPS] != [("LONG1", _LEGACY_MAGIC_NUMBER)]:
+        raise UserError(f"{path} is a plain Python pickle, not a torch.save checkpoint: save the weights "
+                        f"with torch.save or as .safetensors")
+
+
+def _code_refused(path: Path, what: str) -> UserError:
+    return UserError(f"{path} holds Python objects other than tensors ({what}); we refuse to unpickle code: "
+                     f"convert it to .safetensors (or a plain tensor dict) on a trusted machine")
 
 
 def _load_pickle(path: Path) -> Any:
-    """`torch.load` that never runs code from the file."""
-    # mmap needs the zip format (torch >= 1.6 default); legacy pickles are read without it.
-    mmap = _is_zip(path)
+    """`torch.load` that never runs code from the file. Pickles that are not torch.save files are
+    inspected (opcodes only) and refused before torch sees them."""
+    kind = _pickle_format(path)
+    if kind == "plain":
+        _check_plain_pickle(path)
+    elif kind == "unknown":
+        raise UserError(f"cannot read {path} (not a torch.save or safetensors file): {_CORRUPT_FIX}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols above 2 in legacy files; the result is checked below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # mmap needs the zip format (torch >= 1.6 default); legacy pickles are read without it.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as err:
-        # weights_only names the refused class or function as a "GLOBAL".
-        if "GLOBAL" in str(err):
-            refused = re.search(r"GLOBAL ([\w.]+)", str(err))
-            what = refused.group(1) if refused else "a Python object"
-            raise UserError(
-                f"{path} holds Python objects other than tensors ({what}); we refuse to unpickle "
-                f"code: convert it to .safetensors (or a plain tensor dict) on a trusted machine"
-            ) from err
-        raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
+        # weights_only names the refused class or function as a "GLOBAL"; its own text advises
+        # loading unsafely, so only our words are shown.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if refused or "GLOBAL" in str(err):
+            raise _code_refused(path, refused.group(1) if refused else "a Python object") from None
+        inner = err.__context__ if isinstance(err.__context__, pickle.UnpicklingError) else None
+        detail = first_line(inner) if inner is not None else "not a readable pickle"
+        if detail.startswith("Unsupported operand"):  # a newer pickle protocol in a legacy file
+            raise UserError(f"cannot read {path} safely ({detail}: a pickle feature the weights-only loader "
+                            f"does not read): save it again with torch.save's defaults or as .safetensors") from None
+        raise UserError(f"cannot read {path} ({detail}): {_CORRUPT_FIX}") from None
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
         # Torch reports truncated zips as OSError/RuntimeError, bad legacy magic as KeyError.
         raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
@@ -276,26 +365,42 @@ def _lora_key(key: str) -> str:
     return key if key.startswith(LORA_PREFIX) else LORA_PREFIX + key
 
 
-def read_lora_state_dict(path: PathLike) -> dict[str, Tensor]:
-    """The generator LoRA of a file (official `generator_lora` layout or a bare PEFT dict)."""
-    checkpoint = _tensor_dict(_load_file(path), path, "LoRA state dict")
+def _lora_entries(checkpoint: Mapping[str, Any], path: PathLike) -> dict[str, Any]:
+    """The generator LoRA entries of a file's outer dict (official `generator_lora` layout or a
+    bare PEFT dict), with PEFT keys; values are tensors, or shapes when read from a header."""
     if "generator_lora" in checkpoint:
         checkpoint = _tensor_dict(checkpoint["generator_lora"], path, "LoRA state dict")
     elif any(key in checkpoint for key in ("generator", "generator_ema", "model")):
         raise UserError(f"{path} is a generator checkpoint, not a LoRA: pass it as the "
                         f"checkpoint, or give the LoRA file (generator_lora)")
     lora = {_lora_key(str(key)): value for key, value in checkpoint.items()
-            if isinstance(value, Tensor)}
+            if isinstance(value, Tensor | tuple)}
     if not lora:
         raise UserError(f"{path} holds no LoRA tensors: give the LoRA file (generator_lora)")
     return lora
 
 
-def _lora_pairs(model: nn.Module, lora: Mapping[str, Tensor],
-                source: str) -> tuple[dict[str, tuple[Tensor, Tensor]], int]:
-    """Check a LoRA against the model's block linears; returns {target: (A, B)} and the rank."""
+def read_lora_state_dict(path: PathLike) -> dict[str, Tensor]:
+    """The generator LoRA of a file (official `generator_lora` layout or a bare PEFT dict)."""
+    return _lora_entries(_tensor_dict(_load_file(path), path, "LoRA state dict"), path)
+
+
+def read_lora_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """PEFT key -> shape of a LoRA file's generator LoRA, without reading weight data (the header
+    of a safetensors file, the memory-mapped pickle of a zip `.pt`); the errors of
+    `read_lora_state_dict`."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        return _lora_entries(_safetensors_shapes(path), path)
+    return {key: tuple(value.shape) for key, value in read_lora_state_dict(path).items()}
+
+
+def check_lora(model: nn.Module, lora: Mapping[str, Tensor | tuple[int, ...]], source: str) -> int:
+    """Check a LoRA (tensors, or their shapes from `read_lora_shapes`) against the block linears
+    of `model` (which may live on `meta`): known keys, complete A/B pairs, one rank, the layers'
+    shapes. Returns the rank; one-line UserErrors."""
     allowed = set(block_linear_names(len(model.blocks)))
-    parts: dict[str, dict[str, Tensor]] = {}
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, value in lora.items():
         match = _LORA_KEY.match(key)
         if match is None:
@@ -304,24 +409,23 @@ def _lora_pairs(model: nn.Module, lora: Mapping[str, Tensor],
         if match["target"] not in allowed:
             raise UserError(f"LoRA {source} targets {match['target']!r}, which is not a block "
                             f"linear of this model: check --preset / the file")
-        parts.setdefault(match["target"], {})[match["part"]] = value
+        parts.setdefault(match["target"], {})[match["part"]] = value if isinstance(value, tuple) else tuple(value.shape)
     incomplete = [target for target, ab in parts.items() if len(ab) != 2]
     if incomplete:
-        raise UserError(f"LoRA {source} lacks lora_A or lora_B for {len(incomplete)} layers "
+        raise UserError(f"LoRA {source} lacks lora_A or lora_B for {plural(len(incomplete), 'layer')} "
                         f"({first_names(incomplete)}): the file is incomplete")
-    pairs = {target: (ab["A"], ab["B"]) for target, ab in parts.items()}
-    ranks = {a.shape[0] for a, _ in pairs.values()}
+    ranks = {ab["A"][0] if ab["A"] else 0 for ab in parts.values()}
     if len(ranks) != 1:
         raise UserError(f"LoRA {source} mixes ranks {sorted(ranks)}: all layers need one rank; "
                         f"check the file")
     rank = ranks.pop()
-    for target, (a, b) in pairs.items():
+    for target, ab in parts.items():
         linear = model.get_submodule(target)
-        if a.shape != (rank, linear.in_features) or b.shape != (linear.out_features, rank):
+        if ab["A"] != (rank, linear.in_features) or ab["B"] != (linear.out_features, rank):
             raise UserError(f"LoRA {source} has the wrong shapes for {target} (A "
-                            f"{tuple(a.shape)}, B {tuple(b.shape)}; the layer is "
+                            f"{ab['A']}, B {ab['B']}; the layer is "
                             f"{linear.in_features} -> {linear.out_features}): check --preset")
-    return pairs, rank
+    return rank
 
 
 def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
@@ -332,7 +436,8 @@ def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
     import peft  # slow import (transformers); only LoRA users pay for it
 
     lora = {_lora_key(key): value for key, value in lora_state_dict.items()}
-    pairs, rank = _lora_pairs(model, lora, source)
+    rank = check_lora(model, lora, source)
+    targets = sorted({_LORA_KEY.match(key)["target"] for key in lora})
     if alpha is None:
         alpha = rank  # the official adapters use alpha = rank (scale 1)
     assert not any(p.is_meta for p in model.parameters()), "merge_lora needs materialised weights"
@@ -342,7 +447,7 @@ def merge_lora(model: CausalWanDiT, lora_state_dict: Mapping[str, Tensor],
     model = model.float()
 
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                             target_modules=sorted(pairs))
+                             target_modules=targets)
     wrapped = peft.get_peft_model(model, config)
     result = peft.set_peft_model_state_dict(wrapped, lora)
     not_loaded = [key for key in result.missing_keys if ".lora_" in key]
@@ -369,39 +474,70 @@ def _temp_name(path: Path) -> str:
     return str(path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp"))
 
 
-def check_writable(path: Path, flag: str) -> None:
+def check_writable(path: Path, flag: str, *, create_folders: bool = False) -> None:
     """Create and remove the temp file `atomic_write` would use beside `path`: a one-line
-    UserError, before any heavy work, if the folder is missing or not writable."""
-    if not path.parent.is_dir():
-        raise UserError(f"{flag} {path}: folder {path.parent} does not exist: create it or choose another path")
+    UserError, before any heavy work, if the folder is missing or not writable. With
+    `create_folders` a missing folder is fine (the writer creates it): its nearest existing parent
+    is probed instead."""
+    path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag} {path} is a folder: give a file name")
-    temp_name = _temp_name(path)
+    _probe_folder(path.parent, path.name, f"{flag} {path}", create_folders)
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """The same probe for a folder that files will be written into (created if missing)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file: give a folder")
+    _probe_folder(folder, "probe", f"{flag} {folder}", create_folders=True)
+
+
+def _probe_folder(folder: Path, name: str, what: str, create_folders: bool) -> None:
+    if create_folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what}: folder {folder} does not exist: create it or choose another path")
+    temp_name = _temp_name(folder / name)
     try:
         os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as err:
-        raise UserError(f"{flag} {path}: cannot write in {path.parent} ({err.strerror or first_line(err)}): "
+        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or first_line(err)}): "
                         f"choose a writable location") from None
     os.unlink(temp_name)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Run `write(temp_path)` on a temp file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Run `write(temp_path)` on a temp file beside `path`, then rename it into place. A failed
+    write leaves nothing behind; one the operating system refused (disk full, read-only, file
+    too large) is an `OutputError` naming `path` and the cause."""
+    path = Path(path)
     temp_name = _temp_name(path)
-    # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide the
-    # final permissions, as for a normally created file (some writers recreate it as 0o600).
-    os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never clobber another writer's temp file; mode 0o666 lets the umask decide the
+        # final permissions, as for a normally created file (some writers recreate it as 0o600).
+        os.close(os.open(temp_name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         mode = os.stat(temp_name).st_mode & 0o777
         write(temp_name)
         os.chmod(temp_name, mode)
         with open(temp_name, "rb+") as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+    except BaseException as err:
+        discard_partial(temp_name)
+        cause = os_error_of(err) if isinstance(err, Exception) else None
+        if cause is not None:
+            raise write_failed(path, cause) from err
         raise
+
+
+def _torch_save(obj: Any, path: str) -> None:
+    """`torch.save` through a Python file: a refused write keeps its OSError (errno) in the
+    exception chain, where torch's own file writer reports only "unexpected pos"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_generator(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: PathLike, *,
@@ -424,5 +560,5 @@ def save_generator(model_or_state_dict: nn.Module | Mapping[str, Tensor], path: 
         if "generator" in metadata:
             raise ValueError("metadata may not use the key 'generator' (it holds the weights)")
         payload = {"generator": to_official_keys(tensors), **metadata}
-        atomic_write(path, lambda temp: torch.save(payload, temp))
+        atomic_write(path, lambda temp: _torch_save(payload, temp))
     return path

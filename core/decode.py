@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from core.config import VIDEO_FPS
-from core.errors import UserError
+from core.errors import UserError, discard_partial, os_error_of, write_failed
 
 FrameSink = Callable[[np.ndarray], None]  # uint8 [T, H, W, 3]
 
@@ -257,8 +257,12 @@ class VideoWriter:
     """H.264 (libx264, yuv420p) mp4 at 24 fps, written by a background thread.
 
     Use as a context manager: frames written inside the block end up in `path` only if the block
-    completes; on any exception (Ctrl-C included) the temp file is removed. `crf` is x264's
-    quality (0 lossless .. 51 worst; 18 is visually lossless)."""
+    completes; on any exception (Ctrl-C included) the temp file is removed, and the first error is
+    the one raised (a failing cleanup never hides it). A write the operating system refuses (disk
+    full, read-only folder, file too large) is an `OutputError` naming `path` and the cause. `crf`
+    is x264's quality (0 lossless .. 51 worst; 18 is visually lossless). `metadata` (title,
+    comment, ...) may change until the block ends (`update_metadata`); a change made after the
+    first packet costs a remux at the end (packets copied, nothing re-encoded)."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, fps: int = VIDEO_FPS,
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
@@ -277,9 +281,14 @@ class VideoWriter:
     def __enter__(self) -> VideoWriter:
         import av
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self._temp), mode="w", format="mp4")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self._temp), mode="w", format="mp4")
+        except OSError as err:
+            discard_partial(self._temp)
+            raise write_failed(self.path, err) from err
         self._container.metadata.update(self.metadata)
+        self._header_metadata = dict(self.metadata)
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
         stream.options = {"crf": str(self.crf), "preset": self.preset}
@@ -288,14 +297,42 @@ class VideoWriter:
         self._thread.start()
         return self
 
-    def _encode_loop(self) -> None:
+    def update_metadata(self, values: Mapping[str, str]) -> None:
+        """Change container metadata before the block ends (facts known only at the end, e.g. the
+        interactive prompt switches). The mp4 muxer takes the metadata with its header, which goes
+        out with the first packet: a change after that is written by a remux at the end."""
+        self.metadata.update(values)
+
+    def _remux_with_metadata(self) -> None:
+        """Copy the closed temp file's packets (no re-encoding) into a new temp file that carries
+        the current metadata, and put it in the temp file's place."""
         import av
 
+        remuxed = self._temp.with_name(self._temp.name + ".remux")
+        try:
+            with av.open(str(self._temp)) as source, av.open(str(remuxed), mode="w", format="mp4") as target:
+                target.metadata.update(self.metadata)
+                video = source.streams.video[0]
+                copy = target.add_stream_from_template(video)
+                for packet in source.demux(video):
+                    if packet.dts is not None:  # the demuxer's final flush packet carries no data
+                        packet.stream = copy
+                        target.mux(packet)
+            os.replace(remuxed, self._temp)
+        except BaseException:
+            discard_partial(remuxed)
+            raise
+
+    def _encode(self, frames_THWC: np.ndarray) -> None:
+        import av
+
+        for frame in frames_THWC:
+            self._container.mux(self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+    def _encode_loop(self) -> None:
         try:
             while (frames := self._queue.get()) is not None:
-                for frame in frames:
-                    packet = self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
-                    self._container.mux(packet)
+                self._encode(frames)
         except BaseException as err:
             self._error = err
             while True:
@@ -303,6 +340,14 @@ class VideoWriter:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
+
+    def _failure(self, err: BaseException) -> BaseException:
+        """What to raise for an encoder or container error: an OutputError when the operating
+        system refused the write, else a RuntimeError chained to it."""
+        cause = os_error_of(err)
+        if cause is not None:
+            return write_failed(self.path, cause)
+        return RuntimeError(f"video encoding failed: {err}")
 
     def write(self, frames_THWC: np.ndarray) -> None:
         """Queue uint8 `[T, H, W, 3]` frames (a copy is kept; the caller may reuse its buffer)."""
@@ -312,7 +357,7 @@ class VideoWriter:
         frames = np.array(frames_THWC, copy=True)
         while True:
             if self._error is not None:
-                raise RuntimeError(f"video encoding failed: {self._error}") from self._error
+                raise self._failure(self._error) from self._error
             try:
                 self._queue.put(frames, timeout=0.1)
                 break
@@ -320,20 +365,33 @@ class VideoWriter:
                 continue
         self.frames_written += len(frames)
 
+    def _close(self, complete: bool) -> None:
+        """Stop the encoder thread, flush (if `complete`) and close the container."""
+        self._queue.put(None)
+        self._thread.join()
+        if complete:
+            self._container.mux(self._stream.encode())  # flush delayed frames
+        self._container.close()
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        complete = exc_type is None and self._error is None
         try:
-            self._queue.put(None)
-            self._thread.join()
-            if exc_type is None and self._error is None:
-                self._container.mux(self._stream.encode())  # flush delayed frames
-            self._container.close()
+            self._close(complete)
+            if complete:
+                if self.metadata != self._header_metadata:
+                    self._remux_with_metadata()
+                os.replace(self._temp, self.path)
+                return False
+        except Exception as err:  # closing failed: report it unless an earlier error is on its way
+            discard_partial(self._temp)
+            if exc_type is not None:
+                return False
+            first = self._error or err
+            raise self._failure(first) from first
         except BaseException:
-            self._temp.unlink(missing_ok=True)
+            discard_partial(self._temp)
             raise
-        if exc_type is not None or self._error is not None:
-            self._temp.unlink(missing_ok=True)
-            if exc_type is None:
-                raise RuntimeError(f"video encoding failed: {self._error}") from self._error
-            return False
-        os.replace(self._temp, self.path)
+        discard_partial(self._temp)
+        if exc_type is None:  # the encoder thread failed and nothing else was raised
+            raise self._failure(self._error) from self._error
         return False

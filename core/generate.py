@@ -22,7 +22,7 @@ from core.assets import ShapesFiles
 from core.checkpoint import atomic_write, check_writable
 from core.config import OFFLINE_PRESETS, VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
-from core.errors import UserError
+from core.errors import UserError, discard_partial
 from core.hub import ModelFiles, resolve_model_dir
 from core.interactive import PromptFeed, Switch, open_feed
 from core.pipeline import BuiltDiT, LatentChunk, stream_latents
@@ -217,10 +217,12 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
                    prompt_source: Callable[[], str | None] | PromptFeed | None = None,
                    log: Callable[[str], None] = print) -> GenerateReport:
     """Stream the request's schedule into its mp4 (stages in the module doc). `on_chunk(done,
-    total)` after each chunk. `prompt_source()` (a new prompt, or None) is polled on its own thread,
-    which also encodes what it returns (core/interactive.py): a switch lands at the first chunk
-    boundary after its context is ready and never stalls the video; a ready `PromptFeed` (e.g.
-    shared by a parallel run's ranks) is used as it is. `log` gets one line per switch."""
+    total)` with done = 0 when the first chunk starts, then after each chunk. `prompt_source()` (a
+    new prompt, or None) is polled on its own thread, which also encodes what it returns
+    (core/interactive.py): a switch lands at the first chunk boundary after its context is ready
+    and never stalls the video; a ready `PromptFeed` (e.g. shared by a parallel run's ranks) is
+    used as it is. `log` gets one line per switch. The switches are recorded in the mp4's and the
+    latents' metadata."""
     recipe, schedule = request.recipe, request.schedule
     stream, video = recipe.stream, recipe.video
     device, dtype = placement.device, placement.dtype
@@ -228,15 +230,11 @@ def generate_video(request: GenerateRequest, placement: Placement, models: Model
         torch.cuda.reset_peak_memory_stats(device)
     switches: list[tuple[int, int, str]] = []
     timer = SpanTimer(device)
-    kept: list[Tensor] | None = [] if request.latents_out is not None else None
     with open_feed(prompt_source, models.text, device, dtype) as feed:
         chunks = stream_schedule(request, placement, models, feed, log, switches)
         started = time.perf_counter()
-        frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, kept)
+        frames_written = _stream_into_video(request, models.vae, chunks, timer, on_chunk, switches)
     end_to_end = time.perf_counter() - started
-    if kept is not None:
-        save_latents(torch.cat(kept, dim=1), request.latents_out,
-                     {"shot_start_frames": json.dumps(schedule.shot_start_frames)})
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return GenerateReport(
         output=request.output, video_frames=frames_written,
@@ -283,43 +281,78 @@ def _prompt_switcher(feed: PromptFeed, schedule: PromptSchedule, switches: list[
         switch, context = taken
         frame = schedule.chunk_start_frames[chunk]
         switches.append((chunk, frame, switch.prompt))
-        encoded = "" if switch.encode_seconds is None else f" (encoded in {switch.encode_seconds:.2f} s beside the denoising)"
+        encoded = ("" if switch.encode_seconds is None
+                   else f" (encoded in {switch.encode_seconds:.2f} s beside the denoising)")
         log(f"switch at chunk {chunk} (frame {frame}, {frame / VIDEO_FPS:.2f} s): {switch.prompt!r}{encoded}")
         return context
 
     return prompt_switch
 
 
-def video_metadata(request: GenerateRequest) -> dict[str, str]:
-    """The mp4's title and `comment` (JSON: generator settings, shot starts and prompts)."""
+def switch_records(switches: list[tuple[int, int, str]]) -> list[dict[str, object]]:
+    """Interactive prompt switches as JSON-ready records: chunk, first video frame, prompt."""
+    return [{"chunk": chunk, "frame": frame, "prompt": prompt} for chunk, frame, prompt in switches]
+
+
+def video_metadata(request: GenerateRequest, switches: list[tuple[int, int, str]] = ()) -> dict[str, str]:
+    """The mp4's title and `comment` (JSON: generator settings, shot starts and prompts, and the
+    interactive prompt switches)."""
     recipe, schedule = request.recipe, request.schedule
     return {"title": schedule.shots[0].prompt[:200], "comment": json.dumps({
         "generator": "longlive", "preset": recipe.preset, "seed": recipe.runtime.seed,
         "steps": recipe.stream.sampling_steps, "shot_start_frames": schedule.shot_start_frames,
-        "shot_prompts": [shot.prompt for shot in schedule.shots]})}
+        "shot_prompts": [shot.prompt for shot in schedule.shots], "switches": switch_records(list(switches))})}
+
+
+def latents_metadata(request: GenerateRequest, switches: list[tuple[int, int, str]]) -> dict[str, str]:
+    """The `--latents-out` file's metadata: shot starts and the interactive prompt switches."""
+    return {"shot_start_frames": json.dumps(request.schedule.shot_start_frames),
+            "switches": json.dumps(switch_records(switches))}
 
 
 def _stream_into_video(request: GenerateRequest, vae, chunks, timer: SpanTimer,
-                       on_chunk: Callable[[int, int], None] | None, kept: list[Tensor] | None) -> int:
-    """Decode every chunk as it comes into the request's mp4 (renamed into place only if all went
-    well); `timer` spans the denoising of each chunk. Returns the frames written."""
+                       on_chunk: Callable[[int, int], None] | None,
+                       switches: list[tuple[int, int, str]]) -> int:
+    """Decode every chunk as it comes into the request's mp4; `timer` spans the denoising of each
+    chunk. The metadata (with the prompt switches, known only now) and the `--latents-out` file
+    are written before the video is renamed into place: a failure leaves neither. Returns the
+    frames written."""
     video, total = request.recipe.video, request.schedule.num_chunks
-    with VideoWriter(request.output, video.width, video.height, crf=request.crf,
-                     metadata=video_metadata(request)) as writer:
-        decoder = make_decoder(request.decode, vae, writer.write)
-        try:
-            timer.start()
-            for chunk in chunks:
-                timer.stop()
-                decoder.submit(chunk.latents)
-                if kept is not None:
-                    kept.append(chunk.latents)
-                if on_chunk is not None:
-                    on_chunk(chunk.index + 1, total)
-                timer.start()
-            decoder.finish()
-        except BaseException:
-            if hasattr(decoder, "close"):
-                decoder.close()
-            raise
+    kept: list[Tensor] | None = [] if request.latents_out is not None else None
+    latents_written = False
+    try:
+        with VideoWriter(request.output, video.width, video.height, crf=request.crf,
+                         metadata=video_metadata(request)) as writer:
+            _decode_chunks(make_decoder(request.decode, vae, writer.write), chunks, timer, on_chunk, total, kept)
+            writer.update_metadata(video_metadata(request, switches))
+            if kept is not None:
+                save_latents(torch.cat(kept, dim=1), request.latents_out, latents_metadata(request, switches))
+                latents_written = True
+    except BaseException:
+        if latents_written:  # the video failed at its close: take the latents back too
+            discard_partial(request.latents_out)
+        raise
     return writer.frames_written
+
+
+def _decode_chunks(decoder, chunks, timer: SpanTimer, on_chunk: Callable[[int, int], None] | None,
+                   total: int, kept: list[Tensor] | None) -> None:
+    """Hand every chunk to the decoder as it is denoised; `on_chunk(0, total)` when the first
+    chunk starts, `on_chunk(done, total)` after each."""
+    try:
+        if on_chunk is not None:
+            on_chunk(0, total)
+        timer.start()
+        for chunk in chunks:
+            timer.stop()
+            decoder.submit(chunk.latents)
+            if kept is not None:
+                kept.append(chunk.latents)
+            if on_chunk is not None:
+                on_chunk(chunk.index + 1, total)
+            timer.start()
+        decoder.finish()
+    except BaseException:
+        if hasattr(decoder, "close"):
+            decoder.close()
+        raise

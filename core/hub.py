@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import UserError, first_line
+from core.errors import WRITE_ERRNOS, UserError, first_line, os_error_of, write_failed
 
 DEFAULT_MODEL_DIR = Path("~/.cache/longlive/models").expanduser()
 
@@ -132,18 +132,88 @@ def plan_download(which: list[str], revision: str | None, endpoint: str | None, 
     return planned
 
 
+def present_bytes(planned: list[PlannedFile], local_dir: Path) -> int:
+    """Bytes of the planned files already complete in the model folder (a resumed download)."""
+    done = 0
+    for item in planned:
+        path = local_dir / item.repo.folder / item.path
+        if item.size is not None and path.is_file() and path.stat().st_size == item.size:
+            done += item.size
+    return done
+
+
+def byte_bars(on_bytes: Callable[[int], None]) -> type:
+    """A stand-in for tqdm, for `snapshot_download(tqdm_class=...)`: it draws nothing and reports
+    the bytes fetched so far (the largest count among its byte bars: the Hub library keeps one
+    for bytes received and one for bytes written) to `on_bytes`, from the download threads."""
+    counts: dict[int, float] = {}
+
+    class ByteBars:
+        def __init__(self, *args, total=None, initial=0, unit="it", **kwargs):
+            self.total, self.n, self.unit = total, initial or 0, unit
+            self.format_dict = {"rate": None}
+
+        def update(self, n: float | None = 1) -> None:
+            self.n += n or 0
+            if self.unit == "B":
+                counts[id(self)] = self.n
+                on_bytes(int(max(counts.values())))
+
+        def refresh(self, *args, **kwargs) -> None:
+            """Nothing is drawn."""
+
+        def close(self) -> None:
+            """Nothing to release."""
+
+        def set_description(self, *args, **kwargs) -> None:
+            """Descriptions are not shown."""
+
+        set_description_str = set_postfix_str = set_description
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.close()
+
+    return ByteBars
+
+
+class _BytesAcrossRepos:
+    """Byte counts of one repository at a time, reported as a running total over all of them."""
+
+    def __init__(self, on_bytes: Callable[[int], None]):
+        self.on_bytes, self.finished, self.current = on_bytes, 0, 0
+
+    def report(self, fetched: int) -> None:
+        self.current = fetched
+        self.on_bytes(self.finished + fetched)
+
+    def next_repo(self) -> None:
+        self.finished, self.current = self.finished + self.current, 0
+
+
 def download(planned: list[PlannedFile], local_dir: Path, revision: str | None,
-             endpoint: str | None, fetch: Callable | None = None) -> None:
-    """Fetch the planned files (huggingface_hub resumes partial downloads)."""
+             endpoint: str | None, fetch: Callable | None = None,
+             on_bytes: Callable[[int], None] | None = None) -> None:
+    """Fetch the planned files (huggingface_hub resumes partial downloads); `on_bytes(n)` gets the
+    bytes fetched so far by this call, over all repositories."""
     from huggingface_hub import snapshot_download
 
     fetch = fetch or snapshot_download
+    total = _BytesAcrossRepos(on_bytes) if on_bytes is not None else None
     for repo in dict.fromkeys(p.repo for p in planned):
         target = local_dir / repo.folder
+        bars = {} if total is None else {"tqdm_class": byte_bars(total.report)}
         try:
             fetch(repo.repo_id, revision=revision, local_dir=target, endpoint=endpoint,
-                  allow_patterns=list(repo.allow))
+                  allow_patterns=list(repo.allow), **bars)
         except Exception as err:
+            refused = os_error_of(err)
+            if refused is not None and refused.errno in WRITE_ERRNOS:  # disk full, read-only: not the network
+                raise write_failed(target, refused) from None
             if _is_network_error(err):
                 raise _network_error(err, endpoint, local_dir) from None
             raise
+        if total is not None:
+            total.next_repo()

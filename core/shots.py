@@ -50,7 +50,7 @@ from typing import Any, Literal
 import yaml
 
 from core.config import VAE_TEMPORAL_STRIDE, VIDEO_FPS, StreamConfig
-from core.errors import UserError
+from core.errors import UserError, plural
 
 SCENE_CUT_PREFIX = "The scene transitions. "  # exact official string, trailing space included
 TRANSITIONS = ("cut", "continue")
@@ -250,6 +250,9 @@ class PromptSchedule:
 def single_prompt_schedule(prompt: str, num_chunks: int,
                            frames_per_block: int = DEFAULT_FRAMES_PER_BLOCK) -> PromptSchedule:
     """One shot: `prompt` on every chunk."""
+    if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+        raise UserError('the prompt is empty: describe what the video shows, e.g. longlive generate '
+                        '"a red ball bounces on a wooden floor"')
     text = _check_prompt(prompt, "prompt", "cuts need a shot list (.txt, .yaml or .json)")
     _check_num_chunks(num_chunks, "prompt")
     return PromptSchedule((Shot(text, num_chunks),), frames_per_block, source="prompt")
@@ -260,8 +263,7 @@ def even_split_schedule(prompts: Sequence[str], num_chunks: int,
                         source: str = "prompts") -> PromptSchedule:
     """`num_chunks` split evenly over the prompts (remainder to the first), a cut before each."""
     texts = [_check_prompt(p, f"{source} shot {i + 1}", _TXT_CUT_FIX) for i, p in enumerate(prompts)]
-    return _even_split(texts, [f"{source} shot {i + 1}" for i in range(len(texts))], num_chunks,
-                       frames_per_block, source)
+    return _even_split(texts, num_chunks, frames_per_block, source)
 
 
 def load_schedule(path: PathLike, frames_per_block: int, num_chunks: int | None = None) -> PromptSchedule:
@@ -279,7 +281,7 @@ def load_schedule(path: PathLike, frames_per_block: int, num_chunks: int | None 
         return _txt_schedule(text, path, frames_per_block, num_chunks)
     if num_chunks is not None:
         raise UserError(f"{path}: the shots' seconds/frames set the video length, so a total length "
-                        f"({num_chunks} chunks) cannot apply: drop the length option, or give the prompts "
+                        f"({plural(num_chunks, 'chunk')}) cannot apply: drop the length option, or give the prompts "
                         f"as a .txt file to split a length evenly")
     if not text.strip():
         raise UserError(f"{path}: the file is empty: write a list of shots, each with prompt and "
@@ -295,27 +297,25 @@ def _txt_schedule(text: str, path: Path, frames_per_block: int, num_chunks: int 
     if num_chunks is None:
         raise UserError(f"{path}: a .txt shot list needs the total video length to split over its lines: "
                         f"give a length, or use .yaml/.json with seconds or frames per shot")
-    prompts, places = [], []
+    prompts = []
     for line_number, line in enumerate(text.split("\n"), 1):
         prompt = line.strip()
         if not prompt or prompt.startswith("#"):
             continue
-        places.append(f"{path} line {line_number}")
-        prompts.append(_check_prompt(prompt, places[-1], _TXT_CUT_FIX))
+        prompts.append(_check_prompt(prompt, f"{path} line {line_number}", _TXT_CUT_FIX))
     if not prompts:
         what = "the file is empty" if not text.strip() else "the file has only empty or # comment lines"
         raise UserError(f"{path}: no shots ({what}): write one prompt per line")
-    return _even_split(prompts, places, num_chunks, frames_per_block, str(path))
+    return _even_split(prompts, num_chunks, frames_per_block, str(path))
 
 
-def _even_split(prompts: list[str], places: list[str], num_chunks: int, frames_per_block: int,
-                source: str) -> PromptSchedule:
+def _even_split(prompts: list[str], num_chunks: int, frames_per_block: int, source: str) -> PromptSchedule:
     if not prompts:
         raise UserError(f"{source}: no shots: give at least one prompt")
     _check_num_chunks(num_chunks, source)
     if len(prompts) > num_chunks:
-        raise UserError(f"{places[num_chunks]}: {len(prompts)} shots but the video has only {num_chunks} "
-                        f"chunks and every shot needs one: make the video at least {len(prompts)} chunks "
+        raise UserError(f"{source}: {len(prompts)} shots but the video has only {plural(num_chunks, 'chunk')} and "
+                        f"every shot needs one: make the video at least {len(prompts)} chunks "
                         f"({video_frame_count(len(prompts), frames_per_block)} video frames) long or remove shots")
     base, extra = divmod(num_chunks, len(prompts))
     shots = tuple(Shot(p, base + (i < extra), "cut") for i, p in enumerate(prompts))

@@ -1,13 +1,17 @@
-"""The Typer app and its error policy: user errors are one red line and exit code 2."""
+"""The Typer app and its error policy: one red line for every failure the user can act on, and
+an exit code that says which kind: 2 bad input (`UserError`), 1 an output that could not be
+written (`OutputError`), 130 interrupted (`Interrupted`, or Ctrl-C anywhere else)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import typer
 from rich.console import Console
 
-from core.errors import UserError
+from core.errors import Interrupted, OutputError, UserError
 
 app = typer.Typer(
     name="longlive",
@@ -22,6 +26,16 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Real-time, multi-shot long video generation (LongLive 2.0, Wan2.2-TI2V-5B)."""
+
+
+@contextlib.contextmanager
+def interrupted(kept: str) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into one line, "interrupted; <kept>" (what was or was not
+    written), and exit code 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept) from None
 
 
 # Subcommands register themselves on `app` when imported; only commands that work are listed.
@@ -42,15 +56,23 @@ UsageError = _CLICK_ERRORS["UsageError"]
 ClickException = _CLICK_ERRORS["ClickException"]
 
 
-def fail(message: str) -> int:
+def fail(message: str, code: int = 2) -> int:
     err_console.print(f"[bold red]error:[/] {message}", markup=True)
-    return 2
+    return code
+
+
+def cli_command():
+    """The app as a click command, with every subcommand's examples and plain boolean flags."""
+    from longlive_cli.help import finish_help
+
+    command = typer.main.get_command(app)
+    finish_help(command)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="longlive", standalone_mode=False)
+        result = cli_command().main(args=argv, prog_name="longlive", standalone_mode=False)
     except UsageError as err:
         ctx = getattr(err, "ctx", None)
         where = ctx.command_path if ctx is not None else "longlive"
@@ -59,9 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(err.format_message())
     except UserError as err:
         return fail(str(err))
+    except OutputError as err:
+        return fail(str(err), 1)
+    except Interrupted as err:
+        err_console.print(f"interrupted; {err}", highlight=False)
+        return 130
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("interrupted")
         return 130
+    if result == 130:  # typer turns Ctrl-C outside an `interrupted` block into a silent 130
+        err_console.print("interrupted")
     return result if isinstance(result, int) else 0
 
 

@@ -12,55 +12,68 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from core.benchmark import bench_length
 from core.config import chunk_video_frames
 from core.decode import DecodeMode
 from core.errors import UserError
 from core.optimize import wants_compile
-from longlive_cli.app import app
+from longlive_cli.app import app, interrupted
 from longlive_cli.options import (
+    DEFAULTS,
     CfgParallelOpt,
+    DeviceOpt,
+    HeightOpt,
     KvPrecisionOpt,
     NnodesOpt,
     NodeRankOpt,
     NprocOpt,
     PrecisionOpt,
+    PresetOpt,
     QuantModeOpt,
     RdzvOpt,
+    RecipeOpt,
+    SetOpt,
     SpOpt,
+    WidthOpt,
+    default_note,
     quant_flags,
     resolve_recipe,
 )
+from longlive_cli.progress import TaskProgress, count_of, per_second
+
+_FRAMES_NOTE = default_note(f"the window fill + 6 chunks ({bench_length(DEFAULTS.stream, None)[0]} for the 5B)")
 
 
 @app.command()
 def bench(
     ctx: typer.Context,
-    preset: Annotated[str | None, typer.Option(help="Model preset: wan2.2-ti2v-5b (default) or tiny.")] = None,
-    recipe: Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")] = None,
-    height: Annotated[int | None, typer.Option(help="Video height in pixels (multiple of 32).")] = None,
-    width: Annotated[int | None, typer.Option(help="Video width in pixels (multiple of 32).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps per chunk.")] = None,
-    window: Annotated[int | None, typer.Option(help="Local attention window, latent frames.")] = None,
-    sink: Annotated[int | None, typer.Option(help="Sink frames.")] = None,
-    frames_per_block: Annotated[int | None, typer.Option(help="Latent frames per chunk.")] = None,
+    preset: PresetOpt = None, recipe: RecipeOpt = None, height: HeightOpt = None, width: WidthOpt = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Sampling steps per chunk." + default_note(DEFAULTS.stream.sampling_steps))] = None,
+    window: Annotated[int | None, typer.Option(
+        help="Local attention window, latent frames." + default_note(DEFAULTS.stream.local_window_frames))] = None,
+    sink: Annotated[int | None, typer.Option(help="Sink frames." + default_note(DEFAULTS.stream.sink_frames))] = None,
+    frames_per_block: Annotated[int | None, typer.Option(
+        help="Latent frames per chunk." + default_note(DEFAULTS.stream.frames_per_block))] = None,
     frames: Annotated[int | None, typer.Option(
-        help="Latent frames to generate, a multiple of frames per block (default: window fill + 6 blocks).")] = None,
+        help="Latent frames to generate, a multiple of the frames per chunk." + _FRAMES_NOTE)] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Generator weights to load (default: random).")] = None,
     lora: Annotated[str | None, typer.Option(help="LoRA file to merge (official layout).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
     attention: Annotated[str | None, typer.Option(
         help="SDPA kernel: auto, cudnn, flash, efficient, math; fp8 = FA3 FP8 self-attention.")] = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the random weights and noise.")] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="Seed of the random weights and noise." + default_note(DEFAULTS.runtime.seed))] = None,
     decode: Annotated[DecodeMode | None, typer.Option(
         parser=DecodeMode.parse, metavar="sync|stream|device:N",
         help="Also decode and write every chunk (end-to-end fps).")] = None,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")] = None,
+    set_: SetOpt = None,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
@@ -85,17 +98,21 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
     from core.benchmark import run_benchmark, run_vae_benchmark
     from core.runtime import resolve_device, resolve_dtype
     from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
-    from longlive_cli.progress import chunk_progress
 
     target = resolve_device(chosen.runtime.device)
     if chosen.preset != "tiny" and target.type != "cuda":
         raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
                         f"use --preset tiny on a CPU")
     if vae:
-        _print_vae(run_vae_benchmark(chosen), json_output)
+        with interrupted("nothing was written"):
+            _print_vae(run_vae_benchmark(chosen), json_output)
         return
     if decode is not None:
         decode.vae_device(target)
+    try:
+        _, chunks, _ = bench_length(chosen.stream, frames)  # before building anything
+    except ValueError as err:
+        raise UserError(str(err)) from None
     spec = DiTSpec.from_recipe(chosen, target, resolve_dtype(chosen.runtime.dtype, target),
                                checkpoint=Path(checkpoint) if checkpoint else None,
                                lora=Path(lora) if lora else None,
@@ -105,18 +122,20 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
         from longlive_cli.parallel_inference import run_bench
 
         return run_bench(chosen, spec, frames, decode, layout, lambda result: _show(result, json_output))
-    console = Console(stderr=json_output)
-    progress = chunk_progress(chunk_video_frames(chosen.stream.frames_per_block), console)
-    with progress:
-        task = progress.add_task(f"bench {chosen.preset}", total=None)
+    console = Console(stderr=True)
+    with interrupted("nothing was written"), TaskProgress(
+            f"bench {chosen.preset}", count_of("chunks"), console=console, total=chunks,
+            rate=per_second("frames/s", chunk_video_frames(chosen.stream.frames_per_block))) as progress:
 
         def on_chunk(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            progress.update(done, total)
 
         if target.type == "cuda":
             torch.cuda.set_device(target)
+        dit = build_dit(spec)
+        progress.start()
         try:
-            result = run_benchmark(chosen, build_dit(spec), frames, on_chunk, decode=decode)
+            result = run_benchmark(chosen, dit, frames, on_chunk, decode=decode)
         except ValueError as err:
             raise UserError(str(err)) from None
     _show(result, json_output)

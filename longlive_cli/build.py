@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import check_state_dict, load_generator, merge_lora, read_lora_state_dict, read_shapes
+from core.checkpoint import (
+    check_lora,
+    check_state_dict,
+    load_generator,
+    merge_lora,
+    read_lora_shapes,
+    read_lora_state_dict,
+    read_shapes,
+)
 from core.config import KVPrecision, ModelConfig, Precision, QuantMode, QuantSettings, Recipe
 from core.dit import CausalWanDiT, count_parameters, random_init_
 from core.errors import UserError
@@ -78,6 +86,8 @@ def check_dit_spec(spec: DiTSpec) -> None:
         if spec.lora is not None:
             raise UserError(f"--lora cannot be merged into the packed NVFP4 file {spec.checkpoint}: convert the "
                             f"bf16 checkpoint with `longlive convert-nvfp4 --lora` instead")
+    if spec.lora is not None:  # pairs and shapes against the meta model, from the header / mmapped pickle
+        check_lora(meta_dit(spec.config), read_lora_shapes(spec.lora), str(spec.lora))
     if spec.quant.precision == Precision.nvfp4 and spec.quant.mode == QuantMode.native:
         from quant.linear import check_native_supported
 

@@ -9,12 +9,13 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from core.checkpoint import check_writable
 from core.config import MODEL_PRESETS, ModelConfig, QuantMode
 from core.errors import UserError
-from longlive_cli.app import app
+from longlive_cli.app import app, interrupted
+from longlive_cli.progress import TaskProgress, count_of, per_second
 
 PathLike = str | Path
 
@@ -53,15 +54,15 @@ def convert_nvfp4(
     if device != "auto":
         check_device(device)
     console = Console()
-    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("layers"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                        console=console, transient=True)
-    task = progress.add_task("quantizing", total=None)
+    with interrupted("nothing was written"), TaskProgress(
+            "quantizing", count_of("layers"), console=Console(stderr=True), rate=per_second("layers/s"),
+            transient=True) as progress:
 
-    def advance(done: int, total: int, layer) -> None:
-        progress.update(task, completed=done, total=total, description=f"quantizing {layer.name}")
+        def advance(done: int, total: int, layer) -> None:
+            if done == 1:  # the clock starts here: loading the checkpoint is not quantizing
+                progress.start(done)
+            progress.update(done, total, description=f"quantizing {layer.name}")
 
-    with progress:
         report = convert(source, output, preset, lora=lora, rule=rule, mode=mode, use_ema=use_ema,
                          device=resolve_device(device), on_layer=advance)
 
@@ -101,6 +102,7 @@ def convert(src: PathLike, dst: PathLike, preset: str | ModelConfig, *, lora: Pa
     config, preset_name = _model_config(preset)
     mode = QuantMode(mode)
     check_paths(src, dst)
+    check_writable(dst, "OUT", create_folders=True)
     check_storage_mode(mode)
     if rule is not None:
         check_rule(rule)

@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from core.errors import UserError
-from longlive_cli.app import app
+from longlive_cli.app import app, interrupted
+from longlive_cli.progress import TaskProgress, bytes_per_second, gigabytes
 
 
 def _size(num: int | None) -> str:
@@ -44,7 +45,8 @@ def download(
         from longlive_cli.eval import download_eval
 
         return download_eval(cache_dir, dimensions, env_only, env_dir, dry_run)
-    from core.hub import REPOS, plan_download, resolve_model_dir
+    from core.checkpoint import check_writable_folder
+    from core.hub import REPOS, plan_download, present_bytes, resolve_model_dir
     from core.hub import download as fetch
 
     which = list(dict.fromkeys(what or list(REPOS)))
@@ -52,6 +54,7 @@ def download(
     if unknown:
         raise UserError(f"--what {unknown[0]}: choose from {', '.join(REPOS)}")
     target = resolve_model_dir(local_dir)
+    check_writable_folder(target, "--local-dir")
     console = Console()
     planned = plan_download(which, revision, endpoint, target)
     table = Table(title=f"files for {target}", title_justify="left")
@@ -64,5 +67,9 @@ def download(
     console.print(table)
     if dry_run:
         return
-    fetch(planned, target, revision, endpoint)
+    already = present_bytes(planned, target)
+    with interrupted("the files fetched so far are kept: run the same command again to resume"), TaskProgress(
+            "download", gigabytes, console=Console(stderr=True), rate=bytes_per_second, total=total) as progress:
+        progress.start(already)
+        fetch(planned, target, revision, endpoint, on_bytes=lambda fetched: progress.update(already + fetched))
     console.print(f"[green]done:[/] {target} (use --model-dir {target} if it is not the default)")

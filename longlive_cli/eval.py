@@ -26,7 +26,7 @@ from rich.table import Table
 from core.config import VIDEO_FPS, KVPrecision, Precision, QuantMode
 from core.errors import UserError
 from longlive_cli.app import app
-from longlive_cli.options import KvPrecisionOpt, PrecisionOpt, QuantModeOpt, RandomWeightsOpt
+from longlive_cli.options import DEFAULTS, KvPrecisionOpt, PrecisionOpt, QuantModeOpt, RandomWeightsOpt, default_note
 
 if TYPE_CHECKING:
     from core.shots import PromptSchedule
@@ -111,6 +111,9 @@ def check_out(out: str) -> Path:
         raise UserError(f"--out {path}: give a .json file (CSV, Markdown and plots are written beside it)")
     if not path.parent.is_dir():
         raise UserError(f"--out {path}: folder {path.parent} does not exist")
+    from core.checkpoint import check_writable
+
+    check_writable(path, "--out")  # before hours of generation and scoring
     return path
 
 
@@ -417,6 +420,15 @@ def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOpt
     evaluate(videos, settings, cache_dir, python, out, provenance)
 
 
+# Generation options whose defaults come from the recipe (shown like typer's own defaults).
+GenPresetOpt = Annotated[str | None, typer.Option(
+    help="Generation: wan2.2-ti2v-5b, tiny or shapes." + default_note(DEFAULTS.preset))]
+GenStepsOpt = Annotated[int | None, typer.Option(
+    help="Sampling steps (4 or 2)." + default_note(DEFAULTS.stream.sampling_steps))]
+GenSecondsOpt = Annotated[float | None, typer.Option(
+    help="Generated video length in seconds." + default_note("the recipe's length"))]
+
+
 @app.command("eval-vbench")
 def eval_vbench(
     inputs: Annotated[list[str] | None, typer.Argument(
@@ -444,15 +456,15 @@ def eval_vbench(
     videos_dir: Annotated[str | None, typer.Option(help="Where generated videos go (default <out>_videos).")] = None,
     env_dir: Annotated[str | None, typer.Option(help="VBench environment (default ~/.cache/longlive/vbench-env).")]
     = None,
-    preset: Annotated[str | None, typer.Option(help="Generation: wan2.2-ti2v-5b, tiny or shapes.")] = None,
+    preset: GenPresetOpt = None,
     recipe: Annotated[str | None, typer.Option(help="Generation recipe.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value.")] = None,
     model_dir: Annotated[str | None, typer.Option(help="Generation model folder.")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Generator weights.")] = None,
     lora: Annotated[str | None, typer.Option(help="LoRA to merge.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampling steps (4 or 2).")] = None,
+    steps: GenStepsOpt = None,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    seconds: Annotated[float | None, typer.Option(help="Generated video length in seconds.")] = None,
+    seconds: GenSecondsOpt = None,
     random_weights: RandomWeightsOpt = False,
     max_prompts: Annotated[int | None, typer.Option(help="Only this many of the suite's prompts (a quick check; "
                                                      "shapes: balanced seen / held out).")] = None,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import queue
+import contextlib
+import math
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -15,47 +15,65 @@ from rich.table import Table
 from core.config import VIDEO_FPS, chunk_video_frames
 from core.decode import DecodeMode
 from core.errors import UserError
-from longlive_cli.app import app
+from longlive_cli.app import app, interrupted
+from longlive_cli.interactive import PromptReader
 from longlive_cli.options import (
+    DEFAULTS,
+    TINY,
     CfgParallelOpt,
+    DeviceOpt,
+    HeightOpt,
     KvPrecisionOpt,
     NnodesOpt,
     NodeRankOpt,
     NprocOpt,
     PrecisionOpt,
+    PresetOpt,
     QuantModeOpt,
     RandomWeightsOpt,
     RdzvOpt,
+    RecipeOpt,
+    SeedOpt,
+    SetOpt,
     SpOpt,
+    WidthOpt,
+    default_note,
     quant_flags,
 )
+from longlive_cli.progress import TaskProgress, count_of, per_second
 
-PresetOpt = Annotated[str | None, typer.Option(
-    help="wan2.2-ti2v-5b (default), tiny (offline, CPU: the trained shapes models when shipped, else random) "
-         "or shapes (the trained shapes-world models; --model-dir: their folder).")]
-RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
+
+def _length(recipe) -> str:
+    video = recipe.video
+    return (f"{video.latent_frames} latent frames = {video.pixel_frames} video frames, "
+            f"{video.pixel_frames / VIDEO_FPS:.1f} s")
+
+
 ModelDirOpt = Annotated[str | None, typer.Option(
     help="Model folder from `longlive download` (default ~/.cache/longlive/models); with --preset shapes, "
          "the folder of dit.safetensors and vae.safetensors (default: the shipped ones).")]
 CheckpointOpt = Annotated[str | None, typer.Option(
     help="Generator weights (default: <model-dir>/LongLive-2.0-5B/model_bf16.pt).")]
 LoraOpt = Annotated[str | None, typer.Option(help="LoRA file to merge (official generator_lora layout).")]
-SecondsOpt = Annotated[float | None, typer.Option(help="Video length in seconds (rounded to whole chunks).")]
-FramesOpt = Annotated[int | None, typer.Option(
-    help="Video length in latent frames (a multiple of 8): 4N-3 video frames.")]
-HeightOpt = Annotated[int | None, typer.Option(help="Height in pixels, a multiple of 32 (default 704).")]
-WidthOpt = Annotated[int | None, typer.Option(help="Width in pixels, a multiple of 32 (default 1280).")]
-StepsOpt = Annotated[int | None, typer.Option(help="Sampling steps: 4 or 2.")]
+_CHUNK_SECONDS = chunk_video_frames(DEFAULTS.stream.frames_per_block) / VIDEO_FPS
+SecondsOpt = Annotated[float | None, typer.Option(help=(
+    f"Video length in seconds, rounded to whole chunks of {_CHUNK_SECONDS:.2f} s. Give --seconds or --frames, "
+    f"not both (both is an error)." + default_note(f"the recipe's length: {_length(DEFAULTS)}; tiny {_length(TINY)}")))]
+FramesOpt = Annotated[int | None, typer.Option(help=(
+    f"Video length in latent frames, a multiple of {DEFAULTS.stream.frames_per_block}: N latent frames are 4N-3 "
+    f"video frames at {VIDEO_FPS} fps. Give --frames or --seconds, not both."
+    + default_note(f"the recipe's: {DEFAULTS.video.latent_frames}; tiny {TINY.video.latent_frames}")))]
+StepsOpt = Annotated[int | None, typer.Option(
+    help="Sampling steps: 4 or 2." + default_note(DEFAULTS.stream.sampling_steps))]
 ImageOpt = Annotated[str | None, typer.Option(help="Image-to-video: condition the first frame on this image.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Noise seed.")]
 DecodeOpt = Annotated[DecodeMode, typer.Option(
     parser=DecodeMode.parse, metavar="sync|stream|device:N|split",
     help="sync, stream (side CUDA stream), device:N (VAE on GPU N) or split (bands over the ranks).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 OutputOpt = Annotated[str, typer.Option("-o", "--output", help="Output .mp4 (written atomically).")]
 LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here (.safetensors).")]
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value (repeatable).")]
+
+
 def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, random_weights=False, checkpoint=None):
     from longlive_cli.options import resolve_generation_recipe
 
@@ -81,17 +99,16 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
                             f"use a multiple of {fpb}, e.g. {max(fpb, frames - frames % fpb + fpb)}")
         return frames // fpb
     if seconds is not None:
-        if seconds <= 0:
-            raise UserError(f"--seconds {seconds}: the length must be positive")
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise UserError(f"--seconds {seconds}: give a positive length, e.g. --seconds 10")
         return durations_to_chunks([round(seconds * VIDEO_FPS)], fpb)[0]
     return None
 
 
-def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
-         interactive: bool = False, layout=None) -> None:
+def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, *,
+         command: str, interactive: bool = False, layout=None) -> None:
     from core.generate import GenerateRequest, generate_video, prepare
     from longlive_cli.build import build_models, check_dit_spec, generation_spec
-    from longlive_cli.progress import chunk_progress
 
     console = Console(stderr=True)
     request = GenerateRequest(
@@ -106,29 +123,36 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
     if layout is not None and layout.requested:  # several processes (longlive_cli/parallel_inference.py)
         from longlive_cli.parallel_inference import run_generate
 
-        return run_generate(request, layout, (lambda: _stdin_prompts(console)) if interactive else None,
-                            lambda report: _show(report))
-    for span in schedule.spans:
-        console.print(f"shot {span.index + 1}: chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}, "
-                      f"frame {span.start_frame} ({span.start_seconds:.2f} s), "
-                      f"{'cut' if span.scene_cut else 'same scene'}: {span.prompt[:70]!r}", highlight=False)
-    prompts = _stdin_prompts(console) if interactive else None
-    progress = chunk_progress(chunk_video_frames(recipe.stream.frames_per_block), console)
-    with progress:
-        task = progress.add_task("generate", total=schedule.num_chunks)
+        return run_generate(request, layout, (lambda: _typed_lines(console)) if interactive else None,
+                            lambda report: _show(report, command))
+    if command == "multishot":
+        for span in schedule.spans:
+            console.print(shot_line(span), highlight=False, markup=False)
+    with interrupted("nothing was written"), contextlib.ExitStack() as scope:
+        reader = scope.enter_context(_prompt_reader(console)) if interactive else None
+        progress = scope.enter_context(TaskProgress(
+            command, count_of("chunks"), console=console, total=schedule.num_chunks,
+            rate=per_second("frames/s", chunk_video_frames(recipe.stream.frames_per_block)),
+            footer=reader.footer if reader is not None and reader.keys else None))
+
+        def on_chunk(done: int, total: int) -> None:
+            if done == 0:
+                progress.start()
+            else:
+                progress.update(done, total)
+
         try:
             models = build_models(request, placement, spec)
-            report = generate_video(request, placement, models,
-                                    lambda done, total: progress.update(task, completed=done),
-                                    prompts, log=lambda text: progress.console.print(text, highlight=False))
+            report = generate_video(request, placement, models, on_chunk,
+                                    reader.next_prompt if reader is not None else None, log=progress.log)
         except ValueError as err:  # config / shape validation from the engine
             raise UserError(str(err)) from None
-    _show(report)
+    _show(report, command)
 
 
-def _show(report) -> None:
+def _show(report, command: str) -> None:
     out = Console()
-    out.print(_summary(report))
+    out.print(_summary(report, command))
     out.print(f"wrote {report.output}", soft_wrap=True, highlight=False)
 
 
@@ -140,29 +164,35 @@ def _layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_paral
                            command_line(ctx))
 
 
-def _stdin_prompts(console: Console):
-    """Lines typed on the terminal, read by a thread; each switches at the next chunk."""
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in sys.stdin:
-            if line.strip():
-                lines.put(line.strip())
-
-    threading.Thread(target=read, name="longlive-prompts", daemon=True).start()
-    console.print("[bold]interactive:[/] type a prompt and press Enter to switch at the next chunk")
-
-    def next_prompt() -> str | None:
-        try:
-            return lines.get_nowait()
-        except queue.Empty:
-            return None
-
-    return next_prompt
+def shot_line(span) -> str:
+    """One line per shot of a multishot run: where it lies and how it starts."""
+    chunks = (f"chunk {span.start_chunk}" if span.num_chunks == 1
+              else f"chunks {span.start_chunk}-{span.start_chunk + span.num_chunks - 1}")
+    start = "opening shot" if span.index == 0 else ("cut" if span.scene_cut else "same scene")
+    return (f"shot {span.index + 1}: {chunks}, frame {span.start_frame} ({span.start_seconds:.2f} s), "
+            f"{start}: {span.prompt[:70]!r}")
 
 
-def _summary(report) -> Table:
-    table = Table(title="longlive generate", show_header=False, title_justify="left")
+def _prompt_reader(console: Console) -> PromptReader:
+    """Typed prompts: key by key under a live bar (no echo into it), else line by line."""
+    keys = console.is_terminal and sys.stdin.isatty()
+    _announce_interactive(console)
+    return PromptReader(sys.stdin, keys=keys)
+
+
+def _typed_lines(console: Console):
+    """A parallel run's typed prompts (on the root rank), line by line: `next_prompt`."""
+    _announce_interactive(console)
+    return PromptReader(sys.stdin, keys=False).__enter__().next_prompt  # line mode: nothing to restore
+
+
+def _announce_interactive(console: Console) -> None:
+    console.print("[bold]interactive:[/] type a prompt and press Enter: it is encoded beside the video "
+                  "and switches at the next chunk start after that")
+
+
+def _summary(report, command: str) -> Table:
+    table = Table(title=f"longlive {command}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     peak = "n/a (CPU)" if report.peak_gpu_memory_gib is None else f"{report.peak_gpu_memory_gib:.2f} GiB"
@@ -202,7 +232,7 @@ def generate(
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = single_prompt_schedule(prompt, chunks, chosen.stream.frames_per_block)
-    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
+    _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, command="generate",
          layout=_layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))
 
 
@@ -222,7 +252,10 @@ def multishot(
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
-    """Generate one multi-shot video from a shot list (scene cuts between shots)."""
+    """Generate one multi-shot video from a shot list (scene cuts between shots).
+
+    A .yaml/.json shot list gives each shot's length (seconds or frames); a .txt list (one prompt
+    per line) is split evenly over --seconds / --frames (default: the recipe's length)."""
     from core.shots import load_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
@@ -232,4 +265,5 @@ def multishot(
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
     schedule = load_schedule(shots_file, chosen.stream.frames_per_block, chunks)
     _run(chosen, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf,
-         interactive, _layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))
+         command="multishot", interactive=interactive,
+         layout=_layout(ctx, nproc_per_node, nnodes, node_rank, rdzv_endpoint, sp, cfg_parallel))

@@ -86,3 +86,30 @@ SpOpt = Annotated[int, typer.Option(
     "--sp", help="Sequence-parallel ranks per video (Ulysses); divides the heads and the frames per block.")]
 CfgParallelOpt = Annotated[bool, typer.Option(
     "--cfg-parallel", help="With guidance: the prompt and negative branches on two groups of --sp ranks.")]
+
+
+# Options shared by generate, multishot and bench, with the defaults the help shows (the 5B
+# preset's recipe, and the tiny one's where it differs).
+DEFAULTS = Recipe()
+TINY = Recipe.preset_recipe("tiny")
+
+
+def default_note(value: object) -> str:
+    """" [default: VALUE]" for help texts of options whose real default is "not given" (None: the
+    recipe decides), shown like typer's own defaults (the bracket escaped for rich markup)."""
+    return f" \\[default: {value}]"
+
+
+PresetOpt = Annotated[str | None, typer.Option(
+    help="Model preset: wan2.2-ti2v-5b, tiny (offline, CPU: the trained shapes-world models when shipped, else "
+         "small random weights) or shapes (the trained shapes-world models; --model-dir: their folder)."
+         + default_note(DEFAULTS.preset))]
+RecipeOpt = Annotated[str | None, typer.Option(help="YAML recipe: a path or a bundled name.")]
+HeightOpt = Annotated[int | None, typer.Option(
+    help="Height in pixels, a multiple of 32." + default_note(f"{DEFAULTS.video.height}; tiny {TINY.video.height}"))]
+WidthOpt = Annotated[int | None, typer.Option(
+    help="Width in pixels, a multiple of 32." + default_note(f"{DEFAULTS.video.width}; tiny {TINY.video.width}"))]
+SeedOpt = Annotated[int | None, typer.Option(help="Noise seed." + default_note(DEFAULTS.runtime.seed))]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N." + default_note("auto"))]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Recipe override, e.g. stream.local_window_frames=24 (repeatable).")]

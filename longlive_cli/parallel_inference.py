@@ -139,8 +139,8 @@ def run_generate(request, layout: InferenceLayout, prompt_source: Callable[[], C
 def _generate_rank(request, device: torch.device, mesh: InferenceMesh, prompt_source):
     """This rank's part of its replica's video; the report on the replica root, else None."""
     from core.generate import prepare
-    from longlive_cli.build import build_rank_models, generation_spec
     from core.interactive import BackgroundPrompts
+    from longlive_cli.build import build_rank_models, generation_spec
     from sp.replica import BroadcastFeed
 
     request = _replica_request(request, mesh)
@@ -198,12 +198,12 @@ def _progress(show: bool, recipe: Recipe, name: str, total: int | None):
     if not show:
         yield lambda done, total: None
         return
-    from longlive_cli.progress import chunk_progress
+    from longlive_cli.progress import TaskProgress, count_of, per_second
 
-    progress = chunk_progress(chunk_video_frames(recipe.stream.frames_per_block), Console(stderr=True))
-    with progress:
-        task = progress.add_task(name, total=total)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+    rate = per_second("frames/s", chunk_video_frames(recipe.stream.frames_per_block))
+    with TaskProgress(name, count_of("chunks"), console=Console(stderr=True), total=total, rate=rate) as progress:
+        progress.start()
+        yield progress.update
 
 
 # ----------------------------------------------------------------------------------------------

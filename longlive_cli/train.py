@@ -62,7 +62,14 @@ def run_train_ar(job: TrainJob, events: RunEvents | None = None):
 
         return SequenceParallelPlan(recipe, device, ParallelMesh.build(recipe.parallel.sp, device.type))
 
-    return run_job(job, check=lambda: check_run(recipe, job.logdir, job.resume, world),
+    def check() -> None:
+        from core.checkpoint import check_writable
+
+        check_run(recipe, job.logdir, job.resume, world)
+        for flag, path in job.outputs:  # the temp file each will use: one line now, not after the run
+            check_writable(path, flag, create_folders=True)
+
+    return run_job(job, check=check,
                    max_restarts=recipe.parallel.max_restarts, device_name=recipe.runtime.device,
                    single_plan=TrainPlan, distributed_plan=distributed_plan,
                    train=lambda plan: _train(recipe, job, plan, events if plan.is_main else None))

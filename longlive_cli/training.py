@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,16 +63,35 @@ def run_job(job: TrainJob, *, check: Callable[[], None], max_restarts: int, devi
             single_plan: Callable[[torch.device], Plan], distributed_plan: Callable[[torch.device], Plan],
             train: Callable[[Plan], Any]) -> Any:
     """Check, then train here (one process, or this is a torchrun worker) or re-execute under
-    torchrun. Returns what `train` returns, or torchrun's exit code."""
+    torchrun. Returns what `train` returns, or torchrun's exit code. Ctrl-C is one line saying
+    the checkpoints are kept; a log the disk refuses is one line naming it."""
+    from longlive_cli.app import interrupted
+
     if is_main_process():
         check()
-    if not under_torchrun() and job.launch.world_size > 1:
-        return relaunch(Launch(**{**job.launch.__dict__, "max_restarts": max_restarts}), job.command())
-    device = local_device(device_name)
-    if not under_torchrun():
-        return train(single_plan(device))
-    with process_group(device):
-        return train(distributed_plan(device))
+    kept = f"the checkpoints written so far are kept in {job.logdir}: run the same command to resume"
+    with interrupted(kept), _refused_log_writes(job.logdir):
+        if not under_torchrun() and job.launch.world_size > 1:
+            return relaunch(Launch(**{**job.launch.__dict__, "max_restarts": max_restarts}), job.command())
+        device = local_device(device_name)
+        if not under_torchrun():
+            return train(single_plan(device))
+        with process_group(device):
+            return train(distributed_plan(device))
+
+
+@contextlib.contextmanager
+def _refused_log_writes(logdir: Path):
+    """A log written along the way (metrics, TensorBoard) that the disk refused mid-run: one line
+    naming the file, as for the checkpoints and outputs (which report their own)."""
+    from core.errors import SPACE_ERRNOS, write_failed
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in SPACE_ERRNOS:
+            raise
+        raise write_failed(err.filename or logdir, err) from None
 
 
 class ConsoleEvents(RunEvents):

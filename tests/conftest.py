@@ -37,3 +37,22 @@ def text_context(batch: int, seed: int, length: int = 24, text_dim: int = 64) ->
     ctx = torch.zeros(batch, 512, text_dim)
     ctx[:, :length] = torch.randn(batch, length, text_dim, generator=g)
     return ctx
+
+
+@pytest.fixture
+def fast_decode(monkeypatch):
+    """Grey frames of the right count and size instead of the VAE decode, for tests about what
+    happens around decoding (writing, progress, interrupts): the tiny VAE is the slow part."""
+    import numpy as np
+
+    from core.config import VAE_SPATIAL_STRIDE, VAE_TEMPORAL_STRIDE
+    from core.decode import SyncDecoder
+
+    def submit(self, latents_BfCHW):
+        first = not self.__dict__.get("_started", False)
+        self._started = True
+        frames = VAE_TEMPORAL_STRIDE * latents_BfCHW.shape[1] - (VAE_TEMPORAL_STRIDE - 1 if first else 0)
+        height, width = (VAE_SPATIAL_STRIDE * n for n in latents_BfCHW.shape[-2:])
+        self.sink(np.full((frames, height, width, 3), 128, np.uint8))
+
+    monkeypatch.setattr(SyncDecoder, "submit", submit)

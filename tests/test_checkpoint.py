@@ -456,7 +456,10 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, suffix, writer, exist
         path.write_bytes(b"previous")
 
     def broken_writer(obj, target, *args, **kwargs):
-        Path(target).write_bytes(b"partial")
+        if hasattr(target, "write"):  # torch.save is given an open file
+            target.write(b"partial")
+        else:
+            Path(target).write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(writer, broken_writer)

@@ -325,7 +325,7 @@ ERRORS = [
     ("prefix.json", '[{"prompt": "the scene transitions.  A dog.", "seconds": 2}]', None, "line 1, shot 1",
      "remove it"),
     ("prefix.txt", "A cat.\n\nThe scene transitions. A dog.\n", 4, "line 3", "remove it"),
-    ("many.txt", "A\nB\n\nC\nD\n", 3, "line 5", "remove shots"),
+    ("many.txt", "A\nB\n\nC\nD\n", 3, None, "4 shots but the video has only 3 chunks"),
     ("nolength.txt", "A\nB\n", None, None, "total video length"),
     ("zerolength.txt", "A\n", 0, None, "at least one chunk"),
     # JSON that YAML reads differently (1e0 is text in YAML 1.1): no line, the shot still named
@@ -359,14 +359,17 @@ def test_errors_are_one_line_user_errors(tmp_path, name, content, num_chunks, wh
 def test_single_prompt_errors(prompt, num_chunks, words):
     with pytest.raises(UserError, match=words) as info:
         single_prompt_schedule(prompt, num_chunks)
-    assert "\n" not in str(info.value) and str(info.value).startswith("prompt")
+    message = str(info.value)
+    assert "\n" not in message and "prompt" in message and "the shot" not in message  # one prompt, no shots
 
 
 def test_even_split_errors_name_the_shot():
     with pytest.raises(UserError, match=r"^prompts shot 2: the prompt is empty"):
         even_split_schedule(["a", " "], 4)
-    with pytest.raises(UserError, match=r"^prompts shot 3: 3 shots"):
+    with pytest.raises(UserError, match=r"^prompts: 3 shots but the video has only 2 chunks"):
         even_split_schedule(["a", "b", "c"], 2)
+    with pytest.raises(UserError, match=r"only 1 chunk and"):  # not "1 chunks"
+        even_split_schedule(["a", "b"], 1)
 
 
 @pytest.mark.parametrize("kwargs", [

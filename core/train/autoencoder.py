@@ -398,18 +398,22 @@ class VAETrainer:
 
     def _plots(self) -> None:
         """loss.png (and eval_psnr.png) from the whole metrics.jsonl, across resumes."""
-        from core.train.plots import write_loss_curve
+        from core.train.metrics import Curve
+        from core.train.plots import write_loss_plot
 
         path = self.logdir / "metrics.jsonl"
         if not path.exists():
             return
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         last = {r["step"]: r for r in records}  # a resumed run may repeat steps: keep the newest
-        steps = sorted(last)
-        write_loss_curve(self.logdir / "loss.png", steps, [last[s]["loss"] for s in steps])
-        evals = [s for s in steps if "eval_psnr" in last[s]]
+        records = [last[step] for step in sorted(last)]
+        title = f"train-vae {self.logdir.name}"
+        write_loss_plot(self.logdir / "loss.png", records,
+                        [Curve("loss", "loss", "autoencoder loss\n(MSE + latent prior, [-1, 1] units²)")], title)
+        evals = [r for r in records if "eval_psnr" in r]
         if len(evals) > 1:
-            write_loss_curve(self.logdir / "eval_psnr.png", evals, [last[s]["eval_psnr"] for s in evals])
+            write_loss_plot(self.logdir / "eval_psnr.png", evals,
+                            [Curve("eval_psnr", "PSNR", "held-out PSNR (dB)")], title, lr_keys=())
 
     def _export(self, vae: WanVAE, ema: EMA, clips: Tensor) -> tuple[Path, float]:
         """The EMA weights once EMA started (else the trained ones) as fp32 safetensors, with the

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from core.checkpoint import WRAPPER_TOKENS, atomic_write
-from core.errors import UserError, first_line
+from core.errors import WRITE_ERRNOS, UserError, first_line, os_error_of, write_failed
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,19 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
+def _refused_write(err: BaseException) -> OSError | None:
+    """The operating system's refusal behind a failed checkpoint write (disk full, read-only), if
+    that is what it was: DCP gathers each rank's error into a CheckpointException."""
+    failures = getattr(err, "failures", None)
+    errors = [failure[0] if isinstance(failure, tuple) else failure for failure in failures.values()] \
+        if isinstance(failures, dict) else [err]
+    for error in errors:
+        cause = os_error_of(error) if isinstance(error, BaseException) else None
+        if cause is not None and cause.errno in WRITE_ERRNOS:
+            return cause
+    return None
+
+
 class CheckpointManager:
     """Writes, finds, loads and prunes checkpoints under `logdir/checkpoints` (see the module doc).
 
@@ -180,9 +193,26 @@ class CheckpointManager:
              model_config: dict[str, Any], extra: dict[str, Any] | None = None,
              files: Mapping[str, Callable[[str], None]] | None = None) -> Path:
         """Write model + optimizer (DCP), this rank's `extra` state and, on rank 0, each of `files`
-        (`name -> write(temp_path)`, e.g. an export in another layout); returns the final directory."""
+        (`name -> write(temp_path)`, e.g. an export in another layout); returns the final directory.
+        A write the operating system refuses (disk full, read-only) is an `OutputError` naming the
+        checkpoint; the partial folder is removed and the earlier checkpoints are kept."""
         final = self.path(step)
         tmp = self.root / f".tmp-{final.name}"
+        try:
+            self._write(tmp, final, step, model, optimizer, model_config, extra, files)
+        except BaseException as err:  # DCP's CheckpointException is a BaseException
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # never masks the error being raised
+            cause = _refused_write(err)
+            if cause is not None:
+                raise write_failed(final, cause) from None
+            raise
+        _barrier()
+        return final
+
+    def _write(self, tmp: Path, final: Path, step: int, model: nn.Module, optimizer: Optimizers,
+               model_config: dict[str, Any], extra: dict[str, Any] | None,
+               files: Mapping[str, Callable[[str], None]] | None) -> None:
         rank = _rank()
         if rank == 0:
             if tmp.exists():  # a crashed earlier attempt at this step
@@ -204,8 +234,6 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self.prune()
-        _barrier()
-        return final
 
     def latest(self) -> Path | None:
         """The newest `step_XXXXXXXX` directory with a COMPLETE marker, or None."""
