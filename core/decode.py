@@ -365,15 +365,25 @@ class VideoWriter:
                 continue
         self.frames_written += len(frames)
 
+    def _stop_encoder(self) -> None:
+        """Let the encoder thread finish what is queued and end (idempotent)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:  # a failed thread drains the queue; a working one makes room
+                continue
+        self._thread.join()
+
     def _close(self, complete: bool) -> None:
         """Stop the encoder thread, flush (if `complete`) and close the container."""
-        self._queue.put(None)
-        self._thread.join()
+        self._stop_encoder()
         if complete:
             self._container.mux(self._stream.encode())  # flush delayed frames
         self._container.close()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop_encoder()  # first: the last queued frames may still fail to encode
         complete = exc_type is None and self._error is None
         try:
             self._close(complete)

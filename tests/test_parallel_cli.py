@@ -89,7 +89,9 @@ def test_reexecuted_command_is_the_parsed_command(tmp_path, no_relaunch):
 
 
 def test_torchrun_sp2_split_decode_equals_one_process(tmp_path):
-    common = ["generate", "a red ball bounces", *SMALL, "--device", "cpu", "--frames", "16"]
+    # --crf 0: lossless H.264, so the frames compare; at a lossy crf the encoder's decisions flip
+    # on the last-bit differences of the latents (1e-5 from the split matmuls) and move pixels by tens.
+    common = ["generate", "a red ball bounces", *SMALL, "--device", "cpu", "--frames", "16", "--crf", "0"]
     assert main([*common, "-o", str(tmp_path / "one.mp4"), "--latents-out", str(tmp_path / "one.st")]) == 0
     assert main([*common, "-o", str(tmp_path / "sp2.mp4"), "--latents-out", str(tmp_path / "sp2.st"),
                  "--nproc-per-node", "2", "--sp", "2", "--decode", "split"]) == 0
@@ -97,5 +99,6 @@ def test_torchrun_sp2_split_decode_equals_one_process(tmp_path):
     assert (one - sp2).abs().max().item() <= 1e-5 and one.abs().max() > 0.5
     frames_one, frames_sp2 = (np.stack(read_video(tmp_path / f"{name}.mp4")[0]) for name in ("one", "sp2"))
     assert frames_one.shape == frames_sp2.shape == (61, 64, 64, 3)
-    assert np.array_equal(frames_one, frames_sp2)
+    gap = np.abs(frames_one.astype(np.int16) - frames_sp2.astype(np.int16))
+    assert gap.max() <= 2 and gap.mean() < 0.01, (gap.max(), gap.mean())  # uint8 rounding, 4:2:0 chroma
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.mp4", "one.st", "sp2.mp4", "sp2.st"]

@@ -10,6 +10,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,26 @@ def test_disk_full_mid_run_is_one_line_exit_1_and_leaves_nothing(tmp_path, capsy
     assert err.splitlines()[-1] == f"error: cannot write {out}: {FULL}"
     assert "Traceback" not in err and err.count("error:") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_late_failure_of_the_last_chunk_is_not_taken_for_success(tmp_path, capsys, monkeypatch, fast_decode):
+    """The encoder thread fails on the last chunk only after the generation loop has ended (the
+    writer is closing): the video must not be finalised, the error is the one line, exit 1."""
+    encode, calls = VideoWriter._encode, []
+
+    def slow_then_refuse(self, frames):
+        calls.append(1)
+        if len(calls) == 2:
+            time.sleep(0.5)  # __exit__ starts meanwhile
+            raise _enospc()
+        encode(self, frames)
+
+    monkeypatch.setattr(VideoWriter, "_encode", slow_then_refuse)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "x", *SMALL, "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"error: cannot write {out}: {FULL}"
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
 def test_disk_full_for_real_under_a_file_size_limit(tmp_path):

@@ -174,8 +174,8 @@ def build_vae(recipe: TrainRecipe, device: torch.device, dtype: torch.dtype) -> 
     return load_vae(files.vae, VAEConfig.preset("wan2.2"), device=device, dtype=dtype).eval()
 
 
-def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
-    """The data path, or the generated dataset (written once, by rank 0)."""
+def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan, workers: int = 1) -> Path:
+    """The data path, or the generated dataset (written once, by rank 0, with `workers` processes)."""
     if not recipe.data.synthetic:
         return Path(recipe.data.path)
     root = logdir / "synthetic-data"
@@ -188,7 +188,7 @@ def dataset_root(recipe: TrainRecipe, logdir: Path, plan: TrainPlan) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         make_synthetic_dataset(partial, samples=d.synthetic_samples, clips_per_sample=d.synthetic_shots,
                                frames=frames, height=d.height, width=d.width, seed=recipe.runtime.seed,
-                               workers=max(1, d.num_workers))
+                               workers=max(1, workers))
         shutil.rmtree(root, ignore_errors=True)  # a folder without video/ holds nothing usable
         os.replace(partial, root)
     plan.barrier()
@@ -257,7 +257,7 @@ class Trainer:
         from core.train.data import ShardedSampler, VideoClipDataset
 
         d = self.recipe.data
-        root = dataset_root(self.recipe, self.logdir, self.plan)
+        root = dataset_root(self.recipe, self.logdir, self.plan, self.recipe.data.num_workers)
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
                                    max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
                                    seed=self.recipe.runtime.seed, deterministic=False)

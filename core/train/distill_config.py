@@ -57,12 +57,18 @@ class PromptDataConfig:
     text_encoder: Literal["umt5", "tiny", "random"] = "umt5"
     model_dir: str = ""  # `longlive download` folder (umt5, VAE); empty: the default folder
     vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"  # I2V only
+    # I2V with `synthetic: true`: samples x shots x frames of the generated set (0: one rollout's frames)
+    synthetic_samples: int = 8
+    synthetic_shots: int = 2
+    synthetic_shot_frames: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
         require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
                 f"data: latent_frames > 0 and height/width multiples of 32 "
                 f"(got {self.latent_frames}, {self.height}x{self.width})")
+        require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
+                "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
         require(self.batch_size >= 1 and self.chunks_per_shot >= 0,
                 f"data: batch_size >= 1 and chunks_per_shot >= 0 (got {self.batch_size}, {self.chunks_per_shot})")
 
