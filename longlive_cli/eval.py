@@ -429,45 +429,52 @@ GenSecondsOpt = Annotated[float | None, typer.Option(
     help="Generated video length in seconds." + default_note("the recipe's length"))]
 
 
+# The scoring options of eval-vbench (module level: the command's signature stays readable).
+InputsArg = Annotated[list[str] | None, typer.Argument(
+    metavar="VIDEO_OR_DIR...", help="mp4 files or folders of them (with --compare: results.json files).")]
+OutOpt = Annotated[str | None, typer.Option(help="results.json to write (CSV, Markdown, plots beside it).")]
+ModeOpt = Annotated[str, typer.Option(help="long (VBench-Long clips) or standard (VBench, whole videos).")]
+DimensionsOpt = Annotated[str | None, typer.Option(help="Comma-separated VBench dimensions.")]
+SceneSplitOpt = Annotated[bool, typer.Option("--scene-split", help="Split at scene cuts first.")]
+SceneThresholdOpt = Annotated[float, typer.Option(help="ContentDetector threshold (VBench-Long: 35).")]
+ClipSecondsOpt = Annotated[float | None, typer.Option(
+    help="Clip length for every dimension (default 2 s; 10 s for human_action, temporal_style, "
+         "overall_consistency).")]
+ClipSourceOpt = Annotated[str, typer.Option(
+    help="frames (decoded frames of each span) or reencoded (VBench-Long's H.264 clip files).")]
+DevFlagOpt = Annotated[bool, typer.Option("--dev-flag/--no-dev-flag", help="VBench-Long's slow-fast fusion "
+                                          "weights 0.5/0.5 (evaluate_long.sh); off: in-clip only.")]
+CacheDirOpt = Annotated[str | None, typer.Option(help="VBench weights (default VBENCH_CACHE_DIR or ~/.cache/vbench).")]
+EvalDeviceOpt = Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when visible).")]
+CompareOpt = Annotated[bool, typer.Option("--compare", help="Compare the results.json files given.")]
+SuiteOpt = Annotated[str | None, typer.Option(help="Generate and score a suite: vbench, or shapes.")]
+PromptFileOpt = Annotated[str | None, typer.Option(help="Generate from prompts: .txt or VBench .json.")]
+SamplesOpt = Annotated[int | None, typer.Option(help="Videos per prompt (default 5; 25 for flickering).")]
+SampleSeedOpt = Annotated[int, typer.Option(help="Seed of sample 0; sample i uses seed + i.")]
+VideosDirOpt = Annotated[str | None, typer.Option(help="Where generated videos go (default <out>_videos).")]
+EnvDirOpt = Annotated[str | None, typer.Option(help="VBench environment (default ~/.cache/longlive/vbench-env).")]
+GenRecipeOpt = Annotated[str | None, typer.Option(help="Generation recipe.")]
+GenSetOpt = Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value.")]
+GenModelDirOpt = Annotated[str | None, typer.Option(help="Generation model folder.")]
+GenCheckpointOpt = Annotated[str | None, typer.Option(help="Generator weights.")]
+GenLoraOpt = Annotated[str | None, typer.Option(help="LoRA to merge.")]
+MaxPromptsOpt = Annotated[int | None, typer.Option(help="Only this many of the suite's prompts (a quick check; "
+                                                   "shapes: balanced seen / held out).")]
+
+
 @app.command("eval-vbench")
 def eval_vbench(
-    inputs: Annotated[list[str] | None, typer.Argument(
-        metavar="VIDEO_OR_DIR...", help="mp4 files or folders of them (with --compare: results.json files).")] = None,
-    out: Annotated[str | None, typer.Option(help="results.json to write (CSV, Markdown, plots beside it).")] = None,
-    mode: Annotated[str, typer.Option(help="long (VBench-Long clips) or standard (VBench, whole videos).")] = "long",
-    dimensions: Annotated[str | None, typer.Option(help="Comma-separated VBench dimensions.")] = None,
-    scene_split: Annotated[bool, typer.Option("--scene-split", help="Split at scene cuts first.")] = False,
-    scene_threshold: Annotated[float, typer.Option(help="ContentDetector threshold (VBench-Long: 35).")] = 35.0,
-    clip_seconds: Annotated[float | None, typer.Option(
-        help="Clip length for every dimension (default 2 s; 10 s for human_action, temporal_style, "
-             "overall_consistency).")] = None,
-    clip_source: Annotated[str, typer.Option(
-        help="frames (decoded frames of each span) or reencoded (VBench-Long's H.264 clip files).")] = "frames",
-    dev_flag: Annotated[bool, typer.Option("--dev-flag/--no-dev-flag", help="VBench-Long's slow-fast fusion "
-                                           "weights 0.5/0.5 (evaluate_long.sh); off: in-clip only.")] = True,
-    cache_dir: Annotated[str | None, typer.Option(help="VBench weights (default VBENCH_CACHE_DIR or "
-                                                       "~/.cache/vbench).")] = None,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when visible).")] = None,
-    compare_runs: Annotated[bool, typer.Option("--compare", help="Compare the results.json files given.")] = False,
-    suite: Annotated[str | None, typer.Option(help="Generate and score a suite: vbench, or shapes.")] = None,
-    prompt_file: Annotated[str | None, typer.Option(help="Generate from prompts: .txt or VBench .json.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Videos per prompt (default 5; 25 for flickering).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of sample 0; sample i uses seed + i.")] = 0,
-    videos_dir: Annotated[str | None, typer.Option(help="Where generated videos go (default <out>_videos).")] = None,
-    env_dir: Annotated[str | None, typer.Option(help="VBench environment (default ~/.cache/longlive/vbench-env).")]
-    = None,
-    preset: GenPresetOpt = None,
-    recipe: Annotated[str | None, typer.Option(help="Generation recipe.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Recipe override key=value.")] = None,
-    model_dir: Annotated[str | None, typer.Option(help="Generation model folder.")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="Generator weights.")] = None,
-    lora: Annotated[str | None, typer.Option(help="LoRA to merge.")] = None,
+    inputs: InputsArg = None, out: OutOpt = None, mode: ModeOpt = "long", dimensions: DimensionsOpt = None,
+    scene_split: SceneSplitOpt = False, scene_threshold: SceneThresholdOpt = 35.0,
+    clip_seconds: ClipSecondsOpt = None, clip_source: ClipSourceOpt = "frames", dev_flag: DevFlagOpt = True,
+    cache_dir: CacheDirOpt = None, device: EvalDeviceOpt = None, compare_runs: CompareOpt = False,
+    suite: SuiteOpt = None, prompt_file: PromptFileOpt = None, samples: SamplesOpt = None,
+    seed: SampleSeedOpt = 0, videos_dir: VideosDirOpt = None, env_dir: EnvDirOpt = None,
+    preset: GenPresetOpt = None, recipe: GenRecipeOpt = None, set_: GenSetOpt = None,
+    model_dir: GenModelDirOpt = None, checkpoint: GenCheckpointOpt = None, lora: GenLoraOpt = None,
     steps: GenStepsOpt = None,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    seconds: GenSecondsOpt = None,
-    random_weights: RandomWeightsOpt = False,
-    max_prompts: Annotated[int | None, typer.Option(help="Only this many of the suite's prompts (a quick check; "
-                                                     "shapes: balanced seen / held out).")] = None,
+    seconds: GenSecondsOpt = None, random_weights: RandomWeightsOpt = False, max_prompts: MaxPromptsOpt = None,
 ) -> None:
     """Score videos with VBench / VBench-Long (the vbench package's own metrics), or generate a prompt suite first."""
     from core.eval.environment import DEFAULT_ENV_DIR, worker_python
