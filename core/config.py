@@ -586,6 +586,19 @@ def pop_preset(data: dict[str, Any], preset: str | None, default: str) -> str:
     return name
 
 
+def load_training_recipe(recipe_type: type, source: str | Path | None, overrides: typing.Sequence[str] = ()):
+    """YAML recipe + `--set` overrides -> a validated `recipe_type` (a training recipe dataclass
+    with `preset` and `model` fields: the preset's model first, then the file, then the
+    overrides). One-line ValueError naming the file."""
+    data, origin = read_recipe_data(source, overrides)
+    preset = pop_preset(data, None, recipe_type.preset)
+    base = recipe_type(preset=preset, model=ModelConfig.preset(preset))
+    try:
+        return overlay(base, data)
+    except ValueError as err:
+        raise ValueError(f"{origin}: {err}") if source is not None else err from None
+
+
 def load_recipe(source: str | Path | None = None, overrides: typing.Sequence[str] = (),
                 preset: str | None = None) -> Recipe:
     """Load a recipe: `preset` (or the file's `preset:` key) first, then the file, then

@@ -15,9 +15,7 @@ from core.config import (
     QuantSettings,
     RuntimeConfig,
     check_types,
-    overlay,
-    pop_preset,
-    read_recipe_data,
+    load_training_recipe,
     require,
 )
 from core.train.recycle import RecycleConfig
@@ -138,10 +136,4 @@ class TrainRecipe:
 
 def load_train_recipe(source: str | Path | None, overrides: typing.Sequence[str] = ()) -> TrainRecipe:
     """YAML recipe + `--set` overrides -> a validated TrainRecipe (one-line ValueError)."""
-    data, origin = read_recipe_data(source, overrides)
-    preset = pop_preset(data, None, TrainRecipe.preset)
-    base = TrainRecipe(preset=preset, model=ModelConfig.preset(preset))
-    try:
-        return overlay(base, data)
-    except ValueError as err:
-        raise ValueError(f"{origin}: {err}") if source is not None else err from None
+    return load_training_recipe(TrainRecipe, source, overrides)

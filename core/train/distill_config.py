@@ -21,9 +21,7 @@ from core.config import (
     StreamConfig,
     check_types,
     check_whole_blocks,
-    overlay,
-    pop_preset,
-    read_recipe_data,
+    load_training_recipe,
     require,
 )
 from core.generate import WAN_NEGATIVE_PROMPT  # the official default (utils/config.py) too
@@ -241,10 +239,4 @@ class DistillRecipe:
 
 def load_distill_recipe(source: str | Path | None, overrides: typing.Sequence[str] = ()) -> DistillRecipe:
     """YAML recipe + `--set` overrides -> a validated DistillRecipe (one-line ValueError)."""
-    data, origin = read_recipe_data(source, overrides)
-    preset = pop_preset(data, None, DistillRecipe.preset)
-    base = DistillRecipe(preset=preset, model=ModelConfig.preset(preset))
-    try:
-        return overlay(base, data)
-    except ValueError as err:
-        raise ValueError(f"{origin}: {err}") if source is not None else err from None
+    return load_training_recipe(DistillRecipe, source, overrides)
