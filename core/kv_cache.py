@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from core.attention import sdpa
+from core.eager import eager_method
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,7 @@ class LayerKV:
 
     # Index arithmetic and in-place writes stay eager under torch.compile (one graph break per
     # layer) so compiled blocks never specialise on cache positions.
-    @torch.compiler.disable
+    @eager_method
     def update_and_attend(self, q_BnND: Tensor, k_BnND: Tensor, v_BnND: Tensor) -> Tensor:
         """Apply the plan (roll, write the new keys/values), then attend over the filled window."""
         plan = self.plan

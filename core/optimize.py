@@ -7,6 +7,7 @@ import functools
 import torch
 
 from core.dit import CausalWanDiT
+from core.eager import apply_eager_methods
 
 # Measured on an H200 at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and
 # saves ~0.29 s per chunk; compiling the VAE decoder takes ~55 s and saves ~0.31 s per chunk
@@ -28,6 +29,7 @@ def wants_compile(setting: str, device: torch.device, chunks: int | None = None,
 def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT:
     """torch.compile every transformer block: fuses the norms, adaLN modulation, RoPE and gates
     around the matmuls. Cache writes and attention stay eager (see core/kv_cache.py)."""
+    apply_eager_methods()
     for block in model.blocks:
         block.compile(dynamic=False, mode=mode)
     return model

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from core.attention import sdpa
 from core.config import ModelConfig, StreamConfig
+from core.eager import eager_method
 from core.kv_cache import Attention, CacheLayout, KVCache, LayerSpec, Roll, StorageFactory, slide_left
 from quant.kernels import quantize_triton
 from quant.nvfp4 import (
@@ -220,7 +221,7 @@ class NVFP4LayerKV:
         """Storage bytes (the shared window is not counted)."""
         return self.keys.nbytes + self.values.nbytes
 
-    @torch.compiler.disable
+    @eager_method
     def update_and_attend(self, q_BnND: Tensor, k_BnND: Tensor, v_BnND: Tensor) -> Tensor:
         """Apply the plan (roll slots, quantize the new frames), then attend over the dequantized
         history followed by the current chunk at full precision."""

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from core.dit import CausalWanDiT
+from core.eager import eager_method
 from core.kv_cache import LayerKV, LayerSpec, LayerStorage, StorageFactory, WritePlan
 from core.pipeline import BuiltDiT
 from sp.cfg import SplitBranches
@@ -75,7 +76,7 @@ class HeadShardedStorage:
     def nbytes(self) -> int:
         return self.inner.nbytes
 
-    @torch.compiler.disable
+    @eager_method
     def update_and_attend(self, q_BlND: Tensor, k_BlND: Tensor, v_BlND: Tensor) -> Tensor:
         if self.size == 1:
             return self.inner.update_and_attend(q_BlND, k_BlND, v_BlND)
