@@ -29,6 +29,8 @@ from longlive_cli.app import app
 from longlive_cli.options import DEFAULTS, KvPrecisionOpt, PrecisionOpt, QuantModeOpt, RandomWeightsOpt, default_note
 
 if TYPE_CHECKING:
+    import torch
+
     from core.shots import PromptSchedule
 
 VIDEO_SUFFIXES = (".mp4",)

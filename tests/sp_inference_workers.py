@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from core.config import QuantMode, StreamConfig, VAEConfig
 from core.generate import image_latent
+from core.interactive import Switch
 from core.pipeline import BuiltDiT, stream_latents
 from core.vae import random_vae
 from quant.fp8 import quantize_fp8
@@ -25,7 +26,6 @@ from quant.kv import nvfp4_storage
 from quant.linear import NVFP4Config, quantize_model
 from sp.inference import apply_inference_sp
 from sp.mesh import InferenceMesh
-from core.interactive import Switch
 from sp.replica import BroadcastFeed, ReplicaTextEncoder, ReplicaVAE
 from sp.vae_split import GatheredBandDecoder
 from tests.conftest import text_context, tiny_model

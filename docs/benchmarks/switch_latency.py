@@ -34,7 +34,14 @@ from core.config import load_recipe  # noqa: E402
 from core.decode import DecodeMode  # noqa: E402
 from core.generate import GenerateRequest, Models, Placement, generate_video  # noqa: E402
 from core.shots import single_prompt_schedule  # noqa: E402
-from core.text import ByteTokenizer, TextEncoder, TextEncoderConfig, build_umt5, random_wan_state_dict, wan_to_hf_keys  # noqa: E402
+from core.text import (  # noqa: E402
+    ByteTokenizer,
+    TextEncoder,
+    TextEncoderConfig,
+    build_umt5,
+    random_wan_state_dict,
+    wan_to_hf_keys,
+)
 from core.vae import random_vae  # noqa: E402
 from longlive_cli.build import DiTSpec, build_dit  # noqa: E402
 
@@ -101,7 +108,8 @@ def main() -> None:
         "encode_beside_denoise_s": None if switch is None else round(switch.encode_seconds, 4),
         "enter_to_first_switched_frame_s": None if switch is None or switch.chunk is None
         else round(done_at[switch.chunk + 1] - switch.typed_at, 4),
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None, "date": time.strftime("%Y-%m-%d"),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "date": time.strftime("%Y-%m-%d"),
     }
     print(json.dumps(result))
 
