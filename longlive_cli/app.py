@@ -70,6 +70,13 @@ def cli_command():
     return command
 
 
+def _torchrun_worker() -> bool:
+    """A worker of a re-executed parallel run: its parent reports an interrupt, in one line."""
+    import os
+
+    return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = cli_command().main(args=argv, prog_name="longlive", standalone_mode=False)
@@ -84,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as err:
         return fail(str(err), 1)
     except Interrupted as err:
-        err_console.print(f"interrupted; {err}", highlight=False)
+        if not _torchrun_worker():
+            err_console.print(f"interrupted; {err}", highlight=False)
         return 130
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted")
+        if not _torchrun_worker():
+            err_console.print("interrupted")
         return 130
-    if result == 130:  # typer turns Ctrl-C outside an `interrupted` block into a silent 130
+    if result == 130 and not _torchrun_worker():  # typer turns Ctrl-C outside an `interrupted` block into a silent 130
         err_console.print("interrupted")
     return result if isinstance(result, int) else 0
 

@@ -92,7 +92,10 @@ def command_line(ctx: typer.Context) -> tuple[str, ...]:
 
 
 def _relaunch(layout: InferenceLayout) -> None:
-    code = relaunch(layout.launch, layout.argv)
+    from longlive_cli.app import interrupted
+
+    with interrupted("nothing half-written was left (videos finished before it are kept)"):
+        code = relaunch(layout.launch, layout.argv, log_level="ERROR")
     if code:
         raise typer.Exit(code)
 

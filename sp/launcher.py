@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,12 +72,55 @@ def torchrun_command(launch: Launch, command: Sequence[str]) -> list[str]:
     return cmd + ["-m", "longlive_cli", *command]
 
 
-def relaunch(launch: Launch, command: Sequence[str]) -> int:
-    """Run `command` under torchrun with the project on PYTHONPATH; its exit code."""
+def relaunch(launch: Launch, command: Sequence[str], log_level: str | None = None) -> int:
+    """Run `command` under torchrun with the project on PYTHONPATH; its exit code. `log_level`
+    (e.g. "ERROR") quiets torchrun's own log lines unless the user set LOGLEVEL.
+
+    torchrun runs in a session of its own, so a Ctrl-C at the terminal reaches this process only:
+    it then stops torchrun silently (no agent traceback, no failure report), hands the interrupt
+    to the workers, waits for them to clean up, and re-raises KeyboardInterrupt."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.call(torchrun_command(launch, command), env=env)
+    if log_level is not None:
+        env.setdefault("LOGLEVEL", log_level)
+    agent = subprocess.Popen(torchrun_command(launch, command), env=env, start_new_session=True)
+    try:
+        return agent.wait()
+    except KeyboardInterrupt:
+        _interrupt_workers(agent)
+        raise
+
+
+def _interrupt_workers(agent: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGINT to the agent's workers (after killing the agent), then wait for them to exit."""
+    try:
+        workers = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+    except OSError:  # no /proc: the agent forwards the signal itself
+        agent.send_signal(signal.SIGINT)
+        agent.wait()
+        return
+    agent.kill()
+    agent.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    for pid in workers:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Still running (an exited worker is reaped by init once the agent is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def local_device(name: str) -> torch.device:

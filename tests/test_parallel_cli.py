@@ -30,7 +30,7 @@ def one_thread():
 def no_relaunch(monkeypatch):
     """Record the torchrun re-executions instead of running them."""
     calls = []
-    monkeypatch.setattr(parallel, "relaunch", lambda launch, argv: calls.append((launch, list(argv))) or 0)
+    monkeypatch.setattr(parallel, "relaunch", lambda launch, argv, **options: calls.append((launch, list(argv))) or 0)
     return calls
 
 

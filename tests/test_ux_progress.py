@@ -5,6 +5,7 @@ Ctrl-C is one line and exit code 130."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import signal
 import subprocess
@@ -193,6 +194,26 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path):
     assert rest.splitlines()[-1] == "interrupted; nothing was written"
     assert "Traceback" not in rest and stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_of_a_parallel_run_is_one_line_exit_130_and_writes_nothing(tmp_path):
+    """SIGINT to the terminal's process group of a torchrun run (2 ranks, SP 2) after its first
+    chunk: the parent stops torchrun quietly, the workers clean up silently, one line, exit 130."""
+    out = tmp_path / "v.mp4"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "longlive_cli", "generate", "x", "--preset", "tiny", "--height", "32", "--width", "32",
+         "--frames", "800", "-o", str(out), "--nproc-per-node", "2", "--sp", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in process.stderr:  # wait for the first finished chunk
+        seen.append(line)
+        if line.startswith("generate: 1/100 chunks"):
+            break
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    stdout, rest = process.communicate(timeout=120)
+    assert process.returncode == 130, "".join(seen) + rest
+    assert rest.splitlines() == ["interrupted; nothing half-written was left (videos finished before it are kept)"]
+    assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_ctrl_c_while_training_is_one_line_exit_130(tmp_path):
