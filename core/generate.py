@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from core.assets import ShapesFiles
+from core.attention import sdpa_backend
 from core.checkpoint import atomic_write, check_writable
 from core.config import OFFLINE_PRESETS, VIDEO_FPS, Recipe
 from core.decode import DecodeMode, VideoWriter, check_crf, make_decoder
@@ -263,10 +264,18 @@ def stream_schedule(request: GenerateRequest, placement: Placement, models: Mode
     switcher = None
     if feed is not None:
         switcher = _prompt_switcher(feed, schedule, switches if switches is not None else [], log)
-    return stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
-                          image_latent=first_image, negative_context=negative_context,
-                          prompt_switch=switcher, kv_storage=models.dit.kv_storage,
-                          branch_placement=models.dit.branches)
+    chunks = stream_latents(models.dit.model, noise, contexts, stream, schedule.scene_cuts,
+                            image_latent=first_image, negative_context=negative_context,
+                            prompt_switch=switcher, kv_storage=models.dit.kv_storage,
+                            branch_placement=models.dit.branches)
+    return _under_sdpa_backend(recipe.runtime.attention, chunks)
+
+
+def _under_sdpa_backend(name: str, chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:
+    """The chunks denoised with `runtime.attention`'s SDPA kernel family (what `bench` measures;
+    "auto" prefers cuDNN on a GPU, PyTorch's own order does not)."""
+    with sdpa_backend(name):
+        yield from chunks
 
 
 def _prompt_switcher(feed: PromptFeed, schedule: PromptSchedule, switches: list[tuple[int, int, str]],

@@ -20,6 +20,7 @@ from core.optimize import wants_compile
 from longlive_cli.app import app, interrupted
 from longlive_cli.options import (
     DEFAULTS,
+    AttentionOpt,
     CfgParallelOpt,
     DeviceOpt,
     HeightOpt,
@@ -61,8 +62,7 @@ def bench(
     lora: Annotated[str | None, typer.Option(help="LoRA file to merge (official layout).")] = None,
     device: DeviceOpt = None,
     dtype: Annotated[str | None, typer.Option(help="auto, bfloat16, float16 or float32.")] = None,
-    attention: Annotated[str | None, typer.Option(
-        help="SDPA kernel: auto, cudnn, flash, efficient, math; fp8 = FA3 FP8 self-attention.")] = None,
+    attention: AttentionOpt = None,
     compile: Annotated[bool | None, typer.Option(
         "--compile/--no-compile", help="torch.compile the blocks (default: on a GPU).")] = None,
     seed: Annotated[int | None, typer.Option(

@@ -20,6 +20,7 @@ from longlive_cli.interactive import PromptReader
 from longlive_cli.options import (
     DEFAULTS,
     TINY,
+    AttentionOpt,
     CfgParallelOpt,
     DeviceOpt,
     HeightOpt,
@@ -74,7 +75,8 @@ LatentsOpt = Annotated[str | None, typer.Option(help="Also save the latents here
 CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18 looks lossless.")]
 
 
-def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, random_weights=False, checkpoint=None):
+def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, random_weights=False, checkpoint=None,
+            attention=None):
     from longlive_cli.options import resolve_generation_recipe
 
     if steps is not None and steps not in (2, 4):
@@ -82,7 +84,7 @@ def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, ran
                         f"(other counts: --set stream.sampling_steps=N)")
     return resolve_generation_recipe(preset, recipe, sets or [], {
         "video": {"height": height, "width": width}, "stream": {"sampling_steps": steps},
-        "runtime": {"seed": seed, "device": device}, "quant": quant},
+        "runtime": {"seed": seed, "device": device, "attention": attention}, "quant": quant},
         random_weights=random_weights, checkpoint=checkpoint)
 
 
@@ -219,7 +221,7 @@ def generate(
     image: ImageOpt = None, seed: SeedOpt = None, decode: DecodeOpt = "sync", device: DeviceOpt = None,
     output: OutputOpt = "video.mp4", latents_out: LatentsOpt = None, crf: CrfOpt = 18,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
+    attention: AttentionOpt = None, set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
@@ -227,7 +229,7 @@ def generate(
     from core.shots import single_prompt_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint)
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
@@ -248,7 +250,7 @@ def multishot(
     interactive: Annotated[bool, typer.Option(
         "--interactive", help="Read new prompts from the terminal while generating.")] = False,
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
-    set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
+    attention: AttentionOpt = None, set_: SetOpt = None, random_weights: RandomWeightsOpt = False,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
 ) -> None:
@@ -259,7 +261,7 @@ def multishot(
     from core.shots import load_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint)
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None and Path(shots_file).suffix.lower() == ".txt":  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)

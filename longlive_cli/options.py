@@ -49,6 +49,9 @@ def resolve_generation_recipe(preset: str | None, recipe: str | None, sets: Sequ
     return result
 
 
+AttentionOpt = Annotated[str | None, typer.Option(
+    help="Attention kernel: auto (on a GPU cuDNN, then flash), cudnn, flash, efficient, math; fp8 = the KV "
+         "window through FlashAttention-3's FP8 kernel (Hopper; extra fp8-attention, docs/fp8.md).")]
 RandomWeightsOpt = Annotated[bool, typer.Option(
     "--random-weights", help="The tiny preset with seeded random weights, even where the trained shapes-world "
                              "models are shipped (tests).")]

@@ -247,3 +247,35 @@ def test_interactive_cli_switches_on_a_typed_prompt(tmp_path):
     assert "switch at chunk 1 (frame 29, 1.21 s): 'a storm begins'" in done.stderr
     assert "prompt switches   │ 1" in done.stdout
     assert len(read_video(out)[0]) == 125
+
+
+@pytest.mark.parametrize("attention", ["math", "efficient"])
+def test_attention_flag_selects_the_sdpa_kernel_of_the_denoising(tmp_path, monkeypatch, attention):
+    """`--attention` reaches runtime.attention and the chunks are denoised under that SDPA kernel
+    family (as `bench` measures them), not PyTorch's default order."""
+    import contextlib
+
+    used = []
+
+    @contextlib.contextmanager
+    def recording(name):
+        used.append(name)
+        yield
+
+    monkeypatch.setattr(gen, "sdpa_backend", recording)
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "x", *SMALL, "--frames", "8", "--attention", attention, "-o", str(out)]) == 0
+    assert used == [attention] and out.is_file()
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("bogus", "bad value for 'runtime.attention': 'bogus' (allowed: auto, cudnn, flash, efficient, math, fp8)"),
+    ("fp8", "--attention fp8 runs FlashAttention-3's FP8 kernel on a Hopper GPU"),
+])
+def test_bad_attention_is_one_line_exit_2(tmp_path, capsys, value, needle):
+    if value == "fp8" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "a.mp4"
+    assert main(["generate", "x", *SMALL, "--frames", "8", "--attention", value, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and not out.exists()
