@@ -12,5 +12,6 @@ run e2e_bf16_4 "${common[@]}" --steps 4 --decode stream
 run e2e_fp8_2 "${common[@]}" --steps 2 --precision fp8 --attention fp8 --decode stream
 run e2e_fp8_4 "${common[@]}" --steps 4 --precision fp8 --attention fp8 --decode stream
 run e2e_nvfp4_2 "${common[@]}" --steps 2 --precision nvfp4 --kv-precision nvfp4 --decode stream
+timeout 60 python -m pytest -q -p no:cacheprovider tests/test_gpu_interactive.py 2>&1 | tail -n 3
 timeout 200 python docs/benchmarks/switch_latency.py --chunks 8 --type-at 3 > "$out/switch.json" 2> "$out/switch.err"
 cat "$out/switch.json"; tail -n 2 "$out/switch.err"
