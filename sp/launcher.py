@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -76,20 +77,41 @@ def relaunch(launch: Launch, command: Sequence[str], log_level: str | None = Non
     """Run `command` under torchrun with the project on PYTHONPATH; its exit code. `log_level`
     (e.g. "ERROR") quiets torchrun's own log lines unless the user set LOGLEVEL.
 
-    torchrun runs in a session of its own, so a Ctrl-C at the terminal reaches this process only:
-    it then stops torchrun silently (no agent traceback, no failure report), hands the interrupt
-    to the workers, waits for them to clean up, and re-raises KeyboardInterrupt."""
+    torchrun runs in a session of its own, so a Ctrl-C at the terminal (or SIGTERM / SIGHUP, taken
+    as one) reaches this process only: it then stops torchrun silently (no agent traceback, no
+    failure report), hands the interrupt to the workers, waits for them to clean up, and raises
+    KeyboardInterrupt."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if log_level is not None:
         env.setdefault("LOGLEVEL", log_level)
     agent = subprocess.Popen(torchrun_command(launch, command), env=env, start_new_session=True)
+    with _signals_as_interrupt((signal.SIGTERM, signal.SIGHUP)):
+        try:
+            return agent.wait()
+        except KeyboardInterrupt:
+            _interrupt_workers(agent)
+            raise
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt(signals: Sequence[signal.Signals]) -> Iterator[None]:
+    """While the block runs, `signals` (a `kill`, the terminal hanging up) stop the run like a
+    Ctrl-C: torchrun's own session would not receive them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in signals}
     try:
-        return agent.wait()
-    except KeyboardInterrupt:
-        _interrupt_workers(agent)
-        raise
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _interrupt_workers(agent: subprocess.Popen, timeout_s: float = 60.0) -> None:

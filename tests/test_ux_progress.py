@@ -196,9 +196,12 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_of_a_parallel_run_is_one_line_exit_130_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "kill"])
+def test_ctrl_c_of_a_parallel_run_is_one_line_exit_130_and_writes_nothing(tmp_path, how):
     """SIGINT to the terminal's process group of a torchrun run (2 ranks, SP 2) after its first
-    chunk: the parent stops torchrun quietly, the workers clean up silently, one line, exit 130."""
+    chunk, or SIGTERM to the command alone (torchrun, in its own session, does not see either):
+    the parent stops torchrun quietly, the workers clean up silently and are gone, one line,
+    exit 130."""
     out = tmp_path / "v.mp4"
     process = subprocess.Popen(
         [sys.executable, "-m", "longlive_cli", "generate", "x", "--preset", "tiny", "--height", "32", "--width", "32",
@@ -209,11 +212,24 @@ def test_ctrl_c_of_a_parallel_run_is_one_line_exit_130_and_writes_nothing(tmp_pa
         seen.append(line)
         if line.startswith("generate: 1/100 chunks"):
             break
-    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    if how == "ctrl-c":
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    else:
+        process.send_signal(signal.SIGTERM)
     stdout, rest = process.communicate(timeout=120)
     assert process.returncode == 130, "".join(seen) + rest
     assert rest.splitlines() == ["interrupted; nothing half-written was left (videos finished before it are kept)"]
     assert stdout == "" and list(tmp_path.iterdir()) == []
+    workers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_has(pid, str(out))]
+    assert workers == []
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
 
 
 def test_ctrl_c_while_training_is_one_line_exit_130(tmp_path):
