@@ -69,7 +69,7 @@ class BackgroundPrompts:
         self.poll_seconds = poll_seconds
         self.switches: list[Switch] = []
         self._ready: list[tuple[Switch, Tensor, object]] = []  # (switch, context, cuda event)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="longlive-text-encoder", daemon=True)
@@ -109,6 +109,12 @@ class BackgroundPrompts:
         switch.encoded_at = time.perf_counter()
         with self._lock:
             self._ready.append((switch, context, event))
+            self._lock.notify_all()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until a context is ready to take (scripted runs, tests); False on timeout."""
+        with self._lock:
+            return self._lock.wait_for(lambda: bool(self._ready), timeout)
 
     def take(self, chunk: int) -> tuple[Switch, Tensor] | None:
         """The newest context ready now (older ready ones are marked superseded), or None."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from pathlib import Path
 
 import av
@@ -104,37 +103,33 @@ def test_image_to_video(tmp_path):
 def _interactive_run(tmp_path, encoder_blocks: bool):
     """A 4-chunk run where "a storm begins" is typed when chunk 2 (of 0..3) is about to start.
     With `encoder_blocks` the text encoder does not return that prompt's context until the last
-    chunk is done (or 30 s pass: then it records that the video waited for it)."""
+    chunk is done (or 30 s pass: then it records that the video waited for it); without, the
+    test waits until the context is ready, so the switch lands at chunk 2."""
+    from core.interactive import BackgroundPrompts
+
     recipe = load_recipe(None, ["stream.frames_per_block=2", "stream.local_window_frames=6", "stream.sink_frames=2",
                                 "video.height=64", "video.width=64"], preset="tiny")
-    typed, encoded, release, logged, stalled = queue.Queue(), threading.Event(), threading.Event(), [], []
+    typed, release, logged, stalled = queue.Queue(), threading.Event(), [], []
     request = gen.GenerateRequest(recipe, single_prompt_schedule("calm sea", 4, 2), tmp_path / "i.mp4")
     placement = gen.prepare(request)
     models = build_models(request, placement, generation_spec(request, placement))
-    encode = models.text.encode
 
-    def gated_encode(prompts):
-        if prompts == ["a storm begins"] and encoder_blocks and not release.wait(30):
+    def encode(prompt):
+        if prompt == "a storm begins" and encoder_blocks and not release.wait(30):
             stalled.append(True)
-        context = encode(prompts)
-        encoded.set()
-        return context
+        return models.text.encode([prompt])
 
-    models.text.encode = gated_encode
+    feed = BackgroundPrompts(lambda: None if typed.empty() else typed.get(), encode, placement.device)
 
     def on_chunk(done, total):
         if done == 2:
             typed.put("a storm begins")
-            if not encoder_blocks:  # let the encoder finish (and hand over) so the switch lands at chunk 2
-                assert encoded.wait(10)
-                time.sleep(0.5)
+            if not encoder_blocks:
+                assert feed.wait_ready(10)
         if done == total:
             release.set()
 
-    def source():
-        return None if typed.empty() else typed.get()
-
-    report = gen.generate_video(request, placement, models, on_chunk, prompt_source=source, log=logged.append)
+    report = gen.generate_video(request, placement, models, on_chunk, prompt_source=feed, log=logged.append)
     return report, logged, stalled
 
 

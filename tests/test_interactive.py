@@ -86,3 +86,13 @@ def test_thread_stops_on_exit():
     with BackgroundPrompts(lambda: None, _context, torch.device("cpu")) as prompts:
         assert prompts._thread.is_alive()
     assert not prompts._thread.is_alive()
+
+
+def test_wait_ready_times_out_then_wakes_when_a_context_is_ready():
+    typed = queue.Queue()
+    with BackgroundPrompts(_source(typed), _context, torch.device("cpu")) as prompts:
+        assert prompts.wait_ready(0.05) is False
+        typed.put("a blue square")
+        assert prompts.wait_ready(10) is True
+        switch, context = prompts.take(1)
+    assert switch.prompt == "a blue square" and torch.equal(context, _context("a blue square"))
