@@ -36,7 +36,6 @@ Legend: M tokens (leading dims flattened), K in_features, N out_features.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +46,7 @@ from core.config import require
 from core.errors import UserError
 from quant.fp8_kernels import MAX_ROW, quantize_rows_triton
 from quant.kernels import triton_available
-from quant.linear import DEFAULT_EXCLUDE, select_linears
+from quant.linear import DEFAULT_EXCLUDE, check_exclude, select_linears
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 2.0**-40  # exact in fp32 and fp64; far below any real activation or weight row
@@ -68,17 +67,7 @@ class FP8Config:
     emulate: bool = False
 
     def __post_init__(self) -> None:
-        require(not isinstance(self.exclude, str),
-                f"exclude must be a list of module names or 're:' patterns (got the string {self.exclude!r})")
-        self.exclude = tuple(self.exclude)
-        for pattern in self.exclude:
-            require(isinstance(pattern, str) and pattern != "",
-                    f"exclude entries must be module names or 're:' patterns (got {pattern!r})")
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as err:
-                    raise ValueError(f"exclude pattern {pattern!r} is not a valid regex ({err})") from None
+        self.exclude = check_exclude(self.exclude)
         for key in ("fast_accum", "emulate"):
             require(isinstance(getattr(self, key), bool), f"{key} must be true or false (got {getattr(self, key)!r})")
 

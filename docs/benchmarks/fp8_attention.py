@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
+
+from cuda_timing import log, median_ms  # noqa: E402  (this folder is on sys.path when run)
 
 from core.attention import sdpa, sdpa_backend  # noqa: E402
 from core.errors import UserError  # noqa: E402
@@ -56,22 +57,6 @@ INPUTS = {
 }
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    spans = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        spans.append((start, stop))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in spans)
 
 
 def exact_subset(q, k, v, queries: int) -> torch.Tensor:
@@ -85,7 +70,7 @@ def bf16_rows(q, k, v, exact, queries: int, reps: int) -> dict:
     for name in ("auto", "cudnn", "flash"):
         try:
             with sdpa_backend(name), torch.no_grad():
-                ms = median_ms(lambda: sdpa(q, k, v), reps)
+                ms = median_ms(lambda: sdpa(q, k, v), reps, warmup=3)
                 error = sqnr_db(exact, sdpa(q[:, :queries], k, v))
             rows[name] = {"ms": ms, "tflops": FLOP / ms / 1e9, "sqnr_db": error}
         except RuntimeError as err:  # a backend that rejects the shapes
@@ -97,8 +82,8 @@ def bf16_rows(q, k, v, exact, queries: int, reps: int) -> dict:
 def fp8_row(attention, numerics: FP8AttentionNumerics, q, k, v, exact, queries: int, reps: int) -> dict:
     quantized = [quantize_qkv(t, attention.scaling) for t in (q, k, v)]
     with torch.no_grad():
-        kernel_ms = median_ms(lambda: attention.attend_quantized(*quantized), reps)
-        call_ms = median_ms(lambda: attention(q, k, v), reps)
+        kernel_ms = median_ms(lambda: attention.attend_quantized(*quantized), reps, warmup=3)
+        call_ms = median_ms(lambda: attention(q, k, v), reps, warmup=3)
         out = attention(q[:, :queries], k, v)
         model = fp8_attention_reference(q[:, :queries], k, v, numerics)
     return {"kernel_ms": kernel_ms, "call_ms": call_ms, "tflops": FLOP / kernel_ms / 1e9,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
+
+from cuda_timing import log, median_ms  # noqa: E402  (this folder is on sys.path when run)
 
 from core.config import ModelConfig  # noqa: E402
 from core.dit import DiTBlock, random_init_  # noqa: E402
@@ -39,22 +40,6 @@ from quant.fp8 import FP8Config, FP8Linear, dequantize_rows, quantize_fp8, quant
 SHAPES = ((3072, 3072), (14336, 3072), (3072, 14336))  # [N, K]: q/k/v/o, ffn.0, ffn.2
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
-def median_ms(fn, reps: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    spans = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        spans.append((start, stop))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in spans)
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -12,7 +12,6 @@ a fast path).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,24 +20,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere in the repo
 
+from cuda_timing import median_ms  # noqa: E402  (this folder is on sys.path when run)
+
 from quant.kernels import dequantize_triton  # noqa: E402
 from quant.nvfp4_linear import DequantScratch, NVFP4Linear  # noqa: E402
 
 SHAPES = ((3072, 3072), (14336, 3072), (3072, 14336))  # [N, K]: q/k/v/o, ffn.0, ffn.2
 
-
-def median_ms(fn, reps: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    spans = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        spans.append((start, stop))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in spans)
 
 
 def main() -> None:
