@@ -22,17 +22,34 @@ from core.train.recycle import RecycleConfig
 
 
 @dataclass
-class DataConfig:
-    """`path`: an official dataset folder (video/ + caption/) or a JSONL manifest; `synthetic`
-    writes a generated shapes-world dataset into `<logdir>/synthetic-data` instead
-    (`synthetic_samples` samples of `synthetic_shots` shots of `synthetic_shot_frames` frames each,
-    0: the frames of one item; core/train/synthetic.py)."""
+class ClipSource:
+    """Where training videos come from (train-ar's `data`, distill's I2V `data`): `path` an
+    official dataset folder (video/ + caption/) or a JSONL manifest; `synthetic` writes a generated
+    shapes-world set into `<logdir>/synthetic-data` instead (`synthetic_samples` samples of
+    `synthetic_shots` shots of `synthetic_shot_frames` frames each, 0: the frames of one item;
+    core/train/synthetic.py)."""
 
     path: str = ""
     synthetic: bool = False
     latent_frames: int = 96
     height: int = 704
     width: int = 1280
+    synthetic_samples: int = 8
+    synthetic_shots: int = 2
+    synthetic_shot_frames: int = 0
+
+    def check_clip_source(self) -> None:
+        require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
+                f"data: latent_frames > 0 and height/width multiples of 32 "
+                f"(got {self.latent_frames}, {self.height}x{self.width})")
+        require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
+                "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
+
+
+@dataclass
+class DataConfig(ClipSource):
+    """train-ar's clips (`ClipSource`) and how they are batched and encoded."""
+
     max_chunks_per_shot: int = 0  # 0: no virtual cuts
     allow_padding: bool = True
     num_workers: int = 2
@@ -45,18 +62,11 @@ class DataConfig:
     vae: Literal["wan2.2", "tiny", "random-wan2.2", "shapes"] = "wan2.2"
     # shapes: the VAE file (a `longlive train-vae --export`); empty: the one shipped in core/assets/shapes
     vae_path: str = ""
-    synthetic_samples: int = 8
-    synthetic_shots: int = 2
-    synthetic_shot_frames: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
-        require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
-                f"data: latent_frames > 0 and height/width multiples of 32 "
-                f"(got {self.latent_frames}, {self.height}x{self.width})")
+        self.check_clip_source()
         require(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
-        require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
-                "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
         require(not self.vae_path or self.vae == "shapes",
                 f"data.vae_path is for data.vae=shapes (got data.vae={self.vae}): remove vae_path or set vae=shapes")
 

@@ -26,10 +26,11 @@ from core.config import (
 )
 from core.generate import WAN_NEGATIVE_PROMPT  # the official default (utils/config.py) too
 from core.shots import SCENE_CUT_PREFIX
+from core.train.config import ClipSource
 
 
 @dataclass
-class PromptDataConfig:
+class PromptDataConfig(ClipSource):
     """What the rollouts are conditioned on.
 
     T2V (`i2v: false`): prompts only. `path` is a `.txt` file (one caption per line, one shot per
@@ -40,11 +41,7 @@ class PromptDataConfig:
     I2V (`i2v: true`): videos (the `train-ar` data layouts) give the prompts and, through the
     VAE, the first latent; `synthetic: true` writes a small video set into the log dir."""
 
-    path: str = ""
-    synthetic: bool = False
     latent_frames: int = 32  # rollout length (official image_or_video_shape[1]; 4 chunks of 8)
-    height: int = 704
-    width: int = 1280
     batch_size: int = 1  # per process (official 1; 2 in the NVFP4 config)
     chunks_per_shot: int = 0
     scene_cut_prefix: str = SCENE_CUT_PREFIX
@@ -55,18 +52,10 @@ class PromptDataConfig:
     text_encoder: Literal["umt5", "tiny", "random"] = "umt5"
     model_dir: str = ""  # `longlive download` folder (umt5, VAE); empty: the default folder
     vae: Literal["wan2.2", "tiny", "random-wan2.2"] = "wan2.2"  # I2V only
-    # I2V with `synthetic: true`: samples x shots x frames of the generated set (0: one rollout's frames)
-    synthetic_samples: int = 8
-    synthetic_shots: int = 2
-    synthetic_shot_frames: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
-        require(self.latent_frames > 0 and self.height % 32 == 0 and self.width % 32 == 0,
-                f"data: latent_frames > 0 and height/width multiples of 32 "
-                f"(got {self.latent_frames}, {self.height}x{self.width})")
-        require(self.synthetic_samples >= 1 and self.synthetic_shots >= 1 and self.synthetic_shot_frames >= 0,
-                "data: synthetic_samples and synthetic_shots >= 1, synthetic_shot_frames >= 0")
+        self.check_clip_source()
         require(self.batch_size >= 1 and self.chunks_per_shot >= 0,
                 f"data: batch_size >= 1 and chunks_per_shot >= 0 (got {self.batch_size}, {self.chunks_per_shot})")
 
