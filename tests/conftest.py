@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from core.config import ModelConfig, StreamConfig
 from core.dit import CausalWanDiT, random_init_
@@ -56,3 +62,41 @@ def fast_decode(monkeypatch):
         self.sink(np.full((frames, height, width, 3), 128, np.uint8))
 
     monkeypatch.setattr(SyncDecoder, "submit", submit)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Tiny CPU kernels are latency bound: one thread is several times faster than a busy pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    with torch_threads(1):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(run, preload: str, world: int, out: Path) -> list[dict]:
+    """`run(rank, world, port, out)` on `world` gloo processes; each saves `out/rank{r}.pt`.
+    forkserver: the workers fork from one clean process that has imported `preload` (and torch)
+    once (spawn would import it in every worker; fork would copy this process's threads)."""
+    multiprocessing.set_forkserver_preload([preload])
+    mp.start_processes(run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]

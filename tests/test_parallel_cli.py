@@ -16,14 +16,8 @@ import longlive_cli.parallel_inference as parallel
 from longlive_cli.app import main
 from tests.test_generate import SMALL, no_leftovers, read_video
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny VAE decodes several times faster on one thread than on a busy pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tiny VAE decodes several times faster on one thread than on a busy pool.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

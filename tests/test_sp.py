@@ -7,12 +7,8 @@ the tests compare the saved per-rank results with single-process references. Pur
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from core.attention import BlockCausalMask, TeacherForcingMask, dense_mask
 from core.config import VAEConfig
@@ -23,6 +19,9 @@ from sp.mesh import check_sp_config
 from sp.ulysses import PaddedMask, padded_length
 from sp.vae_halo import encode_rank_window, halo_windows, raw_window
 from tests import sp_workers as w
+from tests.conftest import spawn_ranks
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 TOL = 1e-5
 
@@ -135,15 +134,6 @@ def test_halo_windows_reject_short_clips():
         halo_windows(96, 377, sp=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny CPU kernels run several times faster on one thread (and the workers use one each)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_vae():
     return random_vae(VAEConfig.preset("tiny"))
@@ -171,21 +161,10 @@ def test_halo_encode(tiny_vae, clip, sp, halo):
 # Distributed scenarios: one spawn per world size.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"sp{n}")
 def ranks(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"sp{world}")
-    # forkserver: the workers fork from one clean process that has imported torch once (spawn would
-    # import it in every worker; fork would copy this process's threads).
-    multiprocessing.set_forkserver_preload(["tests.sp_workers"])
-    mp.start_processes(w.run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return spawn_ranks(w.run, "tests.sp_workers", world, tmp_path_factory.mktemp(f"sp{world}"))
 
 
 @pytest.fixture(scope="module")

@@ -11,36 +11,25 @@ with the NVFP4 cache, 3e-2 with FP8 weights); 16 rows per rank take the same ker
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import replace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from core.errors import UserError
 from sp.mesh import check_inference_layout
 from tests import sp_inference_workers as w
-from tests.test_sp import free_port
+from tests.conftest import spawn_ranks
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def ranks(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"spinf{world}")
-    multiprocessing.set_forkserver_preload(["tests.sp_inference_workers"])
-    mp.start_processes(w.run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    return spawn_ranks(w.run, "tests.sp_inference_workers", world, tmp_path_factory.mktemp(f"spinf{world}"))
 
 
 @pytest.fixture(scope="module")

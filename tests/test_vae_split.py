@@ -16,16 +16,9 @@ from core.errors import UserError
 from core.vae import WanVAE, random_vae
 from sp.vae_split import BandDecoder, band_bounds, band_plans, decoder_margins, decoder_scales, split_axis
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
+
 SMALL_VAE = VAEConfig(base_dim=8, decoder_base_dim=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions run faster on one thread than on a busy pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
