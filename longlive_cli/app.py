@@ -72,9 +72,9 @@ def cli_command():
 
 def _torchrun_worker() -> bool:
     """A worker of a re-executed parallel run: its parent reports an interrupt, in one line."""
-    import os
+    from sp.launcher import under_torchrun
 
-    return "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ
+    return under_torchrun()
 
 
 def main(argv: list[str] | None = None) -> int:
