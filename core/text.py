@@ -542,11 +542,16 @@ class TextEncoder:
         return cls.from_hf_folder(hf_dir, files.tokenizer, text_len=text_len, **options)
 
     @classmethod
-    def tiny(cls, seed: int = 0, **options: Any) -> TextEncoder:
-        """The tiny preset: seeded random weights and the ByteTokenizer; nothing is read."""
-        config = TextEncoderConfig.preset("tiny")
+    def random(cls, config: TextEncoderConfig, seed: int = 0, **options: Any) -> TextEncoder:
+        """Seeded random weights of `config`'s shapes with the ByteTokenizer; nothing is read
+        (tests, benchmarks of the real encoder's cost)."""
         model = build_umt5(config, wan_to_hf_keys(random_wan_state_dict(config, seed)))
         return cls(model, ByteTokenizer(config.text_len), config, **options)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, **options: Any) -> TextEncoder:
+        """The tiny preset: seeded random weights and the ByteTokenizer; nothing is read."""
+        return cls.random(TextEncoderConfig.preset("tiny"), seed, **options)
 
     # -- placement ---------------------------------------------------------------------------
 

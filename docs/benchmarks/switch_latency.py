@@ -34,23 +34,9 @@ from core.config import load_recipe  # noqa: E402
 from core.decode import DecodeMode  # noqa: E402
 from core.generate import GenerateRequest, Models, Placement, generate_video  # noqa: E402
 from core.shots import single_prompt_schedule  # noqa: E402
-from core.text import (  # noqa: E402
-    ByteTokenizer,
-    TextEncoder,
-    TextEncoderConfig,
-    build_umt5,
-    random_wan_state_dict,
-    wan_to_hf_keys,
-)
+from core.text import TextEncoder, TextEncoderConfig  # noqa: E402
 from core.vae import random_vae  # noqa: E402
 from longlive_cli.build import DiTSpec, build_dit  # noqa: E402
-
-
-def umt5_xxl_random(device: torch.device) -> TextEncoder:
-    config = TextEncoderConfig.preset("umt5-xxl")
-    state = {k: v.to(torch.bfloat16) for k, v in random_wan_state_dict(config, seed=0).items()}
-    model = build_umt5(config, wan_to_hf_keys(state))
-    return TextEncoder(model, ByteTokenizer(config.text_len), config, device=device, dtype=torch.bfloat16)
 
 
 def main() -> None:
@@ -69,7 +55,8 @@ def main() -> None:
                                 f"stream.sampling_steps={args.steps}", f"runtime.device={device.type}"],
                          preset="tiny" if tiny else "wan2.2-ti2v-5b")
     started = time.perf_counter()
-    text = TextEncoder.tiny(device=device) if tiny else umt5_xxl_random(device)
+    text = TextEncoder.tiny(device=device) if tiny else TextEncoder.random(
+        TextEncoderConfig.preset("umt5-xxl"), device=device, dtype=torch.bfloat16)
     models = Models(build_dit(DiTSpec.from_recipe(recipe, device, dtype)),
                     random_vae(recipe.vae, 0, device=device, dtype=dtype), text)
     build_s = time.perf_counter() - started
