@@ -171,3 +171,23 @@ def test_a_run_stopped_during_a_part_keeps_the_parts_before_it(tmp_path):
         run_eval_suite(out, "cpu", ("prompts", "multishot"), source=StopsAtMultishot(), max_prompts=1, seconds=1.0)
     assert list(json.loads(out.read_text())["parts"]) == ["prompts"]
     assert "## prompts: 1 videos" in out.with_suffix(".md").read_text()
+
+
+def test_eval_vbench_suite_shapes_runs_the_shapes_world_model_offline(tmp_path, capsys):
+    """CI size with the shapes preset itself (its DiT, VAE and shipped text encoder, from files at
+    the shapes widths that the test writes: values are random until the trained files ship)."""
+    from tests.test_shapes_preset import write_shapes_files
+
+    model_dir = tmp_path / "shapes-model"
+    model_dir.mkdir()
+    write_shapes_files(model_dir)
+    out = tmp_path / "shapes.json"
+    code = main(["eval-vbench", "--suite", "shapes", "--out", str(out), "--preset", "shapes",
+                 "--model-dir", str(model_dir), "--device", "cpu", "--max-prompts", "1", "--seconds", "1",
+                 "--dimensions", "prompts,interactive"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert results["settings"]["preset"] == "shapes" and list(results["parts"]) == ["prompts", "interactive"]
+    assert results["parts"]["interactive"]["summary"]["switches"]["count"] == 2
+    frames = {part: [v["num_frames"] for v in report["videos"].values()] for part, report in results["parts"].items()}
+    assert frames == {"prompts": [29], "interactive": [93]}, frames  # 1 s: one chunk of 8; 3 shots of one chunk
