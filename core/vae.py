@@ -205,8 +205,14 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, *(1,) * gain_dims))
 
     def forward(self, x: Tensor) -> Tensor:
-        # in place on normalize's fresh output: one activation-sized buffer fewer
-        return F.normalize(x, dim=1).mul_(self.scale * self.gamma.view(-1, 1, 1, 1))
+        if x.device.type == "cpu":
+            # F.normalize's vector_norm over a non-last dim is ~100x slower than this on the CPU
+            # (torch 2.13: 10 ms vs 0.1 ms for [4, 8, 3, 66, 66]); the same math, equal to ~1 ulp.
+            normed = x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        else:
+            normed = F.normalize(x, dim=1)
+        # in place on the fresh quotient: one activation-sized buffer fewer
+        return normed.mul_(self.scale * self.gamma.view(-1, 1, 1, 1))
 
 
 def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
