@@ -134,6 +134,8 @@ def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
     (["--export", "vae.pt"], "exported as .safetensors"),
     (["--max-steps", "0"], "--max-steps 0"),
     (["--max-steps", "5000"], "beyond train.max_steps 4000"),
+    (["--set", "train.init_from=missing.safetensors"], "no such file"),
+    (["--set", "train.train_encoder=false"], "set train.init_from"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "run"), *args]) == 2
@@ -148,3 +150,23 @@ def test_resuming_with_other_widths_is_refused(tmp_path, capsys):
     wider = [*TINY, "--set", "vae.decoder_base_dim=8"]
     assert main(["train-vae", "train_vae_shapes", "--logdir", str(logdir), *wider]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latents(tmp_path):
+    """train.train_encoder=false from an export: the encoder's weights (so every latent a generator
+    was trained on) stay bit for bit, the decoder's change; the run starts from the export's weights."""
+    first, tuned = tmp_path / "first.safetensors", tmp_path / "tuned.safetensors"
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "a"), "--export", str(first), *TINY]) == 0
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "b"), "--export", str(tuned), *TINY,
+                 "--set", f"train.init_from={first}", "--set", "train.train_encoder=false"]) == 0
+    a, b = load_file(str(first)), load_file(str(tuned))
+    encoder = [n for n in a if n.startswith(("encoder.", "conv1."))]
+    decoder = [n for n in a if n.startswith(("decoder.", "conv2."))]
+    assert encoder and decoder and len(encoder) + len(decoder) == len(a)
+    assert all(torch.equal(a[n], b[n]) for n in encoder)
+    assert sum(not torch.equal(a[n], b[n]) for n in decoder) > len(decoder) // 2
+    video = held_out_clips(load_vae_recipe("train_vae_shapes", TINY[1::2]).data)[:1]
+    assert torch.equal(load_vae(first, TINY_CONFIG).encode(video), load_vae(tuned, TINY_CONFIG).encode(video))
+    # the fine-tuning's first step starts from the export, not from the seed's random weights
+    fresh = records(tmp_path / "a")[0]["mse"]
+    assert records(tmp_path / "b")[0]["mse"] < fresh

@@ -43,7 +43,7 @@ from core.errors import UserError
 from core.runtime import resolve_device
 from core.train.state import EMA, CheckpointManager
 from core.train.synthetic import DEMO_SIZE, render_training_clip
-from core.vae import CausalCache, DecodePlan, WanVAE, patchify, unpatchify
+from core.vae import CausalCache, DecodePlan, WanVAE, load_vae, patchify, unpatchify
 
 # Training decodes latent by latent (gradients can stop before any latent), whole frames, with the
 # plain upsample convolutions: `WanVAE.decode(z, PER_LATENT)` is the same computation bit for bit.
@@ -130,11 +130,17 @@ class VAELoop:
     checkpoint_every: int = 250
     keep_checkpoints: int = 3
     eval_every: int = 250
+    init_from: str = ""  # an exported VAE (.safetensors) to start from, with a fresh optimiser
+    # False: the encoder (and its conv1) stays as initialised, so the latents do too: a generator
+    # trained on the init VAE's latents stays valid while the decoder is fine-tuned.
+    train_encoder: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1
                 and self.eval_every >= 1,
                 "train: max_steps, checkpoint_every, keep_checkpoints and eval_every must be >= 1")
+        require(self.train_encoder or self.init_from,
+                "train.train_encoder=false keeps the encoder as initialised: set train.init_from=VAE.safetensors")
 
 
 @dataclass
@@ -318,6 +324,9 @@ class VAETrainer:
         if self.options.max_steps is not None and self.options.max_steps > self.recipe.train.max_steps:
             raise UserError(f"--max-steps {self.options.max_steps} is beyond train.max_steps "
                             f"{self.recipe.train.max_steps} (the end of the LR schedule): --set train.max_steps=N")
+        init = self.recipe.train.init_from
+        if init and not Path(init).is_file():
+            raise UserError(f"train.init_from={init}: no such file (pass a VAE exported by train-vae --export)")
         if self.options.export is not None and Path(self.options.export).suffix != ".safetensors":
             raise UserError(f"--export {self.options.export}: the VAE is exported as .safetensors (use that suffix)")
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
@@ -332,10 +341,18 @@ class VAETrainer:
 
     def _build(self) -> tuple[WanVAE, torch.optim.Optimizer, EMA]:
         torch.manual_seed(self.recipe.runtime.seed)  # the initial weights
-        vae = WanVAE(self.recipe.vae).to(self.device).train()
+        loop = self.recipe.train
+        if loop.init_from:
+            vae = load_vae(loop.init_from, self.recipe.vae, device=self.device).requires_grad_(True)
+        else:
+            vae = WanVAE(self.recipe.vae).to(self.device)
+        vae.train()
+        if not loop.train_encoder:
+            for module in (vae.encoder, vae.conv1):
+                module.requires_grad_(False)
         o = self.recipe.optim
-        optimizer = torch.optim.AdamW(vae.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                      weight_decay=o.weight_decay)
+        optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=o.lr,
+                                      betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         return vae, optimizer, EMA(vae, decay=o.ema_decay, start_step=o.ema_start_step)
 
     def step(self, vae: WanVAE, optimizer: torch.optim.Optimizer, step: int) -> VAEStepStats:
@@ -352,7 +369,8 @@ class VAETrainer:
         loss = mse + recipe.objective.moment_weight * moment
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), recipe.optim.grad_clip)
+        trained = [p for p in vae.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, recipe.optim.grad_clip)
         optimizer.step()
         return VAEStepStats(step + 1, loss.item(), mse.item(), moment.item(), float(grad_norm), lr,
                             time.perf_counter() - started)

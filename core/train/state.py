@@ -83,8 +83,10 @@ class EMA:
         if self.shadow is None:
             self.shadow = {n: p.cpu().float().clone() for n, p in params.items()}
             return
+        frozen = {bare_name(n) for n, p in model.named_parameters() if not p.requires_grad}
         for name, p in params.items():
-            self.shadow[name].mul_(self.decay).add_(p.cpu().float(), alpha=1.0 - self.decay)
+            if name not in frozen:  # a frozen weight is its own average (d x + (1 - d) x drifts by ulps)
+                self.shadow[name].mul_(self.decay).add_(p.cpu().float(), alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
