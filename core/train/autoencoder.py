@@ -369,7 +369,7 @@ class VAETrainer:
         loss = mse + recipe.objective.moment_weight * moment
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        trained = [p for p in vae.parameters() if p.requires_grad]
+        trained = optimizer.param_groups[0]["params"]  # without a frozen encoder
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, recipe.optim.grad_clip)
         optimizer.step()
         return VAEStepStats(step + 1, loss.item(), mse.item(), moment.item(), float(grad_norm), lr,

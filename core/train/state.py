@@ -78,15 +78,14 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         if step < self.start_step:
             return
-        params = {bare_name(n): local_tensor(p).detach() for n, p in model.named_parameters()}
+        params = {bare_name(n): p for n, p in model.named_parameters()}
         # to the CPU first, then to fp32: a bf16 parameter crosses the bus at half the size
         if self.shadow is None:
-            self.shadow = {n: p.cpu().float().clone() for n, p in params.items()}
+            self.shadow = {n: local_tensor(p).detach().cpu().float().clone() for n, p in params.items()}
             return
-        frozen = {bare_name(n) for n, p in model.named_parameters() if not p.requires_grad}
         for name, p in params.items():
-            if name not in frozen:  # a frozen weight is its own average (d x + (1 - d) x drifts by ulps)
-                self.shadow[name].mul_(self.decay).add_(p.cpu().float(), alpha=1.0 - self.decay)
+            if p.requires_grad:  # a frozen weight is its own average (d x + (1 - d) x drifts by ulps)
+                self.shadow[name].mul_(self.decay).add_(local_tensor(p).detach().cpu().float(), alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

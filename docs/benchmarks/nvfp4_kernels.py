@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from cuda_timing import median_ms  # noqa: E402  (this folder is on sys.path when run)
 
 from quant import nvfp4  # noqa: E402
 from quant.kernels import dequantize_triton, quantize_triton  # noqa: E402
@@ -37,21 +38,9 @@ SHAPES = {
 }
 
 
-def time_ms(fn, iters: int, warmup: int = 5, calls: int = 10) -> float:
-    """Median over `iters` samples of the mean time of `calls` back-to-back calls (so the host's launch
-    latency hides behind the queued kernels instead of being counted)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+def time_ms(fn, iters: int) -> float:
+    """Mean of 10 back-to-back calls, median over `iters` samples, after 5 warm-up calls."""
+    return median_ms(fn, iters, warmup=5, calls=10)
 
 
 def exact(ref: nvfp4.NVFP4Tensor, got: nvfp4.NVFP4Tensor) -> bool:
