@@ -49,10 +49,52 @@ steps_for() {
 import json, os, statistics, sys
 logdir, key, budget = sys.argv[1], sys.argv[2], float(sys.argv[3])
 records = [json.loads(line) for line in open(f"{logdir}/metrics.jsonl")]
-seconds = statistics.median(r[key] for r in records[5:])  # after the warm-up steps
+seconds = statistics.median(r[key] for r in (records[5:] or records))  # after the warm-up steps
 print(max(int(os.environ["MIN_STEPS"]), int(budget / seconds)))
 PY
 }
+
+# decoder SECONDS INIT: fine-tune the VAE's decoder (encoder frozen, so the generator's latents stay
+# bit for bit) in the background beside the generator, from INIT into $out/vae-decoder.safetensors.
+# The GPU has room for both; the VAE's clips are rendered by its own CPU process.
+decoder() {
+  [ "${DECODER:-1}" = 1 ] || return 0
+  local steps
+  steps=$(steps_for "$out/vae-calibration" seconds "$(( $1 * 4 / 5 ))")  # it shares the CPUs with the generator
+  echo "VAE decoder: $steps steps from $2"
+  timeout --kill-after=5 "$(( $1 + 30 ))" python -m longlive_cli "${vae_base[@]}" --logdir "$out/vae-decoder" --no-resume --export "$out/vae-decoder.safetensors" \
+    --set train.init_from="$2" --set train.train_encoder=false --set optim.warmup_steps=20 \
+    --set train.max_steps="$steps" --set train.checkpoint_every="$steps" \
+    --set train.eval_every=$(( steps / 4 > 0 ? steps / 4 : 1 )) \
+    --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( steps / 2 )) > "$out/vae-decoder.log" 2>&1 &
+  decoder_pid=$!
+}
+decoder_pid=
+vae_base=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.crop="${VAE_CROP:-128}"
+          --set data.frames="${VAE_FRAMES:-17}" --set data.warmup_latents="${VAE_WARMUP:-8}"
+          --set data.batch_size="${VAE_BATCH:-16}" --set data.eval_clips="${VAE_EVAL_CLIPS:-8}"
+          --set data.eval_frames="${VAE_EVAL_FRAMES:-97}")
+
+# -- resume: a second call on the same machine gives the generator RESUME_SECONDS more ------------
+if [ -n "${RESUME_SECONDS:-}" ]; then
+  ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
+      --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
+      --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data")
+  done_steps=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$out/ar/metrics.jsonl")
+  more=$(steps_for "$out/ar" step_seconds "$RESUME_SECONDS")
+  ema_start=$(grep -o 'optim.ema_start_step=[0-9]*' "$out/ar.cmd" | cut -d= -f2)
+  echo "AR: resuming at step $done_steps for $more more (EMA from $ema_start)"
+  [ -f "$out/vae-decoder.safetensors" ] && cp "$out/vae-decoder.safetensors" "$out/vae-decoder-1.safetensors" \
+    && mv "$out/vae-decoder" "$out/vae-decoder-1" && decoder "$RESUME_SECONDS" "$out/vae-decoder-1.safetensors"
+  t0=$(date +%s)
+  cli "${ar[@]}" --logdir "$out/ar" --resume --export "$out/dit.safetensors" \
+    --set train.max_steps=$(( done_steps + more )) --set train.checkpoint_every=$(( done_steps + more )) \
+    --set optim.ema_start_step="$ema_start" > "$out/ar-resume.log" 2>&1
+  echo "AR: $more more steps in $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
+  tail -n 1 "$out/ar-resume.log"
+  [ -n "$decoder_pid" ] && { wait "$decoder_pid"; tail -n 1 "$out/vae-decoder.log"; }
+  exit 0
+fi
 
 # -- 0. the AR dataset, on CPU workers, in the background ------------------------------------------
 # (a file, not stdin: the worker processes are spawned and re-import the main module)
@@ -75,10 +117,7 @@ python "$out/make_data.py" "$out/shapes-data" "$AR_SAMPLES" "$DATA_WORKERS" > "$
 data_pid=$!
 
 # -- 1. the VAE: full 128x128 frames, 17 trained frames after 0-8 warm-up latents, 16 clips per step -
-vae=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.crop="${VAE_CROP:-128}"
-     --set data.frames="${VAE_FRAMES:-17}" --set data.warmup_latents="${VAE_WARMUP:-8}"
-     --set data.batch_size="${VAE_BATCH:-16}" --set data.eval_clips="${VAE_EVAL_CLIPS:-8}"
-     --set data.eval_frames="${VAE_EVAL_FRAMES:-97}")
+vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"})
 cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
   --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
 vae_steps=$(steps_for "$out/vae-calibration" seconds "$VAE_SECONDS")
@@ -104,12 +143,15 @@ ar_budget=$(( $(left) - EVAL_RESERVE - 20 ))
 ar_budget=$(( ar_budget < AR_SECONDS ? ar_budget : AR_SECONDS ))
 ar_steps=$(steps_for "$out/ar-calibration" step_seconds "$(( ar_budget > 1 ? ar_budget : 1 ))")
 echo "AR: $ar_steps steps (budget $ar_budget s)"
+echo "optim.ema_start_step=$(( ar_steps / 2 ))" > "$out/ar.cmd"
+decoder "$ar_budget" "$out/vae.safetensors"
 t0=$(date +%s)
 cli "${ar[@]}" --logdir "$out/ar" --no-resume --export "$out/dit.safetensors" \
   --set train.max_steps="$ar_steps" --set train.checkpoint_every="$ar_steps" \
   --set optim.ema_start_step=$(( ar_steps / 2 )) > "$out/ar.log" 2>&1
 ar_seconds=$(( $(date +%s) - t0 ))
 tail -n 1 "$out/ar.log"
+[ -n "$decoder_pid" ] && { wait "$decoder_pid"; tail -n 1 "$out/vae-decoder.log"; }
 
 python - "$out" "$vae_steps" "$vae_seconds" "$ar_steps" "$ar_seconds" "$(( $(date +%s) - started ))" <<'PY' \
   | tee "$out/summary.txt"
@@ -128,6 +170,7 @@ PY
 
 # -- 3. the probe: the trained files through the shapes preset (--model-dir $out) ------------------
 # (never compiled: the 60-s videos pass the 5B's break-even chunk count, a 5M model never wins it back)
+[ "${PROBE:-1}" = 1 ] || { echo "total $(( $(date +%s) - started )) s (probe skipped: PROBE=0)"; exit 0; }
 mkdir -p "$out/eval"
 probe() {  # probe NAME SECONDS_ALLOWED ARGS...: one eval-vbench run, cut off at its time
   local name=$1 allowed=$2
