@@ -431,6 +431,20 @@ def test_recipes_hold_the_official_settings():
     assert nvfp4.stream.sink_frames == 8 and nvfp4.stream.pins_shot_sink
 
 
+def test_shapes_recipe_distills_the_shipped_generator():
+    """distill_shapes must build the network the shapes preset loads, on the AR recipe's blocks."""
+    from core.config import ModelConfig
+    from core.train.config import load_train_recipe
+
+    recipe, ar = load_distill_recipe("distill_shapes"), load_train_recipe("train_ar_shapes")
+    assert recipe.model == ModelConfig.preset("shapes") == ar.model
+    assert recipe.checkpoints.path("real_score") == Path("core/assets/shapes/dit.safetensors")
+    assert (recipe.data.height, recipe.data.width, recipe.data.latent_frames) == (ar.data.height, ar.data.width,
+                                                                                  ar.data.latent_frames)
+    assert recipe.stream.frames_per_block == ar.train.frames_per_block
+    assert not recipe.dmd.uses_negative_prompt and recipe.data.negative_prompt is None
+
+
 def test_nvfp4_networks_follow_the_official_dmd_config():
     from core.train.ar import TrainPlan
     from longlive_cli.parallelize import Role, parallelize_network
