@@ -88,7 +88,8 @@ def _train(recipe, job: TrainJob, plan, events):
     def build_model():
         return parallelize(build_dit(spec).model, recipe, plan)
 
-    options = RunOptions(job.logdir, job.max_steps, job.resume, job.output("--export"), recipe_name=job.recipe)
+    options = RunOptions(job.logdir, job.max_steps, job.resume, job.output("--export"), recipe_name=job.recipe,
+                         max_seconds=job.max_seconds)
     return Trainer(recipe, options, plan, build_model, events).run()
 
 
@@ -100,6 +101,9 @@ def train_ar(
     logdir: Annotated[str, typer.Option(
         help="Checkpoints, TensorBoard logs, metrics.jsonl, loss.png.")] = "runs/train-ar",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the recipe's).")] = None,
+    max_seconds: Annotated[float | None, typer.Option(
+        help="Stop at the first step that ends past this many seconds of training (start-up not counted), "
+             "with a checkpoint and the export as at the end; --resume continues.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,
     export: Annotated[str | None, typer.Option(help="Write a generator file (.safetensors or .pt) at the end.")] = None,
@@ -112,10 +116,12 @@ def train_ar(
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: use 1 or more")
+    if max_seconds is not None and not max_seconds > 0:
+        raise UserError(f"--max-seconds {max_seconds}: use a positive number of seconds")
     outputs = (("--export", Path(export)),) if export else ()
     job = TrainJob("train-ar", recipe=recipe, sets=tuple(set_ or ()), precision=precision, logdir=Path(logdir),
                    launch=Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), max_steps=max_steps,
-                   resume=resume, outputs=outputs)
+                   resume=resume, outputs=outputs, max_seconds=max_seconds)
     events = main_process_events("train-ar", PROGRESS_FIELDS)
     with events if events is not None else contextlib.nullcontext():
         result = run_train_ar(job, events)

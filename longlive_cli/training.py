@@ -40,6 +40,7 @@ class TrainJob:
     max_steps: int | None = None
     resume: bool = True
     outputs: tuple[tuple[str, Path], ...] = ()
+    max_seconds: float | None = None
 
     def output(self, flag: str) -> Path | None:
         return dict(self.outputs).get(flag)
@@ -52,6 +53,8 @@ class TrainJob:
             args += ["--precision", str(self.precision)]
         if self.max_steps is not None:
             args += ["--max-steps", str(self.max_steps)]
+        if self.max_seconds is not None:
+            args += ["--max-seconds", repr(self.max_seconds)]
         for flag, path in self.outputs:
             args += [flag, str(path)]
         for item in self.sets:

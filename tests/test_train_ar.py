@@ -171,3 +171,27 @@ def test_nvfp4_training_runs_the_official_ar_rules_on_the_block_linears(tmp_path
     logdir = tmp_path / "nvfp4"
     assert main(["train-ar", "train_ar_tiny", "--precision", "nvfp4", "--logdir", str(logdir), "--max-steps", "2"]) == 0
     assert [m["step"] for m in metrics(logdir)] == [1, 2]
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_export_then_resumes(tmp_path):
+    """--max-seconds ends the run at the first step past the budget, saved and exported as at the
+    end; the same command with more time continues from that step."""
+    logdir, export = tmp_path / "run", tmp_path / "generator.safetensors"
+    args = ["train-ar", "train_ar_tiny", "--logdir", str(logdir), "--max-steps", "6", "--export", str(export),
+            "--set", "train.checkpoint_every=100", "--set", "train.deterministic=true"]
+    assert main([*args, "--max-seconds", "1e-6"]) == 0
+    assert [m["step"] for m in metrics(logdir)] == [1]
+    assert sorted(p.name for p in (logdir / "checkpoints").iterdir()) == ["step_00000001"]
+    first = load_file(export)
+    assert main([*args, "--max-seconds", "3600"]) == 0
+    assert [m["step"] for m in metrics(logdir)] == list(range(1, 7))
+    assert sorted(p.name for p in (logdir / "checkpoints").iterdir()) == ["step_00000001", "step_00000006"]
+    assert any(not torch.equal(first[k], v) for k, v in load_file(export).items())
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_max_seconds_must_be_positive(capsys, tmp_path, value):
+    assert main(["train-ar", "train_ar_tiny", "--logdir", str(tmp_path / "run"), "--max-seconds", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-seconds" in err, err
+    assert not (tmp_path / "run").exists()

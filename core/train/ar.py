@@ -205,6 +205,7 @@ class RunOptions:
     resume: bool = True
     export: Path | None = None  # generator file written at the end (EMA weights once EMA started)
     recipe_name: str = ""  # for the plot's title
+    max_seconds: float | None = None  # wall-clock budget of the loop: stop (checkpoint, export) past it
 
 
 @dataclass
@@ -359,6 +360,7 @@ class Trainer:
         history: list[StepStats] = []
         batches = self._batches(dataset, sampler)
         self.events.started(start_step, self.max_steps, self.recipe.train.log_every)
+        out_of_time = self._clock()
         for step in range(start_step, self.max_steps):
             stats = self._step(step, model, optimizer, ema, batches, sampler)
             history.append(stats)
@@ -366,14 +368,31 @@ class Trainer:
                 self._log(metrics, stats)
             if not math.isfinite(stats.loss):
                 raise UserError(f"the loss became {stats.loss} at step {step + 1}: lower optim.lr or check the data")
-            if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
+            stop = out_of_time()
+            if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps or stop:
                 self._save(manager, step + 1, model, optimizer, ema, sampler)
+            if stop:
+                log.info("train-ar: --max-seconds %s reached after step %d", self.options.max_seconds, step + 1)
+                break
         metrics.close()
         export = self._export(model, ema) if self.options.export is not None else None
         if self.plan.is_main and history:
             metrics.plot(LOSS_CURVES, f"train-ar {self.options.recipe_name}: {self.logdir.name}")
-        return TrainResult(steps_run=len(history), final_step=max(start_step, self.max_steps), history=history,
-                           export=export, resumed_from=resumed)
+        return TrainResult(steps_run=len(history), final_step=max(start_step, start_step + len(history)),
+                           history=history, export=export, resumed_from=resumed)
+
+    def _clock(self) -> Callable[[], bool]:
+        """`out_of_time()`: True once the loop has run `max_seconds` on any rank, the same answer on
+        every rank (ranks stopping at different steps would leave collectives waiting)."""
+        if self.options.max_seconds is None:
+            return lambda: False
+        deadline = time.monotonic() + self.options.max_seconds
+
+        def out_of_time() -> bool:
+            passed = torch.tensor(float(time.monotonic() >= deadline), device=self.device)
+            return bool(self.plan.world_mean(passed) > 0)
+
+        return out_of_time
 
     def _recycler(self) -> ErrorRecycler | None:
         config = self.recipe.error_recycling

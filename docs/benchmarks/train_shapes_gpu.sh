@@ -14,6 +14,12 @@
 # many steps as fit its budget: VAE_SECONDS; the generator gets what is left before the deadline
 # minus EVAL_RESERVE (at most AR_SECONDS). The AR dataset is written by CPU workers while the VAE
 # trains. The evaluations run under `timeout` so the whole command ends by the deadline.
+# The generator stops at its budget whatever its speed (`train-ar --max-seconds`), the decoder
+# fine-tuning beside it under `timeout`. The AR data writer needs PyAV: prepare the wheels with
+#   ../shared/tools/gpu-prep.sh --with-av      and run   source .whl/env.sh && bash ... "$OUT"
+# Options (environment): VAE_INIT=FILE starts the VAE from an export (VAE_SECONDS=0 keeps it as it
+# is); DECODER=0 skips the decoder fine-tuning; AR_SET=key=value adds one generator override;
+# RESUME_SECONDS=N (a later call on the same machine) gives the generator N more seconds; PROBE=0.
 # CPU dry run of every step (a few minutes, nothing learnt): DRY_RUN=1 bash docs/benchmarks/train_shapes_gpu.sh /tmp/dry
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -63,7 +69,7 @@ decoder() {
   steps=$(steps_for "$out/vae-calibration" seconds "$(( $1 * 4 / 5 ))")  # it shares the CPUs with the generator
   echo "VAE decoder: $steps steps from $2"
   timeout --kill-after=5 "$(( $1 + 30 ))" python -m longlive_cli "${vae_base[@]}" --logdir "$out/vae-decoder" --no-resume --export "$out/vae-decoder.safetensors" \
-    --set train.init_from="$2" --set train.train_encoder=false --set optim.warmup_steps=20 \
+    --set train.init_from="$2" --set train.train_encoder=false --set optim.warmup_steps=20 --set optim.lr="${DECODER_LR:-5e-4}" \
     --set train.max_steps="$steps" --set train.checkpoint_every="$steps" \
     --set train.eval_every=$(( steps / 4 > 0 ? steps / 4 : 1 )) \
     --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( steps / 2 )) > "$out/vae-decoder.log" 2>&1 &
@@ -79,7 +85,8 @@ vae_base=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.c
 if [ -n "${RESUME_SECONDS:-}" ]; then
   ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
       --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
-      --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data")
+      --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
+    ${AR_SET:+--set $AR_SET})
   done_steps=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$out/ar/metrics.jsonl")
   more=$(steps_for "$out/ar" step_seconds "$RESUME_SECONDS")
   ema_start=$(grep -o 'optim.ema_start_step=[0-9]*' "$out/ar.cmd" | cut -d= -f2)
@@ -87,8 +94,8 @@ if [ -n "${RESUME_SECONDS:-}" ]; then
   [ -f "$out/vae-decoder.safetensors" ] && cp "$out/vae-decoder.safetensors" "$out/vae-decoder-1.safetensors" \
     && mv "$out/vae-decoder" "$out/vae-decoder-1" && decoder "$RESUME_SECONDS" "$out/vae-decoder-1.safetensors"
   t0=$(date +%s)
-  cli "${ar[@]}" --logdir "$out/ar" --resume --export "$out/dit.safetensors" \
-    --set train.max_steps=$(( done_steps + more )) --set train.checkpoint_every=$(( done_steps + more )) \
+  cli "${ar[@]}" --logdir "$out/ar" --resume --export "$out/dit.safetensors" --max-seconds "$RESUME_SECONDS" \
+    --set train.max_steps=$(( done_steps + more * 4 )) --set train.checkpoint_every=$(( done_steps + more * 4 )) \
     --set optim.ema_start_step="$ema_start" > "$out/ar-resume.log" 2>&1
   echo "AR: $more more steps in $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
   tail -n 1 "$out/ar-resume.log"
@@ -120,35 +127,47 @@ data_pid=$!
 vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"})
 cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
   --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
-vae_steps=$(steps_for "$out/vae-calibration" seconds "$VAE_SECONDS")
-echo "VAE: $vae_steps steps"
-t0=$(date +%s)
-cli "${vae[@]}" --logdir "$out/vae" --no-resume --export "$out/vae.safetensors" \
-  --set train.max_steps="$vae_steps" --set train.checkpoint_every="$vae_steps" \
-  --set train.eval_every=$(( vae_steps / 8 > 0 ? vae_steps / 8 : 1 )) \
-  --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( vae_steps * 3 / 4 )) > "$out/vae.log" 2>&1
-vae_seconds=$(( $(date +%s) - t0 ))
-tail -n 1 "$out/vae.log"
+if [ "$VAE_SECONDS" = 0 ] && [ -n "${VAE_INIT:-}" ]; then  # keep VAE_INIT as it is (its decoder is tuned below)
+  cp "$VAE_INIT" "$out/vae.safetensors"; vae_steps=0; vae_seconds=0; mkdir -p "$out/vae"
+  cp "$out/vae-calibration/metrics.jsonl" "$out/vae/metrics.jsonl"
+  echo "VAE: $VAE_INIT as it is"
+else
+  vae_steps=$(steps_for "$out/vae-calibration" seconds "$VAE_SECONDS")
+  echo "VAE: $vae_steps steps"
+  t0=$(date +%s)
+  cli "${vae[@]}" --logdir "$out/vae" --no-resume --export "$out/vae.safetensors" \
+    --set train.max_steps="$vae_steps" --set train.checkpoint_every="$vae_steps" \
+    --set train.eval_every=$(( vae_steps / 8 > 0 ? vae_steps / 8 : 1 )) \
+    --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( vae_steps * 3 / 4 )) > "$out/vae.log" 2>&1
+  vae_seconds=$(( $(date +%s) - t0 ))
+  tail -n 1 "$out/vae.log"
+fi
 
 # -- 2. the generator: 8 samples per step, bf16; what is left before the deadline less the probe ---
 wait "$data_pid"
 cat "$out/data.log"
 ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
     --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
-    --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data")
+    --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
+    ${AR_SET:+--set $AR_SET})
+# the decoder first, so the generator's calibration measures its step beside it
+decoder_budget=$(( $(left) - EVAL_RESERVE - 30 ))
+decoder "$(( decoder_budget < AR_SECONDS ? decoder_budget : AR_SECONDS ))" "$out/vae.safetensors"
 cli "${ar[@]}" --logdir "$out/ar-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
   > "$out/ar-calibration.log" 2>&1
-# start-up and export of the real run (~20 s) come out of the generator's share
+# start-up, checkpoint and export of the real run (~20 s) come out of the generator's share; the
+# calibrated step count only places the EMA start: --max-seconds is the hard stop
 ar_budget=$(( $(left) - EVAL_RESERVE - 20 ))
 ar_budget=$(( ar_budget < AR_SECONDS ? ar_budget : AR_SECONDS ))
-ar_steps=$(steps_for "$out/ar-calibration" step_seconds "$(( ar_budget > 1 ? ar_budget : 1 ))")
-echo "AR: $ar_steps steps (budget $ar_budget s)"
+ar_budget=$(( ar_budget > 1 ? ar_budget : 1 ))
+ar_steps=$(steps_for "$out/ar-calibration" step_seconds "$ar_budget")
+echo "AR: ~$ar_steps steps (budget $ar_budget s)"
 echo "optim.ema_start_step=$(( ar_steps / 2 ))" > "$out/ar.cmd"
-decoder "$ar_budget" "$out/vae.safetensors"
 t0=$(date +%s)
-cli "${ar[@]}" --logdir "$out/ar" --no-resume --export "$out/dit.safetensors" \
-  --set train.max_steps="$ar_steps" --set train.checkpoint_every="$ar_steps" \
+cli "${ar[@]}" --logdir "$out/ar" --no-resume --export "$out/dit.safetensors" --max-seconds "$ar_budget" \
+  --set train.max_steps=$(( ar_steps * 4 )) --set train.checkpoint_every=$(( ar_steps * 4 )) \
   --set optim.ema_start_step=$(( ar_steps / 2 )) > "$out/ar.log" 2>&1
+ar_steps=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$out/ar/metrics.jsonl")
 ar_seconds=$(( $(date +%s) - t0 ))
 tail -n 1 "$out/ar.log"
 [ -n "$decoder_pid" ] && { wait "$decoder_pid"; tail -n 1 "$out/vae-decoder.log"; }
@@ -163,7 +182,7 @@ evals = [r for r in vae if "eval_psnr" in r]
 mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
 print(f"VAE: {vae_steps} steps in {vae_s} s, loss {mean(vae[:20], 'loss'):.5f} -> {mean(vae[-20:], 'loss'):.5f}, "
       f"held-out PSNR " + ", ".join(f"{r['eval_psnr']:.2f}@{r['step']}" for r in evals)
-      + f" dB, latent std {evals[-1]['latent_std_mean']:.3f}, |mean| {evals[-1]['latent_mean_abs']:.3f}")
+      + (f" dB, latent std {evals[-1]['latent_std_mean']:.3f}, |mean| {evals[-1]['latent_mean_abs']:.3f}" if evals else ""))
 print(f"AR: {ar_steps} steps in {ar_s} s, loss (mean of 50) {mean(ar[:50], 'loss'):.4f} -> {mean(ar[-50:], 'loss'):.4f}")
 print(f"training done after {total} s including calibration, data and start-up")
 PY
