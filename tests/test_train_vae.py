@@ -21,6 +21,7 @@ from core.train.autoencoder import (
     held_out_clips,
     load_vae_recipe,
     moment_penalty,
+    step_batches,
     training_batch,
 )
 from core.vae import WanVAE, load_vae
@@ -73,6 +74,22 @@ def test_stop_and_resume_ends_with_the_same_weights(tmp_path):
     a, b = load_file(str(whole / "v.safetensors")), load_file(str(parts / "v.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["loss"] for r in records(parts)] == [r["loss"] for r in records(whole)]
+
+
+def test_render_workers_change_nothing_but_the_speed(tmp_path):
+    """Clips rendered ahead by worker processes are the clips of the same steps: same losses, same weights."""
+    runs = {}
+    for workers in (0, 2):
+        logdir = tmp_path / f"w{workers}"
+        export = str(logdir / "v.safetensors")
+        assert main(["train-vae", "train_vae_shapes", "--logdir", str(logdir), "--export", export,
+                     *TINY, "--set", f"data.workers={workers}"]) == 0
+        runs[workers] = records(logdir), load_file(str(logdir / "v.safetensors"))
+    assert [r["loss"] for r in runs[0][0]] == [r["loss"] for r in runs[2][0]]
+    assert all(torch.equal(runs[0][1][name], runs[2][1][name]) for name in runs[0][1])
+    batches = step_batches(load_vae_recipe("train_vae_shapes", [*TINY[1::2], "data.workers=2"]).data, 0, 3, 7)
+    assert [w for _, w in batches] == [training_batch(load_vae_recipe("train_vae_shapes", TINY[1::2]).data, 0, s)[1]
+                                       for s in range(3, 7)]
 
 
 def test_batches_are_a_function_of_the_step():
@@ -128,6 +145,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
 
 @pytest.mark.parametrize("args, needle", [
     (["--set", "data.frames=8"], "data.frames must be 1 + 4k"),
+    (["--set", "data.workers=-1"], "data.workers must be >= 0"),
     (["--set", "data.bogus=1"], "unknown key 'data.bogus'"),
     (["--set", "vae.dim_mult=[1,2,4,8]"], "cannot be regrouped"),
     (["--set", "runtime.dtype=bfloat16"], "trains in float32"),

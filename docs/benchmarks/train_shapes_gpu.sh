@@ -31,7 +31,7 @@ started=$(date +%s)
 if [ "${DRY_RUN:-0}" = 1 ]; then  # tiny step counts on the CPU: checks the plumbing, not the quality
   : "${DEVICE:=cpu}" "${AR_DTYPE:=float32}" "${VAE_SECONDS:=1}" "${AR_SECONDS:=1}" "${MIN_STEPS:=2}"
   : "${CALIBRATION_STEPS:=7}" "${VAE_BATCH:=1}" "${VAE_CROP:=32}" "${VAE_FRAMES:=5}" "${VAE_WARMUP:=1}"
-  : "${VAE_EVAL_CLIPS:=1}" "${VAE_EVAL_FRAMES:=17}"
+  : "${VAE_EVAL_CLIPS:=1}" "${VAE_EVAL_FRAMES:=17}" "${VAE_WORKERS:=1}"
   : "${AR_BATCH:=1}" "${AR_SAMPLES:=8}" "${DATA_WORKERS:=2}" "${TOTAL_SECONDS:=1200}" "${EVAL_RESERVE:=60}"
   : "${EVAL_ARGS:=--max-prompts 1 --seconds 1 --dimensions prompts,multishot,interactive}" "${EVAL16:=0}"
 fi
@@ -79,7 +79,7 @@ decoder_pid=
 vae_base=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.crop="${VAE_CROP:-128}"
           --set data.frames="${VAE_FRAMES:-17}" --set data.warmup_latents="${VAE_WARMUP:-8}"
           --set data.batch_size="${VAE_BATCH:-16}" --set data.eval_clips="${VAE_EVAL_CLIPS:-8}"
-          --set data.eval_frames="${VAE_EVAL_FRAMES:-97}")
+          --set data.eval_frames="${VAE_EVAL_FRAMES:-97}" --set data.workers="${VAE_WORKERS:-6}")
 
 # -- resume: a second call on the same machine gives the generator RESUME_SECONDS more ------------
 if [ -n "${RESUME_SECONDS:-}" ]; then
