@@ -378,7 +378,7 @@ class Trainer:
         export = self._export(model, ema) if self.options.export is not None else None
         if self.plan.is_main and history:
             metrics.plot(LOSS_CURVES, f"train-ar {self.options.recipe_name}: {self.logdir.name}")
-        return TrainResult(steps_run=len(history), final_step=max(start_step, start_step + len(history)),
+        return TrainResult(steps_run=len(history), final_step=start_step + len(history),
                            history=history, export=export, resumed_from=resumed)
 
     def _clock(self) -> Callable[[], bool]:

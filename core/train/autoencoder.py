@@ -383,13 +383,13 @@ class VAETrainer:
         return vae, optimizer, EMA(vae, decay=o.ema_decay, start_step=o.ema_start_step)
 
     def step(self, vae: WanVAE, optimizer: torch.optim.Optimizer, step: int,
-             batch: tuple[Tensor, int] | None = None) -> VAEStepStats:
-        """One optimisation step on the clips of `step` (`batch`: those clips, rendered ahead)."""
+             batch: tuple[Tensor, int]) -> VAEStepStats:
+        """One optimisation step on the clips of `step` (`batch` = `training_batch(data, seed, step)`)."""
         recipe, started = self.recipe, time.perf_counter()
         lr = recipe.optim.lr_at(step, recipe.train.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        video, warmup = batch if batch is not None else training_batch(recipe.data, recipe.runtime.seed, step)
+        video, warmup = batch
         noise_gen = torch.Generator(device=self.device).manual_seed(recipe.runtime.seed * 1_000_003 + step)
         decoded, target, z = autoencode(vae, video.to(self.device), warmup, recipe.objective.latent_noise, noise_gen)
         mse = (decoded - target).pow(2).mean()

@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
 from core.config import VAEConfig  # noqa: E402
+from core.decode import to_uint8_frames  # noqa: E402
 from core.eval.shapes import ATTRIBUTES, ProbeShot, balanced_prompts, probe_video  # noqa: E402
 from core.train.autoencoder import autoencode, to_pixels  # noqa: E402
 from core.train.synthetic import DEMO_SIZE, parse_caption, render_clip  # noqa: E402
@@ -39,7 +40,7 @@ def main() -> None:
     for prompt in balanced_prompts():
         clip = render_clip(parse_caption(prompt), args.frames, DEMO_SIZE, DEMO_SIZE)
         decoded, _, _ = autoencode(vae, to_pixels(clip)[None])
-        frames = ((decoded[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+        frames = to_uint8_frames(decoded).numpy()  # as generation writes them
         shot = [ProbeShot(prompt=prompt, start=0, end=args.frames)]
         for source, video in (("ground_truth", clip), ("reconstructed", frames)):
             verdict = probe_video(video, shot)[0]

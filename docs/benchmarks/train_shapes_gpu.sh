@@ -80,16 +80,18 @@ vae_base=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.c
           --set data.frames="${VAE_FRAMES:-17}" --set data.warmup_latents="${VAE_WARMUP:-8}"
           --set data.batch_size="${VAE_BATCH:-16}" --set data.eval_clips="${VAE_EVAL_CLIPS:-8}"
           --set data.eval_frames="${VAE_EVAL_FRAMES:-97}" --set data.workers="${VAE_WORKERS:-6}")
+# the generator: 8 samples per step (AR_BATCH), bf16, on the dataset written in step 0
+ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
+    --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
+    --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
+    ${AR_SET:+--set $AR_SET})
+last_step() { python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$1"; }
 
 # -- resume: a second call on the same machine gives the generator RESUME_SECONDS more ------------
 if [ -n "${RESUME_SECONDS:-}" ]; then
-  ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
-      --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
-      --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
-    ${AR_SET:+--set $AR_SET})
-  done_steps=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$out/ar/metrics.jsonl")
+  done_steps=$(last_step "$out/ar/metrics.jsonl")
   more=$(steps_for "$out/ar" step_seconds "$RESUME_SECONDS")
-  ema_start=$(grep -o 'optim.ema_start_step=[0-9]*' "$out/ar.cmd" | cut -d= -f2)
+  ema_start=$(cat "$out/ar-ema-start")
   echo "AR: resuming at step $done_steps for $more more (EMA from $ema_start)"
   [ -f "$out/vae-decoder.safetensors" ] && cp "$out/vae-decoder.safetensors" "$out/vae-decoder-1.safetensors" \
     && mv "$out/vae-decoder" "$out/vae-decoder-1" && decoder "$RESUME_SECONDS" "$out/vae-decoder-1.safetensors"
@@ -97,7 +99,8 @@ if [ -n "${RESUME_SECONDS:-}" ]; then
   cli "${ar[@]}" --logdir "$out/ar" --resume --export "$out/dit.safetensors" --max-seconds "$RESUME_SECONDS" \
     --set train.max_steps=$(( done_steps + more * 4 )) --set train.checkpoint_every=$(( done_steps + more * 4 )) \
     --set optim.ema_start_step="$ema_start" > "$out/ar-resume.log" 2>&1
-  echo "AR: $more more steps in $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
+  echo "AR: steps $done_steps -> $(last_step "$out/ar/metrics.jsonl") in $(( $(date +%s) - t0 )) s" \
+    | tee -a "$out/summary.txt"
   tail -n 1 "$out/ar-resume.log"
   [ -n "$decoder_pid" ] && { wait "$decoder_pid"; tail -n 1 "$out/vae-decoder.log"; }
   exit 0
@@ -143,13 +146,9 @@ else
   tail -n 1 "$out/vae.log"
 fi
 
-# -- 2. the generator: 8 samples per step, bf16; what is left before the deadline less the probe ---
+# -- 2. the generator: what is left before the deadline less the probe ----------------------------
 wait "$data_pid"
 cat "$out/data.log"
-ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
-    --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
-    --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
-    ${AR_SET:+--set $AR_SET})
 # the decoder first, so the generator's calibration measures its step beside it
 decoder_budget=$(( $(left) - EVAL_RESERVE - 30 ))
 decoder "$(( decoder_budget < AR_SECONDS ? decoder_budget : AR_SECONDS ))" "$out/vae.safetensors"
@@ -162,12 +161,12 @@ ar_budget=$(( ar_budget < AR_SECONDS ? ar_budget : AR_SECONDS ))
 ar_budget=$(( ar_budget > 1 ? ar_budget : 1 ))
 ar_steps=$(steps_for "$out/ar-calibration" step_seconds "$ar_budget")
 echo "AR: ~$ar_steps steps (budget $ar_budget s)"
-echo "optim.ema_start_step=$(( ar_steps / 2 ))" > "$out/ar.cmd"
+echo $(( ar_steps / 2 )) > "$out/ar-ema-start"  # a resumed run keeps it
 t0=$(date +%s)
 cli "${ar[@]}" --logdir "$out/ar" --no-resume --export "$out/dit.safetensors" --max-seconds "$ar_budget" \
   --set train.max_steps=$(( ar_steps * 4 )) --set train.checkpoint_every=$(( ar_steps * 4 )) \
   --set optim.ema_start_step=$(( ar_steps / 2 )) > "$out/ar.log" 2>&1
-ar_steps=$(python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$out/ar/metrics.jsonl")
+ar_steps=$(last_step "$out/ar/metrics.jsonl")
 ar_seconds=$(( $(date +%s) - t0 ))
 tail -n 1 "$out/ar.log"
 [ -n "$decoder_pid" ] && { wait "$decoder_pid"; tail -n 1 "$out/vae-decoder.log"; }
