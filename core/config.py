@@ -85,8 +85,12 @@ class Precision(Choice):
 
 
 class KVPrecision(Choice):
+    """KV cache storage: bf16 (the working dtype), nvfp4 (quant/kv.py), fp8 (E4M3 codes with one
+    scale per head, quant/fp8_kv.py; with `--attention fp8` the kernel reads them directly)."""
+
     bf16 = "bf16"
     nvfp4 = "nvfp4"
+    fp8 = "fp8"
 
 
 class QuantMode(Choice):
@@ -464,7 +468,7 @@ class QuantSettings:
         """What the summaries call the storage, e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"."""
         weights = {Precision.nvfp4: f"nvfp4 {self.mode} ({self.rule})", Precision.fp8: "fp8 w8a8"}.get(
             self.precision, "")
-        kv = f"kv nvfp4 ({self.kv_rule})" if self.kv_precision == KVPrecision.nvfp4 else ""
+        kv = {KVPrecision.nvfp4: f"kv nvfp4 ({self.kv_rule})", KVPrecision.fp8: "kv fp8"}.get(self.kv_precision, "")
         return ", ".join(part for part in (weights, kv) if part)
 
 

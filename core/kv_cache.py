@@ -278,6 +278,8 @@ class KVCache:
         self._pending = None
         for layer in self.layers:
             layer.plan = None
+            if hasattr(layer, "reset"):  # a storage with per-stream state (e.g. FP8 running scales)
+                layer.reset()
 
     def begin(self, start_frame: int, num_frames: int, rewrite_at_frame: int | None = None,
               keep_kv: bool = True) -> list[Callable[[Tensor, Tensor, Tensor], Tensor]]:

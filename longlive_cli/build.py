@@ -175,7 +175,12 @@ def _block_quantizer(spec: DiTSpec) -> Callable[[CausalWanDiT, str], None] | Non
 
 
 def _kv_storage(spec: DiTSpec) -> StorageFactory | None:
-    """The KV cache format: dense or NVFP4 slots, attended by SDPA or the FP8 kernel."""
+    """The KV cache format: dense, NVFP4 slots or FP8 codes, attended by SDPA or the FP8 kernel
+    (which reads an FP8 cache's codes as they are stored)."""
+    if spec.quant.kv_precision == KVPrecision.fp8:
+        from quant.fp8_kv import fp8_storage
+
+        return fp8_storage(_fp8_attention(spec.device).attend_cached if spec.fp8_attention else None)
     attention = {"attention": _fp8_attention(spec.device)} if spec.fp8_attention else {}
     if spec.quant.kv_precision == KVPrecision.nvfp4:
         from quant.kv import nvfp4_storage

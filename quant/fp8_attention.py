@@ -274,6 +274,12 @@ class FA3FP8Attention:
         return self.flash_attn_func(q8, k8, v8, softmax_scale=1 / math.sqrt(q8.shape[-1]),
                                     q_descale=q_scale, k_descale=k_scale, v_descale=v_scale)
 
+    def attend_cached(self, q: Tensor, k: QuantizedQKV, v: QuantizedQKV) -> Tensor:
+        """Attention over keys/values already stored as per-head codes (`quant.fp8_kv`): only the
+        queries are quantized."""
+        q8, q_scale = fast_quantize_heads(q)
+        return self.attend_quantized(QuantizedQKV(q8, q_scale[..., None], q8.shape[1]), k, v)
+
     def attend_quantized(self, q: QuantizedQKV, k: QuantizedQKV, v: QuantizedQKV) -> Tensor:
         descales = [t.scales[..., 0].contiguous() for t in (q, k, v)]  # [B, N] fp32
         return self.flash_attn_func(q.codes, k.codes, v.codes, softmax_scale=1 / math.sqrt(q.codes.shape[-1]),

@@ -46,7 +46,8 @@ def test_generate_with_nvfp4_weights_and_cache(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, label", [(["--precision", "fp8"], "fp8 w8a8"),
-                                          (["--precision", "fp8", "--kv-precision", "nvfp4"], "fp8 w8a8, kv nvfp4")])
+                                          (["--precision", "fp8", "--kv-precision", "nvfp4"], "fp8 w8a8, kv nvfp4"),
+                                          (["--precision", "fp8", "--kv-precision", "fp8"], "fp8 w8a8, kv fp8")])
 def test_generate_with_fp8_weights(tmp_path, capsys, flags, label):
     video = tmp_path / "fp8.mp4"
     assert main(["generate", "a red ball", *FAST, *flags, "-o", str(video)]) == 0

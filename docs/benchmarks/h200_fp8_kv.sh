@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One H200, one call (issue 12): the DiT with FP8 block linears and the FP8 KV cache read directly
+# by FA3's FP8 kernel (`--kv-precision fp8 --attention fp8`), 4 and 2 steps, against our bf16 runs
+# in the same call; the GPU tests of the FP8 cache and linears; the prompt-switch latency.
+#   ../shared/tools/gpu-prep.sh --with-av fa3-fwd==0.0.3      (here, once; 60 MiB)
+#   source .whl/env.sh && bash docs/benchmarks/h200_fp8_kv.sh "$OUT"
+set -uo pipefail
+out=${1:-/tmp/bench}; mkdir -p "$out"
+source "$(dirname "$0")/common.sh"
+common=(--preset wan2.2-ti2v-5b --height 704 --width 1280 --window 32 --sink 8 --dtype bfloat16 --frames 96)
+run bf16_4 "${common[@]}" --steps 4
+run fp8_kvfp8_attn_4 "${common[@]}" --steps 4 --precision fp8 --kv-precision fp8 --attention fp8
+run fp8_kvfp8_attn_2 "${common[@]}" --steps 2 --precision fp8 --kv-precision fp8 --attention fp8
+run bf16_2 "${common[@]}" --steps 2
+timeout 100 python -m pytest -q -p no:cacheprovider tests/test_fp8_kv.py tests/test_fp8_gpu.py -m gpu 2>&1 | tail -n 6
+timeout 200 python docs/benchmarks/switch_latency.py --chunks 8 --type-at 3 > "$out/switch.json" 2> "$out/switch.err"
+cat "$out/switch.json"; tail -n 2 "$out/switch.err"
