@@ -76,6 +76,10 @@ class HeadShardedStorage:
     def nbytes(self) -> int:
         return self.inner.nbytes
 
+    def reset(self) -> None:  # per-stream state of the inner format (FP8 running scales)
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
     @eager_method
     def update_and_attend(self, q_BlND: Tensor, k_BlND: Tensor, v_BlND: Tensor) -> Tensor:
         if self.size == 1:

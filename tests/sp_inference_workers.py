@@ -22,6 +22,7 @@ from core.interactive import Switch
 from core.pipeline import BuiltDiT, stream_latents
 from core.vae import random_vae
 from quant.fp8 import quantize_fp8
+from quant.fp8_kv import fp8_storage
 from quant.kv import nvfp4_storage
 from quant.linear import NVFP4Config, quantize_model
 from sp.inference import apply_inference_sp
@@ -43,6 +44,7 @@ class Scenario:
     switch_at: int | None = None  # an interactive prompt switch before this chunk
     guidance: float = 1.0
     nvfp4_kv: bool = False
+    fp8_kv: bool = False  # per-head running scales: each rank's heads scale alone, as in one process
     weights: str = "bf16"  # or "nvfp4" (w4a16 block linears) or "fp8"
     image: bool = False  # image-to-video: frame 0 clean (t = 0), the chunk's frames on different timesteps
     window_frames: int = 3 * FPB
@@ -63,6 +65,7 @@ SCENARIOS = {
     "nvfp4_guidance_switch": Scenario(nvfp4_kv=True, guidance=2.0, switch_at=4, seed=6),
     "nvfp4_weights": Scenario(weights="nvfp4", chunks=4, seed=7),
     "fp8_weights": Scenario(weights="fp8", chunks=4, seed=8),
+    "fp8_kv": Scenario(fp8_kv=True, cuts=(3,), switch_at=4, seed=10),
     "image": Scenario(image=True, chunks=4, seed=9),
 }
 CFG_SCENARIOS = ("guidance", "nvfp4_guidance_switch")  # the ones with two branches
@@ -97,7 +100,8 @@ def plain_dit(scenario: Scenario) -> BuiltDiT:
         quantize_model(model, NVFP4Config(mode=QuantMode.w4a16))
     elif scenario.weights == "fp8":
         quantize_fp8(model)
-    return BuiltDiT(model, kv_storage=nvfp4_storage() if scenario.nvfp4_kv else None)
+    storage = nvfp4_storage() if scenario.nvfp4_kv else fp8_storage() if scenario.fp8_kv else None
+    return BuiltDiT(model, kv_storage=storage)
 
 
 def single_process(scenario: Scenario) -> torch.Tensor:

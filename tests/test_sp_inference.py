@@ -58,7 +58,8 @@ def test_every_cfg_scenario_ran_on_two_branch_groups(ranks):
 
 @pytest.mark.parametrize("scenario, plain", [("nvfp4", w.Scenario(cuts=(3,), seed=5)),
                                              ("nvfp4_weights", w.Scenario(chunks=4, seed=7)),
-                                             ("fp8_weights", w.Scenario(chunks=4, seed=8))])
+                                             ("fp8_weights", w.Scenario(chunks=4, seed=8)),
+                                             ("fp8_kv", w.Scenario(cuts=(3,), switch_at=4, seed=10))])
 def test_quantized_runs_are_not_the_bf16_result(references, scenario, plain):
     """The quantized comparisons mean something: each format changes the latents."""
     assert (w.single_process(plain) - references[scenario]).abs().max().item() > 1e-3
