@@ -168,6 +168,19 @@ def fp8_attention_reference(q_BLND: Tensor, k_BLND: Tensor, v_BLND: Tensor,
     """The FP8 attention forward of the module docstring, fp32 `[B, Lq, N, d]` (plain torch; the
     CPU study and the check of the GPU backends)."""
     q, k, v = (_operand(t, numerics) for t in (q_BLND, k_BLND, v_BLND))
+    return _blocked_attention(q, k, v, numerics)
+
+
+def fp8_attention_over_codes(q_BLND: Tensor, k: QuantizedQKV, v: QuantizedQKV,
+                             numerics: FP8AttentionNumerics) -> Tensor:
+    """`fp8_attention_reference` over keys and values already stored as codes (an FP8 KV cache,
+    `quant/fp8_kv.py`): only the queries are quantized (`numerics.qkv_scaling`)."""
+    return _blocked_attention(_operand(q_BLND, numerics), k.dequantize().transpose(1, 2),
+                              v.dequantize().transpose(1, 2), numerics)
+
+
+def _blocked_attention(q: Tensor, k: Tensor, v: Tensor, numerics: FP8AttentionNumerics) -> Tensor:
+    """The online softmax of the module docstring over fp32 `[B, N, L, d]` operands."""
     shape = (*q.shape[:-1], 1)
     row_max = q.new_full(shape, -math.inf)
     row_sum = q.new_zeros(shape)
