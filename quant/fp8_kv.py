@@ -64,6 +64,11 @@ def write_step(codes_BKND: Tensor, scale_BN: Tensor, x_BnND: Tensor, start: int)
     scale_BN.copy_(new_scale)
 
 
+# The scale of an empty head: what `head_scales` gives an all-zero write (2**-48), a power of two
+# like every later scale.
+FLOOR_SCALE = float(head_scales(torch.zeros(1, 1, 1, 1)))
+
+
 @functools.cache
 def _compiled_write_step():
     return torch.compile(write_step, dynamic=None)
@@ -93,8 +98,8 @@ class FP8LayerKV:
     def reset(self) -> None:
         """A new stream: the scales start from the floor again (so a stream never depends on the
         one before it)."""
-        self.k_scale.fill_(AMAX_FLOOR / E4M3_MAX)
-        self.v_scale.fill_(AMAX_FLOOR / E4M3_MAX)
+        self.k_scale.fill_(FLOOR_SCALE)
+        self.v_scale.fill_(FLOOR_SCALE)
 
     @property
     def nbytes(self) -> int:

@@ -25,7 +25,7 @@ from quant.fp8_attention import (
     quantize_heads,
 )
 from quant.fp8_attention import sqnr_db as attention_sqnr
-from quant.fp8_kv import FP8LayerKV, decode, fp8_storage, write_step
+from quant.fp8_kv import FLOOR_SCALE, FP8LayerKV, decode, fp8_storage, write_step
 from quant.kv import WindowBuffer, nvfp4_storage
 from tests.conftest import text_context, tiny_model
 from tests.test_quant_kv import STREAM, inputs, sqnr_db
@@ -62,7 +62,7 @@ def test_running_scale_and_reencoding_equal_the_slow_reference(batch, heads):
     g = torch.Generator().manual_seed(1)
     capacity, n, d = 24, 6, 8
     codes = torch.zeros(batch, capacity, heads, d, dtype=FP8)
-    scale = torch.full((batch, heads), AMAX_FLOOR / E4M3_MAX)
+    scale = torch.full((batch, heads), FLOOR_SCALE)
     ref_codes, ref_scale = codes.clone(), scale.clone()
     # amplitudes per write: growth, no growth, growth of one head only, a zero write
     for i, gain in enumerate([1.0, 0.5, 3.0, 0.0, 2.0, 10.0]):
@@ -74,13 +74,14 @@ def test_running_scale_and_reencoding_equal_the_slow_reference(batch, heads):
         slow_write(ref_codes, ref_scale, x, start)
         assert torch.equal(bits(codes), bits(ref_codes)), i
         assert torch.equal(scale, ref_scale), i
-    assert scale.min() > AMAX_FLOOR  # every head grew past the floor
+    assert scale.min() > FLOOR_SCALE  # every head grew past the floor
+    assert FLOOR_SCALE == 2.0**-48
 
 
 def test_heads_whose_scale_did_not_grow_keep_their_codes_bit_for_bit():
     g = torch.Generator().manual_seed(2)
     codes = torch.zeros(1, 16, 2, 8, dtype=FP8)
-    scale = torch.full((1, 2), AMAX_FLOOR / E4M3_MAX)
+    scale = torch.full((1, 2), FLOOR_SCALE)
     write_step(codes, scale, torch.randn(1, 8, 2, 8, generator=g).to(torch.bfloat16), 0)
     before, scale_before = codes.clone(), scale.clone()
     x = torch.randn(1, 8, 2, 8, generator=g)
@@ -263,7 +264,7 @@ def test_compiled_write_step_equals_the_plain_one_on_cuda():
 
     g = torch.Generator(device="cuda").manual_seed(0)
     codes = torch.zeros(1, 4096, 24, 128, dtype=FP8, device="cuda")
-    scale = torch.full((1, 24), AMAX_FLOOR / E4M3_MAX, device="cuda")
+    scale = torch.full((1, 24), FLOOR_SCALE, device="cuda")
     ref_codes, ref_scale = codes.clone(), scale.clone()
     for i, gain in enumerate([1.0, 4.0, 0.5, 16.0]):
         x = (torch.randn(1, 1024, 24, 128, generator=g, device="cuda") * gain).to(torch.bfloat16)
