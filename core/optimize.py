@@ -9,11 +9,11 @@ import torch
 from core.dit import CausalWanDiT
 from core.eager import apply_eager_methods
 
-# Measured on an H200 at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and
-# saves ~0.29 s per chunk; compiling the VAE decoder takes ~55 s and saves ~0.31 s per chunk
-# (the per-latent decoder; docs/benchmarks/vae_decode.py measures the cell decoder).
+# Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
+# per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.40 s per chunk against
+# it eager (H100, 2026-12-05).
 DIT_BREAK_EVEN_CHUNKS = 40
-VAE_BREAK_EVEN_CHUNKS = 180
+VAE_BREAK_EVEN_CHUNKS = 130
 
 
 def wants_compile(setting: str, device: torch.device, chunks: int | None = None,

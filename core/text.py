@@ -241,18 +241,21 @@ def wan_state_dict_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...
 # Weights.
 
 
-def random_wan_state_dict(config: TextEncoderConfig, seed: int = 0) -> dict[str, Tensor]:
-    """Deterministic, non-degenerate fp32 weights in Wan names (tests, the tiny preset): embedding
+def random_wan_state_dict(config: TextEncoderConfig, seed: int = 0, *, device: torch.device | str = "cpu",
+                          dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Deterministic, non-degenerate weights in Wan names (tests, the tiny preset): embedding
     N(0, 1), norm scales 1 + N(0, 0.1^2), relative-bias tables N(0, 1) (so the buckets matter),
-    projections N(0, 1/fan_in)."""
+    projections N(0, 1/fan_in). Drawn on `device` in `dtype` (fp32 on the CPU by default: the
+    values the tests know); a benchmark of umt5-xxl's real shapes draws its 5.7B values on the GPU
+    in bf16 (seconds instead of minutes of CPU sampling; other values, same shapes)."""
     out: dict[str, Tensor] = {}
     for index, (name, shape) in enumerate(wan_state_dict_shapes(config).items()):
-        generator = torch.Generator().manual_seed(seed * 100003 + index)
-        values = torch.randn(shape, generator=generator)
+        generator = torch.Generator(device).manual_seed(seed * 100003 + index)
+        values = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == WAN_NORM:
-            values = 1 + 0.1 * values
+            values = values.mul_(0.1).add_(1)
         elif name != WAN_EMBEDDING and not name.endswith("pos_embedding.embedding.weight"):
-            values = values / shape[1] ** 0.5
+            values = values.div_(shape[1] ** 0.5)
         out[name] = values
     return out
 
@@ -542,10 +545,14 @@ class TextEncoder:
         return cls.from_hf_folder(hf_dir, files.tokenizer, text_len=text_len, **options)
 
     @classmethod
-    def random(cls, config: TextEncoderConfig, seed: int = 0, **options: Any) -> TextEncoder:
+    def random(cls, config: TextEncoderConfig, seed: int = 0, *, init_device: torch.device | str = "cpu",
+               init_dtype: torch.dtype = torch.float32, **options: Any) -> TextEncoder:
         """Seeded random weights of `config`'s shapes with the ByteTokenizer; nothing is read
-        (tests, benchmarks of the real encoder's cost)."""
-        model = build_umt5(config, wan_to_hf_keys(random_wan_state_dict(config, seed)))
+        (tests, benchmarks of the real encoder's cost). `init_device`/`init_dtype`: where and in
+        what the values are drawn (see `random_wan_state_dict`); the weights then live as `options`
+        say, in host memory by default."""
+        state = random_wan_state_dict(config, seed, device=init_device, dtype=init_dtype)
+        model = build_umt5(config, wan_to_hf_keys(state))
         return cls(model, ByteTokenizer(config.text_len), config, **options)
 
     @classmethod

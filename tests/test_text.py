@@ -552,3 +552,36 @@ def test_gpu_placement_and_bf16(keep_on_device):
     assert (out.double().cpu() - expected).abs().max().item() <= 0.1  # bf16 activations
     encoder.offload()
     assert not encoder.on_device
+
+
+def _slow_random_wan_state_dict(config: TextEncoderConfig, seed: int) -> dict[str, Tensor]:
+    """The draw written out without in-place ops: what the tests' expected values rest on."""
+    out = {}
+    for index, (name, shape) in enumerate(text_mod.wan_state_dict_shapes(config).items()):
+        values = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100003 + index))
+        if name.endswith(("norm1.weight", "norm2.weight")) or name == text_mod.WAN_NORM:
+            values = 1 + 0.1 * values
+        elif name != text_mod.WAN_EMBEDDING and not name.endswith("pos_embedding.embedding.weight"):
+            values = values / shape[1] ** 0.5
+        out[name] = values
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 6])
+def test_random_weights_default_draw_is_stable(seed):
+    got = text_mod.random_wan_state_dict(TINY, seed)
+    expected = _slow_random_wan_state_dict(TINY, seed)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_random_weights_drawn_in_bf16_keep_shapes_and_scales():
+    fp32 = text_mod.random_wan_state_dict(TINY, 1)
+    bf16 = text_mod.random_wan_state_dict(TINY, 1, dtype=torch.bfloat16)
+    assert {k: v.shape for k, v in bf16.items()} == {k: v.shape for k, v in fp32.items()}
+    assert all(v.dtype == torch.bfloat16 for v in bf16.values())
+    for name, values in bf16.items():  # same distribution per tensor: norm scales near 1, projections 1/sqrt(fan_in)
+        assert abs(values.float().std().item() - fp32[name].std().item()) <= 0.25 * fp32[name].std().item() + 1e-3
+        assert abs(values.float().mean().item() - fp32[name].mean().item()) <= 0.25 * fp32[name].std().item() + 0.02
+    encoder = TextEncoder.random(TINY, 1, init_dtype=torch.bfloat16)
+    assert encoder.encode(["a red ball"]).isfinite().all()

@@ -18,7 +18,7 @@
 # fine-tuning beside it under `timeout`. The AR data writer needs PyAV: prepare the wheels with
 #   ../shared/tools/gpu-prep.sh --with-av      and run   source .whl/env.sh && bash ... "$OUT"
 # Options (environment): VAE_INIT=FILE starts the VAE from an export (VAE_SECONDS=0 keeps it as it
-# is); DECODER=0 skips the decoder fine-tuning; AR_SET=key=value adds one generator override;
+# is; VAE_LR=X its learning rate, lower when continuing one); DECODER=0 skips the decoder fine-tuning; AR_SET=key=value adds one generator override;
 # RESUME_SECONDS=N (a later call on the same machine) gives the generator N more seconds; PROBE=0.
 # CPU dry run of every step (a few minutes, nothing learnt): DRY_RUN=1 bash docs/benchmarks/train_shapes_gpu.sh /tmp/dry
 set -euo pipefail
@@ -127,7 +127,7 @@ python "$out/make_data.py" "$out/shapes-data" "$AR_SAMPLES" "$DATA_WORKERS" > "$
 data_pid=$!
 
 # -- 1. the VAE: full 128x128 frames, 17 trained frames after 0-8 warm-up latents, 16 clips per step -
-vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"})
+vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"} ${VAE_LR:+--set optim.lr="$VAE_LR"})
 cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
   --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
 if [ "$VAE_SECONDS" = 0 ] && [ -n "${VAE_INIT:-}" ]; then  # keep VAE_INIT as it is (its decoder is tuned below)
