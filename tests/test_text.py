@@ -585,3 +585,45 @@ def test_random_weights_drawn_in_bf16_keep_shapes_and_scales():
         assert abs(values.float().mean().item() - fp32[name].mean().item()) <= 0.25 * fp32[name].std().item() + 0.02
     encoder = TextEncoder.random(TINY, 1, init_dtype=torch.bfloat16)
     assert encoder.encode(["a red ball"]).isfinite().all()
+
+
+def test_pin_host_is_a_no_op_off_cuda():
+    plain = TextEncoder.tiny(seed=2)
+    pinned = TextEncoder.tiny(seed=2, pin_host=True)  # a CPU encoder: nothing to page-lock
+    assert not pinned.host_pinned
+    prompts = ["a red fox", "snow at dusk"]
+    assert torch.equal(plain.encode(prompts), pinned.encode(prompts))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_pinned_host_weights_encode_the_same():
+    plain = TextEncoder.tiny(seed=6, device="cuda")
+    pinned = TextEncoder.tiny(seed=6, device="cuda", pin_host=True)
+    assert pinned.host_pinned and not plain.host_pinned
+    prompts = ["a red fox", "snow at dusk, long shot"]
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # as the interactive thread encodes
+        got = pinned.encode(prompts)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, plain.encode(prompts))
+    assert not pinned.on_device and pinned.host_pinned  # offloaded back to the page-locked copies
+
+
+@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
+def test_the_5b_text_encoder_is_pinned_on_cuda(monkeypatch, device, pinned):
+    from types import SimpleNamespace
+
+    from longlive_cli import build
+
+    seen = {}
+
+    def from_model_dir(folder, **options):
+        seen.update(options, folder=folder)
+        return "encoder"
+
+    monkeypatch.setattr(TextEncoder, "from_model_dir", staticmethod(from_model_dir))
+    placement = SimpleNamespace(shapes=None, files=SimpleNamespace(text_encoder_dir="models/umt5"),
+                                device=torch.device(device))
+    assert build._text_encoder(SimpleNamespace(), placement) == "encoder"
+    assert seen == {"folder": "models/umt5", "device": torch.device(device), "pin_host": pinned}
