@@ -8,6 +8,7 @@ import torch
 
 from core.dit import CausalWanDiT
 from core.eager import apply_eager_methods
+from core.vae import CausalConv3d
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
 # per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.40 s per chunk against
@@ -64,6 +65,46 @@ def channels_last_vae_decoder(vae) -> None:
         if isinstance(module, torch.nn.Conv3d | torch.nn.Conv2d):
             layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
             module.weight.data = module.weight.data.contiguous(memory_format=layout)
+
+
+def conv3d_by_frame_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         padding: tuple[int, int, int]) -> torch.Tensor:
+    """A stride-1 3-D convolution with no temporal padding, as one 2-D convolution per temporal tap
+    over the frames folded into the batch, summed: out[t] = sum_k conv2d(x[t + k], weight[:, :, k]).
+    The same products, summed in another order. On channels-last-3d input (C innermost) every fold
+    is a view and each conv2d reads NHWC in place; otherwise the frames are gathered once."""
+    B, C, frames_in, H, W = x.shape
+    taps = weight.shape[2]
+    frames = frames_in - taps + 1
+    by_frame = x.transpose(1, 2)  # [B, T, C, H, W]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d)
+    if not channels_last:
+        by_frame = by_frame.contiguous()
+    out = None
+    for k in range(taps):
+        window = by_frame[:, k:k + frames].reshape(B * frames, C, H, W)
+        tap = weight[:, :, k]
+        if channels_last:
+            tap = tap.contiguous(memory_format=torch.channels_last)
+        y = torch.nn.functional.conv2d(window, tap, bias if k == 0 else None, padding=padding[1:])
+        out = y if out is None else out.add_(y)
+    out = out.unflatten(0, (B, frames)).transpose(1, 2)  # [B, O, T, H', W']
+    return out if channels_last else out.contiguous()
+
+
+class FrameTapsConv3d(CausalConv3d):
+    """`CausalConv3d` whose convolution runs as per-tap 2-D convolutions (`conv3d_by_frame_taps`):
+    2-D kernels are the most tuned in cuDNN. Swapped in by class, so names and weights stay."""
+
+    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+        return conv3d_by_frame_taps(x_with_past, self.weight, self.bias, self.padding)
+
+
+def frame_taps_vae_decoder(vae) -> None:
+    """Every temporal convolution of the decoder (kernel_t > 1) becomes a `FrameTapsConv3d`."""
+    for module in vae.decoder.modules():
+        if type(module) is CausalConv3d and module.kernel_size[0] > 1 and module.stride == (1, 1, 1):
+            module.__class__ = FrameTapsConv3d
 
 
 def warm_up_vae_decoder(vae, latent_height: int, latent_width: int, frames_per_block: int) -> None:
