@@ -160,6 +160,15 @@ class ScriptedPrompts:
         return switch, context
 
 
+def live_prompts(source: Callable[[], str | None], text, device: torch.device,
+                 dtype: torch.dtype) -> BackgroundPrompts:
+    """`BackgroundPrompts` encoding typed prompts with `text` (a `core.text.TextEncoder`) in `dtype`.
+    Every new prompt makes the encoder's weights visit the GPU, so their host copies are
+    page-locked first (`pin_host_memory`: a one-off copy before the video starts)."""
+    text.pin_host_memory()
+    return BackgroundPrompts(source, lambda prompt: text.encode([prompt]).to(device=device, dtype=dtype), device)
+
+
 @contextlib.contextmanager
 def open_feed(source: Callable[[], str | None] | PromptFeed | None, text, device: torch.device,
               dtype: torch.dtype) -> Iterator[PromptFeed | None]:
@@ -168,7 +177,6 @@ def open_feed(source: Callable[[], str | None] | PromptFeed | None, text, device
     if source is None:
         yield None
         return
-    feed = source if isinstance(source, PromptFeed) else BackgroundPrompts(
-        source, lambda prompt: text.encode([prompt]).to(device=device, dtype=dtype), device)
+    feed = source if isinstance(source, PromptFeed) else live_prompts(source, text, device, dtype)
     with feed:
         yield feed

@@ -473,9 +473,7 @@ class TextEncoder:
     `device` computes, in `dtype` (default bf16 on CUDA, fp32 on CPU); results come back on
     `device`. With `keep_on_device=False` (default) the weights live in host memory and are moved
     to `device` only while new prompts are encoded; `keep_on_device=True` keeps them there until
-    `offload()`. `pin_host=True` (CUDA only) page-locks those host copies once, so each visit
-    (umt5-xxl: 11.4 GB per new prompt) is an asynchronous DMA copy on the encoding stream instead
-    of a staged copy from pageable memory (docs/benchmarks/switch_latency.py times both).
+    `offload()`. `pin_host=True` calls `pin_host_memory()`.
     Embeddings are cached per distinct cleaned prompt (up to `max_cached_prompts`, least recently
     used dropped first; 0 disables the cache); new prompts are encoded in batches of at most
     `batch_size`.
@@ -501,12 +499,11 @@ class TextEncoder:
         self.batch_size = batch_size
         self.max_cached_prompts = max_cached_prompts
         self.model = model.to(device="cpu", dtype=self.dtype).eval()
-        if pin_host and self.device.type == "cuda" and not keep_on_device:
-            for _, tensor in self._tensors():
-                tensor.data = tensor.data.pin_memory()
         # The host copies `offload` puts back: no device->host copy, and file-backed (mmap)
         # tensors stay file-backed.
         self._host = {name: t.data for name, t in self._tensors()}
+        if pin_host:
+            self.pin_host_memory()
         self._cache: OrderedDict[str, Tensor] = OrderedDict()  # cleaned prompt -> [tokens, D]
         if keep_on_device:
             self._to_device()
@@ -575,6 +572,16 @@ class TextEncoder:
     @property
     def host_pinned(self) -> bool:
         return all(t.is_pinned() for t in self._host.values())
+
+    def pin_host_memory(self) -> None:
+        """Page-lock the host copies (CUDA, weights not kept on the device; a no-op otherwise or when
+        done), so each visit (umt5-xxl: 11.4 GB per new prompt) is an asynchronous DMA copy on the
+        encoding stream instead of a staged copy from pageable memory. Worth its one-off copy only
+        when prompts keep coming (live switches; docs/benchmarks/switch_latency.py times both)."""
+        if self.device.type != "cuda" or self.keep_on_device or self.host_pinned:
+            return
+        for name, tensor in self._tensors():
+            tensor.data = self._host[name] = self._host[name].pin_memory()
 
     def _to_device(self) -> None:
         # From page-locked memory the copies are queued on the current (side) stream, which the

@@ -237,9 +237,7 @@ def _text_encoder(request: GenerateRequest, placement: Placement):
         return _shapes_text_encoder(placement.shapes.text_encoder, placement.device)
     if placement.files is None:
         return TextEncoder.tiny(seed=request.recipe.runtime.seed, device=placement.device)
-    # umt5-xxl visits the GPU for every new prompt: page-locked host weights make that copy fast
-    return TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=placement.device,
-                                      pin_host=placement.device.type == "cuda")
+    return TextEncoder.from_model_dir(placement.files.text_encoder_dir, device=placement.device)
 
 
 def _shapes_text_encoder(path: Path, device: torch.device):

@@ -142,7 +142,7 @@ def run_generate(request, layout: InferenceLayout, prompt_source: Callable[[], C
 def _generate_rank(request, device: torch.device, mesh: InferenceMesh, prompt_source):
     """This rank's part of its replica's video; the report on the replica root, else None."""
     from core.generate import prepare
-    from core.interactive import BackgroundPrompts
+    from core.interactive import live_prompts
     from longlive_cli.build import build_rank_models, generation_spec
     from sp.replica import BroadcastFeed
 
@@ -158,9 +158,7 @@ def _generate_rank(request, device: torch.device, mesh: InferenceMesh, prompt_so
     if prompt_source is not None:  # typed on the root, encoded there on its own thread, then shared
         local = None
         if root:
-            text, dtype = models.text.encoder, placement.dtype
-            local = BackgroundPrompts(prompt_source(), lambda p: text.encode([p]).to(device=device, dtype=dtype),
-                                      device)
+            local = live_prompts(prompt_source(), models.text.encoder, device, placement.dtype)
         prompts = BroadcastFeed(local, mesh.replica_group, mesh.replica_root, device)
     if root:
         return _write_video(request, placement, models, prompts, mesh.rank == 0)

@@ -610,20 +610,22 @@ def test_gpu_pinned_host_weights_encode_the_same():
     assert not pinned.on_device and pinned.host_pinned  # offloaded back to the page-locked copies
 
 
-@pytest.mark.parametrize("device, pinned", [("cpu", False), ("cuda", True)])
-def test_the_5b_text_encoder_is_pinned_on_cuda(monkeypatch, device, pinned):
-    from types import SimpleNamespace
+def test_a_live_prompt_feed_pins_the_encoder_first():
+    from core.interactive import open_feed
 
-    from longlive_cli import build
+    calls = []
 
-    seen = {}
+    class Encoder:
+        def pin_host_memory(self):
+            calls.append("pin")
 
-    def from_model_dir(folder, **options):
-        seen.update(options, folder=folder)
-        return "encoder"
+        def encode(self, prompts):
+            calls.append(("encode", tuple(prompts)))
+            return torch.zeros(len(prompts), 2, 3)
 
-    monkeypatch.setattr(TextEncoder, "from_model_dir", staticmethod(from_model_dir))
-    placement = SimpleNamespace(shapes=None, files=SimpleNamespace(text_encoder_dir="models/umt5"),
-                                device=torch.device(device))
-    assert build._text_encoder(SimpleNamespace(), placement) == "encoder"
-    assert seen == {"folder": "models/umt5", "device": torch.device(device), "pin_host": pinned}
+    with open_feed(lambda: None, Encoder(), torch.device("cpu"), torch.float32) as feed:
+        assert calls == ["pin"]  # before any prompt is typed
+        assert feed.take(0) is None
+    with open_feed(None, Encoder(), torch.device("cpu"), torch.float32) as feed:  # no live source: no pinning
+        assert feed is None
+    assert calls == ["pin"]

@@ -6,8 +6,8 @@ as in `generate`, visiting the GPU only while it encodes). A prompt is "typed" w
 its `on_chunk` fires. Prints one JSON line:
 
 - `encode_on_main_thread_s`: what a switch used to stall the video for (one new prompt encoded on
-  the generation thread, median of 3), with the host weights page-locked as `generate` holds them
-  on a GPU (`..._pageable_s`: the same from pageable memory; `pin_s`: the one-off page-locking);
+  the generation thread, median of 3), with the host weights page-locked as a live prompt feed
+  holds them on a GPU (`..._pageable_s`: the same from pageable memory; `pin_s`: the one-off page-locking);
 - per chunk wall times, the median, and the chunks after the typed prompt (a stall shows there);
 - the switch: encode time beside the denoising, the chunk it landed on, and Enter to first
   switched frame written.
@@ -75,12 +75,10 @@ def main() -> None:
         return statistics.median(times)
 
     pageable_s = encode_seconds(models.text, "pageable")
-    t0 = time.perf_counter()  # the same weights page-locked, as `generate` holds them on a GPU
-    pinned = TextEncoder(models.text.model, models.text.tokenizer, models.text.config, device=device,
-                         dtype=models.text.dtype, pin_host=True)
+    t0 = time.perf_counter()  # page-locked, as a live prompt feed holds them (core.interactive.live_prompts)
+    models.text.pin_host_memory()
     pin_s = time.perf_counter() - t0
-    models = Models(models.dit, models.vae, pinned)
-    pinned_s = encode_seconds(pinned, "pinned")
+    pinned_s = encode_seconds(models.text, "pinned")
     fpb = recipe.stream.frames_per_block
     schedule = single_prompt_schedule("a calm sea at dawn", args.chunks * fpb, fpb)
     with tempfile.TemporaryDirectory() as folder:
@@ -100,7 +98,7 @@ def main() -> None:
     switch = report.prompt_timings[0] if report.prompt_timings else None
     result = {
         "steps": args.steps, "height": args.height, "width": args.width, "chunks": args.chunks,
-        "build_s": round(build_s, 1), "pin_s": round(pin_s, 1), "host_pinned": pinned.host_pinned,
+        "build_s": round(build_s, 1), "pin_s": round(pin_s, 1), "host_pinned": models.text.host_pinned,
         "encode_on_main_thread_pageable_s": round(pageable_s, 4),
         "encode_on_main_thread_s": round(pinned_s, 4),
         "chunk_s": [round(s, 4) for s in chunk_s], "median_chunk_s": round(statistics.median(chunk_s), 4),

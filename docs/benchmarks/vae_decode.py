@@ -2,6 +2,7 @@
 chunk at 720p in bf16, peak memory, and how far the new outputs are from the old ones.
 
     PYTHONPATH=. python docs/benchmarks/vae_decode.py --profile    # old,new,new-512M,new-512M-cl,new-compiled
+    PYTHONPATH=. python docs/benchmarks/vae_decode.py --flops --variants old,new,new-nosub   # FLOPs per stage, no GPU
     PYTHONPATH=. python docs/benchmarks/vae_decode.py --variants old,new-compiled-512M-cl,new-compiled-cl
     PYTHONPATH=. python docs/benchmarks/vae_decode.py --device cpu --preset tiny --height 128 --width 128 \\
         --chunks 2 --variants old,new                                   # CPU smoke run / the README demo's VAE
@@ -58,17 +59,24 @@ def parse_variant(name: str) -> tuple[DecodePlan, set[str]]:
     return DecodePlan(**fields), set(options)
 
 
-def tflop_per_chunk(config: VAEConfig, plan: DecodePlan, latents_per_chunk: int, h: int, w: int) -> float:
-    """FLOPs of one later chunk, counted on `meta` (no memory, no device time)."""
+def chunk_flops(config: VAEConfig, plan: DecodePlan, latents_per_chunk: int, h: int, w: int) -> tuple[float, dict]:
+    """TFLOP of one later chunk and TFLOP per decoder stage (conv1, middle.i, upsamples.i; what is
+    left is the head), counted on `meta` (no memory, no device time)."""
     with torch.device("meta"):
         model = WanVAE(config).to(torch.bfloat16).requires_grad_(False)
     latents = torch.empty(1, config.z_dim, 2 * latents_per_chunk, h, w, device="meta", dtype=torch.bfloat16)
     decoder = model.streaming_decoder(plan)
     with torch.no_grad():
         decoder.decode(latents[:, :, :latents_per_chunk])
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, depth=3) as counter:
             decoder.decode(latents[:, :, latents_per_chunk:])
-    return counter.get_total_flops() / 1e12
+    total = counter.get_total_flops() / 1e12
+    stages = {name.removeprefix("Decoder."): round(sum(c.values()) / 1e12, 2)
+              for name, c in counter.get_flop_counts().items()
+              if name.startswith("Decoder.") and name not in ("Decoder.middle", "Decoder.upsamples")
+              and name.count(".") <= 2}
+    stages["rest (head)"] = round(total - sum(stages.values()), 2)
+    return total, stages
 
 
 class Timer:
@@ -174,6 +182,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--profile", action="store_true", help="print the kernel table of one chunk")
     parser.add_argument("--profile-variant", default="new", help="the variant --profile profiles")
+    parser.add_argument("--flops", action="store_true",
+                        help="print each variant's FLOPs per decoder stage (counted on meta) and stop")
     args = parser.parse_args()
     variants = args.variants.split(",")
     for name in variants:
@@ -184,8 +194,13 @@ def main() -> None:
     config = VAEConfig.preset(args.preset)
     print(f"# VAE decode, {args.preset} at {args.height}x{args.width}, {args.dtype}, {args.latents_per_chunk}-latent "
           f"chunks: 1 first + {args.chunks} timed. TFLOP per later chunk: old "
-          f"{tflop_per_chunk(config, PER_LATENT_PLAN, args.latents_per_chunk, h, w):.4g}, new "
-          f"{tflop_per_chunk(config, DecodePlan(), args.latents_per_chunk, h, w):.4g}", flush=True)
+          f"{chunk_flops(config, PER_LATENT_PLAN, args.latents_per_chunk, h, w)[0]:.4g}, new "
+          f"{chunk_flops(config, DecodePlan(), args.latents_per_chunk, h, w)[0]:.4g}", flush=True)
+    if args.flops:  # per plan and stage, then stop: no device work
+        for name in variants:
+            total, stages = chunk_flops(config, parse_variant(name)[0], args.latents_per_chunk, h, w)
+            print(json.dumps({"variant": name, "tflop": round(total, 2), "stages": stages}), flush=True)
+        return
     generator = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(1, config.z_dim, args.latents_per_chunk * (args.chunks + 1), h, w,
                           generator=generator, device=device, dtype=dtype)
