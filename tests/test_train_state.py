@@ -35,9 +35,16 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------------------------- EMA
 
 
-def test_ema_matches_loop():
-    model = nn.Linear(3, 2)
-    ema = EMA(model, decay=0.9, start_step=2)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_ema_matches_loop(device, on_device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = nn.Linear(3, 2).to(device)
+    ema = EMA(model, decay=0.9, start_step=2, on_device=on_device)
     reference: dict[str, list[float]] | None = None
     g = torch.Generator().manual_seed(0)
     for step in range(6):
@@ -55,11 +62,27 @@ def test_ema_matches_loop():
         else:
             assert ema.shadow is None
     for name, shadow in ema.shadow.items():
-        assert shadow.dtype == torch.float32 and shadow.device.type == "cpu"
-        torch.testing.assert_close(shadow.flatten(), torch.tensor(reference[name]), rtol=1e-6, atol=1e-6)
+        assert shadow.dtype == torch.float32 and shadow.device.type == (device if on_device else "cpu")
+        torch.testing.assert_close(shadow.cpu().flatten(), torch.tensor(reference[name]), rtol=1e-6, atol=1e-6)
+    assert all(v.device.type == "cpu" for v in ema.state_dict()["shadow"].values())
     target = nn.Linear(3, 2).to(torch.bfloat16)
     ema.copy_to(target)
-    torch.testing.assert_close(target.weight.float(), ema.shadow["weight"].to(torch.bfloat16).float())
+    torch.testing.assert_close(target.weight.float(), ema.shadow["weight"].cpu().to(torch.bfloat16).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_ema_on_device_restored_shadow_moves_to_the_gpu_and_keeps_averaging():
+    model = nn.Linear(3, 2).cuda()
+    ema = EMA(model, decay=0.5, start_step=0, on_device=True)
+    ema.update(model, 0)
+    restored = EMA(model, decay=0.5, start_step=0, on_device=True)
+    restored.load_state_dict(ema.state_dict())  # CPU tensors, as a checkpoint holds them
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    restored.update(model, 1)
+    assert restored.shadow["weight"].device.type == "cuda"
+    torch.testing.assert_close(restored.shadow["weight"], ema.shadow["weight"] + 0.5)
 
 
 def test_ema_state_round_trip(tmp_path):

@@ -349,7 +349,7 @@ class Trainer:
         o = self.recipe.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                       weight_decay=o.weight_decay)
-        ema = EMA(model, decay=o.ema_decay, start_step=o.ema_start_step)
+        ema = EMA(model, decay=o.ema_decay, start_step=o.ema_start_step, on_device=o.ema_on_device)
         self.recycler = self._recycler()
         manager = CheckpointManager(self.logdir, keep=self.recipe.train.keep_checkpoints)
         resumed = self._restore(manager, model, optimizer, ema, sampler) if self.options.resume else None

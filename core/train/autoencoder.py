@@ -114,6 +114,7 @@ class VAEOptim:
     final_lr_fraction: float = 0.05  # cosine decay to lr * this at train.max_steps
     ema_decay: float = 0.999
     ema_start_step: int = 500
+    ema_on_device: bool = False  # the fp32 EMA shadow on the GPU beside the weights (core.train.state.EMA)
 
     def __post_init__(self) -> None:
         require(self.lr > 0 and self.grad_clip > 0 and self.warmup_steps >= 0 and 0 <= self.final_lr_fraction <= 1
@@ -380,7 +381,7 @@ class VAETrainer:
         o = self.recipe.optim
         optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=o.lr,
                                       betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        return vae, optimizer, EMA(vae, decay=o.ema_decay, start_step=o.ema_start_step)
+        return vae, optimizer, EMA(vae, decay=o.ema_decay, start_step=o.ema_start_step, on_device=o.ema_on_device)
 
     def step(self, vae: WanVAE, optimizer: torch.optim.Optimizer, step: int,
              batch: tuple[Tensor, int]) -> VAEStepStats:

@@ -81,6 +81,9 @@ class OptimConfig:
     grad_accum: int = 1
     ema_decay: float = 0.99
     ema_start_step: int = 100
+    # the fp32 EMA shadow beside the weights (on the GPU) instead of on the CPU: for models whose
+    # copy fits there (the shapes world); the 5B keeps it on the host
+    ema_on_device: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
