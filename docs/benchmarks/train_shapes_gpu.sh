@@ -128,11 +128,15 @@ data_pid=$!
 
 # -- 1. the VAE: full 128x128 frames, 17 trained frames after 0-8 warm-up latents, 16 clips per step -
 vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"} ${VAE_LR:+--set optim.lr="$VAE_LR"})
-cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
-  --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
-if [ "$VAE_SECONDS" = 0 ] && [ -n "${VAE_INIT:-}" ]; then  # keep VAE_INIT as it is (its decoder is tuned below)
+keep_vae=0; [ "$VAE_SECONDS" = 0 ] && [ -n "${VAE_INIT:-}" ] && keep_vae=1
+if [ "$keep_vae" = 0 ] || [ "${DECODER:-1}" = 1 ]; then  # the step time of the VAE stage or of the decoder tuning
+  cli "${vae[@]}" --logdir "$out/vae-calibration" --no-resume --max-steps "$CALIBRATION_STEPS" \
+    --set train.eval_every=1000 > "$out/vae-calibration.log" 2>&1
+fi
+if [ "$keep_vae" = 1 ]; then  # keep VAE_INIT as it is (its decoder is tuned below unless DECODER=0)
   cp "$VAE_INIT" "$out/vae.safetensors"; vae_steps=0; vae_seconds=0; mkdir -p "$out/vae"
-  cp "$out/vae-calibration/metrics.jsonl" "$out/vae/metrics.jsonl"
+  if [ -f "$out/vae-calibration/metrics.jsonl" ]; then cp "$out/vae-calibration/metrics.jsonl" "$out/vae/metrics.jsonl"
+  else : > "$out/vae/metrics.jsonl"; fi
   echo "VAE: $VAE_INIT as it is"
 else
   vae_steps=$(steps_for "$out/vae-calibration" seconds "$VAE_SECONDS")
@@ -178,7 +182,7 @@ out, vae_steps, vae_s, ar_steps, ar_s, total = sys.argv[1:]
 vae = [json.loads(line) for line in open(f"{out}/vae/metrics.jsonl")]
 ar = [json.loads(line) for line in open(f"{out}/ar/metrics.jsonl")]
 evals = [r for r in vae if "eval_psnr" in r]
-mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+mean = lambda rs, k: sum(r[k] for r in rs) / len(rs) if rs else float("nan")
 print(f"VAE: {vae_steps} steps in {vae_s} s, loss {mean(vae[:20], 'loss'):.5f} -> {mean(vae[-20:], 'loss'):.5f}, "
       f"held-out PSNR " + ", ".join(f"{r['eval_psnr']:.2f}@{r['step']}" for r in evals)
       + (f" dB, latent std {evals[-1]['latent_std_mean']:.3f}, |mean| {evals[-1]['latent_mean_abs']:.3f}" if evals else ""))
