@@ -92,6 +92,26 @@ def conv3d_by_frame_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return out if channels_last else out.contiguous()
 
 
+def conv3d_by_stacked_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           padding: tuple[int, int, int]) -> torch.Tensor:
+    """The same convolution as one 2-D convolution whose input stacks the `taps` time-shifted frames
+    along channels: out[t] = conv2d(cat_k x[t + k], weight as [O, taps * C, kh, kw]). One GEMM with
+    the whole 3-D reduction (K = taps * C * kh * kw) for one copy of the input per tap; the frames
+    are folded into the batch. Output in the input's layout."""
+    B, C, frames_in, H, W = x.shape
+    taps = weight.shape[2]
+    frames = frames_in - taps + 1
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    by_frame = x.transpose(1, 2)  # [B, T, C, H, W]
+    stacked = torch.cat([by_frame[:, k:k + frames] for k in range(taps)], dim=2)  # [B, T', taps * C, H, W]
+    stacked = stacked.reshape(B * frames, taps * C, H, W).contiguous(memory_format=layout)
+    flat = weight.transpose(1, 2).reshape(weight.shape[0], taps * C, *weight.shape[3:])  # channel = k * C + c
+    y = torch.nn.functional.conv2d(stacked, flat.contiguous(memory_format=layout), bias, padding=padding[1:])
+    out = y.unflatten(0, (B, frames)).transpose(1, 2)  # [B, O, T', H', W']
+    return out if channels_last else out.contiguous()
+
+
 class FrameTapsConv3d(CausalConv3d):
     """`CausalConv3d` whose convolution runs as per-tap 2-D convolutions (`conv3d_by_frame_taps`):
     2-D kernels are the most tuned in cuDNN. Swapped in by class, so names and weights stay."""
@@ -100,11 +120,22 @@ class FrameTapsConv3d(CausalConv3d):
         return conv3d_by_frame_taps(x_with_past, self.weight, self.bias, self.padding)
 
 
-def frame_taps_vae_decoder(vae) -> None:
-    """Every temporal convolution of the decoder (kernel_t > 1) becomes a `FrameTapsConv3d`."""
+class StackedTapsConv3d(CausalConv3d):
+    """`CausalConv3d` run as one 2-D convolution over the taps stacked into channels
+    (`conv3d_by_stacked_taps`). Swapped in by class, so names and weights stay."""
+
+    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+        return conv3d_by_stacked_taps(x_with_past, self.weight, self.bias, self.padding)
+
+
+def frame_taps_vae_decoder(vae, stacked: bool = False) -> None:
+    """Every temporal convolution of the decoder (kernel_t > 1) becomes a `FrameTapsConv3d` (one
+    2-D convolution per tap, summed) or, with `stacked`, a `StackedTapsConv3d` (one 2-D
+    convolution over the taps stacked into channels)."""
+    swapped = StackedTapsConv3d if stacked else FrameTapsConv3d
     for module in vae.decoder.modules():
         if type(module) is CausalConv3d and module.kernel_size[0] > 1 and module.stride == (1, 1, 1):
-            module.__class__ = FrameTapsConv3d
+            module.__class__ = swapped
 
 
 def warm_up_vae_decoder(vae, latent_height: int, latent_width: int, frames_per_block: int) -> None:

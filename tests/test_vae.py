@@ -17,9 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from core.errors import UserError
 from core.optimize import (
     FrameTapsConv3d,
+    StackedTapsConv3d,
     channels_last_vae_decoder,
     compile_vae_decoder,
     conv3d_by_frame_taps,
+    conv3d_by_stacked_taps,
     frame_taps_vae_decoder,
 )
 from core.vae import (
@@ -614,9 +616,10 @@ def test_channels_last_decoder_keeps_its_layout_and_values() -> None:
     assert_fp32_close(actual, expected)
 
 
+@pytest.mark.parametrize("by_taps", [conv3d_by_frame_taps, conv3d_by_stacked_taps])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("batch, frames, kernel", [(1, 3, (3, 3, 3)), (2, 5, (3, 3, 3)), (1, 4, (2, 1, 3))])
-def test_conv3d_by_frame_taps_equals_conv3d(channels_last: bool, batch: int, frames: int,
+def test_conv3d_by_frame_taps_equals_conv3d(by_taps, channels_last: bool, batch: int, frames: int,
                                             kernel: tuple[int, int, int]) -> None:
     kt, kh, kw = kernel
     x, weight, bias = randn(batch, 6, frames + kt - 1, 5, 7, seed=40), randn(4, 6, *kernel, seed=41), randn(4, seed=42)
@@ -625,38 +628,40 @@ def test_conv3d_by_frame_taps_equals_conv3d(channels_last: bool, batch: int, fra
         x = x.contiguous(memory_format=torch.channels_last_3d)
         weight = weight.contiguous(memory_format=torch.channels_last_3d)
     expected = F.conv3d(x.double(), weight.double(), bias.double(), padding=padding)
-    actual = conv3d_by_frame_taps(x, weight, bias, padding)
+    actual = by_taps(x, weight, bias, padding)
     assert actual.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
     assert_fp32_close(actual, expected.float())
 
 
+@pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_frame_taps_decoder_keeps_names_and_values(channels_last: bool) -> None:
+def test_frame_taps_decoder_keeps_names_and_values(channels_last: bool, stacked: bool) -> None:
     model = random_vae(TINY, seed=5)
     latents = randn(1, 48, 6, 2, 3, seed=43)
     expected = model.decode(latents)
     names = list(model.state_dict())
     if channels_last:
         channels_last_vae_decoder(model)
-    frame_taps_vae_decoder(model)
-    swapped = [m for m in model.decoder.modules() if isinstance(m, FrameTapsConv3d)]
-    assert swapped and all(m.kernel_size[0] == 3 for m in swapped)
-    assert not any(isinstance(m, FrameTapsConv3d) for m in model.encoder.modules())
+    frame_taps_vae_decoder(model, stacked=stacked)
+    kind = StackedTapsConv3d if stacked else FrameTapsConv3d
+    swapped = [m for m in model.decoder.modules() if isinstance(m, (FrameTapsConv3d, StackedTapsConv3d))]
+    assert swapped and all(type(m) is kind and m.kernel_size[0] == 3 for m in swapped)
+    assert not any(isinstance(m, (FrameTapsConv3d, StackedTapsConv3d)) for m in model.encoder.modules())
     assert list(model.state_dict()) == names
     assert_fp32_close(model.decode(latents), expected)
     stream = model.streaming_decoder()  # the causal cache goes through the swapped convolutions too
     assert_fp32_close(torch.cat([stream.decode(c) for c in latents.split([1, 3, 2], dim=2)], dim=2), expected)
 
 
-@pytest.mark.parametrize("frame_taps", [False, True])
-def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: bool) -> None:
+@pytest.mark.parametrize("frame_taps", [None, "per-tap", "stacked"])
+def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: str | None) -> None:
     """The GPU path's torch.compile, traced on the CPU without code generation: no graph breaks,
     two graphs per unit (start of the video, steady state), the same bits as eager."""
     from torch._dynamo.utils import counters
 
     model = random_vae(TINY, seed=5)
     if frame_taps:
-        frame_taps_vae_decoder(model)
+        frame_taps_vae_decoder(model, stacked=frame_taps == "stacked")
     latents = randn(1, 48, 4, 2, 3, seed=40)
     plan = DecodePlan(latents_per_cell=2, slice_bytes=None)
     torch._dynamo.reset()

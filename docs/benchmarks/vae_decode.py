@@ -16,6 +16,7 @@ Variants (name = path[-option...]):
   ...-cl         `core.optimize.channels_last_vae_decoder` (channels-last weights and activations)
   ...-cudnnbench torch.backends.cudnn.benchmark = True
   ...-taps       `core.optimize.frame_taps_vae_decoder` (each temporal conv as per-tap 2-D convs)
+  ...-stack      the same with `stacked=True` (one 2-D conv over the taps stacked into channels)
   ...-k8 / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 512 MiB, 1 GiB, None /
                  subpixel_upsample=False
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
@@ -43,7 +44,7 @@ from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 DEFAULT_VARIANTS = "old,new,new-512M,new-512M-cl,new-compiled"
 PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
                 "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False}}
-OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", *PLAN_OPTIONS}
+OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", *PLAN_OPTIONS}
 
 
 def parse_variant(name: str) -> tuple[DecodePlan, set[str]]:
@@ -112,8 +113,8 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
     weights_gib = sum(p.numel() * p.element_size() for p in vae.parameters()) / 2**30
     if "cl" in options:
         channels_last_vae_decoder(vae)
-    if "taps" in options:
-        frame_taps_vae_decoder(vae)
+    if "taps" in options or "stack" in options:
+        frame_taps_vae_decoder(vae, stacked="stack" in options)
     if "compiled" in options:
         torch._dynamo.reset()  # each compiled variant compiles from scratch (and within the recompile limit)
         compile_vae_decoder(vae, mode="max-autotune-no-cudagraphs" if "maxat" in options else None)
@@ -133,7 +134,8 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
         "plan": {"latents_per_cell": plan.latents_per_cell, "slice_bytes": plan.slice_bytes,
                  "subpixel_upsample": plan.subpixel_upsample},
         "compiled": ("max-autotune" if "maxat" in options else True) if "compiled" in options else False,
-        "channels_last": "cl" in options, "frame_taps": "taps" in options, "cudnn_benchmark": "cudnnbench" in options,
+        "channels_last": "cl" in options, "frame_taps": "stack" if "stack" in options else "taps" in options,
+        "cudnn_benchmark": "cudnnbench" in options,
         "first_chunk_s": round(seconds[0], 4),
         "seconds_per_chunk": round(statistics.median(seconds[1:]), 4),
         "min_s": round(min(seconds[1:]), 4), "max_s": round(max(seconds[1:]), 4), "chunks_timed": len(seconds) - 1,
