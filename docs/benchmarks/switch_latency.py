@@ -56,9 +56,15 @@ def main() -> None:
                                 f"stream.sampling_steps={args.steps}", f"runtime.device={device.type}"],
                          preset="tiny" if tiny else "wan2.2-ti2v-5b")
     started = time.perf_counter()
+
+    def stage(message: str) -> None:  # on stderr as it happens: a run cut off by a timeout shows where it was
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    stage("building the text encoder")
     text = TextEncoder.tiny(device=device) if tiny else TextEncoder.random(
         TextEncoderConfig.preset("umt5-xxl"), init_device=device, init_dtype=torch.bfloat16,
         device=device, dtype=torch.bfloat16)  # drawn on the GPU: CPU sampling of 5.7B values took minutes
+    stage("building the DiT and the VAE")
     models = Models(build_dit(DiTSpec.from_recipe(recipe, device, dtype)),
                     random_vae(recipe.vae, 0, device=device, dtype=dtype), text)
     build_s = time.perf_counter() - started
@@ -74,13 +80,17 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    stage("encoding from pageable host weights")
     pageable_s = encode_seconds(models.text, "pageable")
+    stage("page-locking the host weights")
     t0 = time.perf_counter()  # page-locked, as a live prompt feed holds them (core.interactive.live_prompts)
     models.text.pin_host_memory()
     pin_s = time.perf_counter() - t0
+    stage("encoding from page-locked host weights")
     pinned_s = encode_seconds(models.text, "pinned")
+    stage(f"generating {args.chunks} chunks, a prompt typed at chunk {args.type_at}")
     fpb = recipe.stream.frames_per_block
-    schedule = single_prompt_schedule("a calm sea at dawn", args.chunks * fpb, fpb)
+    schedule = single_prompt_schedule("a calm sea at dawn", args.chunks, fpb)  # a count of chunks
     with tempfile.TemporaryDirectory() as folder:
         request = GenerateRequest(recipe, schedule, Path(folder) / "switch.mp4", decode=DecodeMode.parse("sync"))
         placement = Placement(device, dtype, device, None, None, None)
@@ -89,6 +99,7 @@ def main() -> None:
 
         def on_chunk(done: int, total: int) -> None:
             done_at[done] = time.perf_counter()
+            stage(f"{done}/{total} chunks written")
             if done == args.type_at:
                 typed.put("a storm breaks over the sea")
 
