@@ -258,6 +258,14 @@ class Trainer:
         from core.train.data import ShardedSampler, VideoClipDataset
 
         d = self.recipe.data
+        if d.synthetic_stream:  # rendered on the device: the stream is the dataset and the sampler
+            from core.train.shapes_stream import ShapesStream
+
+            stream = ShapesStream(d.batch_size, d.latent_frames, self.fpb, d.height, d.width, d.synthetic_shots,
+                                  d.synthetic_shot_frames or raw_frames(d.latent_frames), self.recipe.runtime.seed,
+                                  self.device, d.max_chunks_per_shot or None, self.plan.dp_rank, self.plan.dp_size)
+            stream.plan(0)  # shots too short for a chunk fail here, before any training
+            return stream, stream
         root = dataset_root(self.recipe, self.logdir, self.plan, self.recipe.data.num_workers)
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
                                    max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
@@ -276,6 +284,9 @@ class Trainer:
 
         from core.train.data import collate
 
+        if self.recipe.data.synthetic_stream:
+            yield from dataset.batches()  # endless
+            return
         while True:
             dataset.set_epoch(sampler.epoch)
             loader = DataLoader(dataset, batch_size=self.recipe.data.batch_size, sampler=list(iter(sampler)),

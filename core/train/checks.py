@@ -61,7 +61,8 @@ def check_video_data(data, frames_per_block: int) -> None:
 
 
 def check_data(recipe: TrainRecipe) -> None:
-    check_video_data(recipe.data, recipe.train.frames_per_block)
+    if not recipe.data.synthetic_stream:  # rendered on the device: no path to read
+        check_video_data(recipe.data, recipe.train.frames_per_block)
 
 
 def check_resume(recipe: TrainRecipe, logdir: Path, world_size: int) -> None:

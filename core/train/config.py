@@ -51,6 +51,9 @@ class DataConfig(ClipSource):
     """train-ar's clips (`ClipSource`) and how they are batched and encoded."""
 
     max_chunks_per_shot: int = 0  # 0: no virtual cuts
+    # render shapes-world items on the training device as they are needed (core/train/shapes_stream.py:
+    # the items `synthetic` would write, never repeated, no video decoding) instead of reading videos
+    synthetic_stream: bool = False
     allow_padding: bool = True
     num_workers: int = 2
     batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP

@@ -123,12 +123,17 @@ def all_specs(split: Split = "all") -> list[ClipSpec]:
     """Every combination (shape colour differs from the background) of a split, in a fixed order."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+    return list(_specs(split))
+
+
+@functools.cache
+def _specs(split: Split) -> tuple[ClipSpec, ...]:  # built once: random_clip_spec draws from it per shot
     specs = [ClipSpec(shape, colour, background, direction)
              for colour, background, shape, direction in itertools.product(COLOURS, COLOURS, SHAPES, DIRECTIONS)
              if colour != background]
     if split == "all":
-        return specs
-    return [s for s in specs if is_held_out(s) == (split == "held_out")]
+        return tuple(specs)
+    return tuple(s for s in specs if is_held_out(s) == (split == "held_out"))
 
 
 def random_clip_spec(rng: np.random.Generator, previous: ClipSpec | None = None,

@@ -9,7 +9,10 @@
 #   dit.safetensors, vae.safetensors      the trained generator (bf16) and VAE (fp32)
 #   eval/steps4.{json,md}                 the probe: 48 prompts, 8 cut lists, 8 switch lists, 4 x 60 s
 #   eval/steps16.{json,md}                the 48 prompts again at 16 steps (if time is left)
-#   vae/, ar/ (metrics.jsonl, loss.png, eval_psnr.png), summary.txt, *.log, shapes-data/ (AR data)
+#   vae/, ar/ (metrics.jsonl, loss.png, eval_psnr.png), summary.txt, *.log
+# The generator's items are rendered on the GPU as it trains (data.synthetic_stream: never repeated,
+# no video decoding; AR_STREAM=0 writes AR_SAMPLES samples to shapes-data/ with CPU workers instead:
+# in the call of 2026-12-06 decoding them bound the generator at ~97 samples/s).
 # Each training is calibrated first (CALIBRATION_STEPS measure the step time) and then given as
 # many steps as fit its budget: VAE_SECONDS; the generator gets what is left before the deadline
 # minus EVAL_RESERVE (at most AR_SECONDS). The AR dataset is written by CPU workers while the VAE
@@ -41,6 +44,7 @@ VAE_SECONDS=${VAE_SECONDS:-120}
 AR_SECONDS=${AR_SECONDS:-240}
 EVAL_RESERVE=${EVAL_RESERVE:-130}  # the 4-step probe; the 16-step one only runs if time is left
 AR_SAMPLES=${AR_SAMPLES:-1536}
+AR_STREAM=${AR_STREAM:-1}
 DATA_WORKERS=${DATA_WORKERS:-8}
 CALIBRATION_STEPS=${CALIBRATION_STEPS:-15}
 EVAL_ARGS=${EVAL_ARGS:-}
@@ -84,6 +88,7 @@ vae_base=(train-vae train_vae_shapes --set runtime.device="$DEVICE" --set data.c
 ar=(train-ar train_ar_shapes --set runtime.device="$DEVICE" --set runtime.dtype="${AR_DTYPE:-bfloat16}"
     --set data.vae_path="$out/vae.safetensors" --set data.num_workers="$DATA_WORKERS"
     --set data.batch_size="${AR_BATCH:-8}" --set data.synthetic=false --set data.path="$out/shapes-data"
+    --set data.synthetic_stream="$( [ "$AR_STREAM" = 1 ] && echo true || echo false )"
     ${AR_SET:+--set $AR_SET})
 last_step() { python -c "import json,sys; print(json.loads(open(sys.argv[1]).readlines()[-1])['step'])" "$1"; }
 
@@ -123,8 +128,13 @@ if __name__ == "__main__":
     os.replace(root + ".tmp", root)
     print(f"{samples} samples in {time.time() - t:.1f} s")
 PY
-python "$out/make_data.py" "$out/shapes-data" "$AR_SAMPLES" "$DATA_WORKERS" > "$out/data.log" 2>&1 &
-data_pid=$!
+data_pid=
+if [ "$AR_STREAM" = 0 ]; then
+  python "$out/make_data.py" "$out/shapes-data" "$AR_SAMPLES" "$DATA_WORKERS" > "$out/data.log" 2>&1 &
+  data_pid=$!
+else
+  echo "AR data: rendered on the device as the generator trains (data.synthetic_stream)" > "$out/data.log"
+fi
 
 # -- 1. the VAE: full 128x128 frames, 17 trained frames after 0-8 warm-up latents, 16 clips per step -
 vae=("${vae_base[@]}" ${VAE_INIT:+--set train.init_from="$VAE_INIT"} ${VAE_LR:+--set optim.lr="$VAE_LR"})
@@ -151,7 +161,7 @@ else
 fi
 
 # -- 2. the generator: what is left before the deadline less the probe ----------------------------
-wait "$data_pid"
+[ -z "$data_pid" ] || wait "$data_pid"
 cat "$out/data.log"
 # the decoder first, so the generator's calibration measures its step beside it
 decoder_budget=$(( $(left) - EVAL_RESERVE - 30 ))

@@ -1,0 +1,171 @@
+"""Shapes-world training batches rendered on the training device, from a seed, without files.
+
+Item `i` holds what sample `i` of `make_synthetic_dataset(seed=seed)` holds when `VideoClipDataset`
+reads it at epoch 0: the same shots (`random_shots` from `[seed, i]`), the same start among the same
+candidates (`start_candidates` / `plan_segments` from `[seed, 0, i]`), the same per-chunk prompts with
+the scene-cut prefix, but rendered exactly (no H.264 round trip) and never repeated: the stream has
+no epochs, so a run sees as many different samples as it takes steps. Rendering is `render_clip`'s
+arithmetic in float64 on tensors (`render_frames`), batched over every frame of a batch, so the
+data costs the GPU microseconds where decoding written videos costs the CPU ~0.1 s per sample.
+
+The stream also plays the trainer's sampler: `advance(n)` after a step, `state_dict()` in every
+checkpoint, so a resumed run continues with the next unseen item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.config import VIDEO_FPS
+from core.errors import UserError
+from core.shots import SCENE_CUT_PREFIX
+from core.train.data import Clip, Span, TrainBatch, plan_segments, segment_lengths, start_candidates
+from core.train.synthetic import (
+    COLOURS,
+    DIRECTIONS,
+    FRAMES_PER_CROSSING,
+    SHAPES,
+    ClipSpec,
+    random_shots,
+    shape_size,
+)
+
+FRAMES_PER_RENDER = 512  # frames rendered at once: bounds the float64 temporaries (~70 MB each at 128x128)
+
+
+def render_frames(specs: list[ClipSpec], phases: Tensor, frames: Tensor, height: int, width: int,
+                  offset: float = 0.5) -> Tensor:
+    """uint8 `[N, H, W, C]`: frame `frames[n]` of a clip showing `specs[n]` started at `phases[n]`,
+    equal to `render_clip(specs[n], ..., phase=phases[n], offset=offset)[frames[n]]` (the same float64
+    arithmetic, on `frames.device`)."""
+    device = frames.device
+    f64 = dict(device=device, dtype=torch.float64)
+    background = torch.tensor([COLOURS[s.background] for s in specs], **f64)
+    colour = torch.tensor([COLOURS[s.colour] for s in specs], **f64)
+    kind = torch.tensor([SHAPES.index(s.shape) for s in specs], device=device)
+    direction = torch.tensor([DIRECTIONS.index(s.direction) for s in specs], device=device)
+    out = torch.empty(len(specs), height, width, 3, device=device, dtype=torch.uint8)
+    for lo in range(0, len(specs), FRAMES_PER_RENDER):
+        part = slice(lo, lo + FRAMES_PER_RENDER)
+        cover = _coverage(kind[part], direction[part], phases[part].to(**f64), frames[part].to(**f64),
+                          height, width, offset)
+        pixels = background[part, None, None] + cover[..., None] * (colour[part] - background[part])[:, None, None]
+        out[part] = pixels.round().clamp(0, 255).to(torch.uint8)  # round half to even, as np.rint
+    return out
+
+
+def _coverage(kind: Tensor, direction: Tensor, phase: Tensor, frame: Tensor, height: int, width: int,
+              offset: float) -> Tensor:
+    """`[N, H, W]` fraction of each pixel inside the shape (`shape_centre` + `shape_coverage`, with
+    the copies one frame away that draw the part that wrapped around)."""
+    size = shape_size(height, width)
+    half = size / 2
+    ys = torch.arange(height, dtype=torch.float64, device=frame.device)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float64, device=frame.device)[None, None, :]
+    travel = torch.remainder(phase + frame / FRAMES_PER_CROSSING, 1.0)
+    horizontal = direction < 2  # left to right, right to left
+    forward = (direction == 0) | (direction == 2)  # left to right, top to bottom
+    along = torch.where(forward, travel, 1.0 - travel)
+    centre_x = torch.where(horizontal, along * width, torch.full_like(along, offset * width))
+    centre_y = torch.where(horizontal, torch.full_like(along, offset * height), along * height)
+    cover = torch.zeros(len(frame), height, width, dtype=torch.float64, device=frame.device)
+    slope_norm = float(np.hypot(2.0, 1.0))
+    for wrap in (-1, 0, 1):
+        cx = (centre_x + torch.where(horizontal, float(wrap * width), 0.0))[:, None, None]
+        cy = (centre_y + torch.where(horizontal, 0.0, float(wrap * height)))[:, None, None]
+        cover_x = (torch.minimum(xs + 1, cx + half) - torch.maximum(xs, cx - half)).clamp(0, 1)
+        cover_y = (torch.minimum(ys + 1, cy + half) - torch.maximum(ys, cy - half)).clamp(0, 1)
+        square = cover_x * cover_y
+        px, py = xs + 0.5 - cx, ys + 0.5 - cy
+        circle = (half - torch.hypot(px, py) + 0.5).clamp(0, 1)
+        inside = torch.minimum(half - py, torch.minimum((2 * px + py + half) / slope_norm,
+                                                        (-2 * px + py + half) / slope_norm))
+        triangle = (inside + 0.5).clamp(0, 1)
+        shape = kind[:, None, None]
+        this = torch.where(shape == 0, circle, torch.where(shape == 1, square, triangle))
+        cover = torch.maximum(cover, this)
+    return cover
+
+
+class ShapesStream:
+    """Endless batches of shapes-world items rendered on `device` (module doc); the sampler too.
+
+    Rank `dp_rank` of `dp_size` takes items `dp_rank, dp_rank + dp_size, ...` in order."""
+
+    def __init__(self, batch_size: int, latent_frames: int, frames_per_block: int, height: int, width: int,
+                 shots: int, shot_frames: int, seed: int, device: torch.device,
+                 max_chunks_per_shot: int | None = None, dp_rank: int = 0, dp_size: int = 1):
+        self.batch_size, self.height, self.width = batch_size, height, width
+        self.latent_frames, self.shots, self.shot_frames = latent_frames, shots, shot_frames
+        self.seed, self.device = seed, device
+        self.max_chunks_per_shot = max_chunks_per_shot or None
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.lengths = segment_lengths(latent_frames, frames_per_block)
+        self.position = 0  # items this rank has consumed
+        self.epoch = 0  # no epochs: kept for the trainer's logs
+        # every item's shots span the same frames, so its possible starts and their chunk plans are
+        # the same for all items (only the captions differ): planned once
+        spans = [Span(Clip(Path(f"shot_{n}"), ""), 0, shot_frames, VIDEO_FPS) for n in range(shots)]
+        self._starts = start_candidates(spans, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
+        self._segments = {start: plan_segments(spans, *start, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
+                          for start in self._starts}
+
+    # -- the sampler's part
+
+    def advance(self, num_samples: int) -> None:
+        self.position += num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"stream_position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["stream_position"])
+
+    # -- items and batches
+
+    def plan(self, index: int) -> tuple[list[tuple[ClipSpec, float, tuple[int, ...]]], list[str]]:
+        """Item `index`: per chunk (its shot's spec, the shot's phase, the shot's frame indices), and
+        the per-chunk prompts."""
+        if not self._starts:
+            raise UserError(f"data.synthetic_shot_frames={self.shot_frames}: shots this short cannot hold a "
+                            f"first chunk of {self.lengths[0]} frames (raise it to at least {self.lengths[0]})")
+        shots = random_shots(np.random.default_rng([self.seed, index]), self.shots)
+        rng = np.random.default_rng([self.seed, 0, index])  # VideoClipDataset's draw at epoch 0
+        segments = self._segments[self._starts[int(rng.integers(len(self._starts)))]]
+        chunks = [(shots[s.span_index][0], shots[s.span_index][1], s.frame_indices) for s in segments]
+        prompts = [SCENE_CUT_PREFIX + spec.caption if s.scene_cut else spec.caption
+                   for s, (spec, _, _) in zip(segments, chunks, strict=True)]
+        return chunks, prompts
+
+    def batch(self, first: int) -> TrainBatch:
+        """The batch of this rank's items `first ... first + batch_size - 1`, video in [-1, 1] on the device."""
+        indices = [(first + k) * self.dp_size + self.dp_rank for k in range(self.batch_size)]
+        specs, phases, frames, prompts = [], [], [], []
+        for index in indices:
+            chunks, item_prompts = self.plan(index)
+            for spec, phase, frame_indices in chunks:
+                specs += [spec] * len(frame_indices)
+                phases += [phase] * len(frame_indices)
+                frames += list(frame_indices)
+            prompts.append(item_prompts)
+        frames_t = torch.tensor(frames, device=self.device)
+        video = render_frames(specs, torch.tensor(phases, device=self.device, dtype=torch.float64), frames_t,
+                              self.height, self.width)
+        num_frames = sum(self.lengths)
+        video = video.view(self.batch_size, num_frames, self.height, self.width, 3).permute(0, 4, 1, 2, 3)
+        video = (video.float() / 255.0 * 2.0 - 1.0).clamp_(-1.0, 1.0)  # as to_model_pixels
+        return TrainBatch(video.contiguous(), prompts,
+                          torch.full((self.batch_size,), self.latent_frames, dtype=torch.long),
+                          [f"stream_{i:07d}" for i in indices], indices)
+
+    def batches(self) -> Iterator[TrainBatch]:
+        """From the current position on; the trainer calls `advance` as it consumes them."""
+        first = self.position
+        while True:
+            yield self.batch(first)
+            first += self.batch_size
