@@ -68,6 +68,12 @@ class BenchResult:
     e2e_fps: float | None = None
     e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
     vae_peak_memory_gib: float | None = None
+    # with --gpu-busy: the last chunk under the CUDA profiler (not in the steady statistics): the share
+    # of its span (first kernel start to last kernel end) in which a kernel ran, i.e. at most what
+    # CUDA graphs could recover is 1 - gpu_busy_fraction; kernels launched in that chunk
+    gpu_busy_fraction: float | None = None
+    gpu_idle_ms_per_block: float | None = None
+    gpu_kernels_per_block: int | None = None
     storage: str = "bf16"  # e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"
     # parallel runs (longlive_cli/parallel_inference.py): the layout, and fps summed over replicas
     sp: int = 1
@@ -94,12 +100,13 @@ def bench_length(stream: StreamConfig, frames: int | None) -> tuple[int, int, in
 
 def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
                   on_chunk: Callable[[int, int], None] | None = None,
-                  decode: DecodeMode | None = None) -> BenchResult:
+                  decode: DecodeMode | None = None, gpu_busy: bool = False) -> BenchResult:
     """Stream `frames` latent frames (default: the window fill + 6 chunks) through `dit` (built
     by `longlive_cli/build.py`, random weights unless a checkpoint was given) and report the
     steady-state timings. With `decode` every chunk is also decoded by a random-weight VAE and
     written to a throwaway mp4, and the delivery rate of finished frames is reported as
-    end-to-end fps. Weight and cache sizes are those of the storage actually used."""
+    end-to-end fps. Weight and cache sizes are those of the storage actually used. With
+    `gpu_busy` (CUDA) the last chunk runs under the profiler and reports how busy the GPU was."""
     stream, video, runtime = recipe.stream, recipe.video, recipe.runtime
     model = dit.model
     device, dtype = next(model.parameters()).device, model.dtype
@@ -115,8 +122,13 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
                                   dtype=dtype)
     negative = torch.randn_like(context) if stream.uses_guidance else None
 
+    if gpu_busy and device.type != "cuda":
+        raise ValueError("--gpu-busy profiles CUDA kernels: it needs a CUDA GPU")
+    if gpu_busy and chunks - window_chunks < 2:
+        raise ValueError("--gpu-busy profiles the last chunk and needs two steady chunks: give more --frames")
     timer = SpanTimer(device)
     deliveries: list[float] = []
+    profiler = None
     with contextlib.ExitStack() as scope:
         decoder = None
         if decode is not None:
@@ -126,18 +138,49 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
             for chunk in stream_latents(model, noise, [context] * chunks, stream, negative_context=negative,
                                         kv_storage=dit.kv_storage, branch_placement=dit.branches):
                 timer.stop()  # the chunk is denoised
+                if profiler is not None:
+                    torch.cuda.synchronize(device)
+                    profiler.stop()
                 if decoder is not None:
                     decoder.submit(chunk.latents)
+                if gpu_busy and chunk.index == chunks - 2:  # profile the last chunk's denoising alone
+                    torch.cuda.synchronize(device)
+                    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    profiler.start()
                 timer.start()  # handed to the decoder (in sync mode: decoded)
                 if on_chunk is not None:
                     on_chunk(chunk.index + 1, chunks)
         if decoder is not None:
             decoder.finish()
     seconds = timer.durations()
-    steady = seconds[window_chunks:]
+    steady = seconds[window_chunks:-1] if gpu_busy else seconds[window_chunks:]  # the profiled chunk is apart
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
-    return _result(recipe, dit, chunks, seconds, steady, e2e, decode)
+    result = _result(recipe, dit, chunks, seconds, steady, e2e, decode)
+    if profiler is not None:
+        kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us, span_us = busy_time(kernels)
+        result.gpu_busy_fraction = busy_us / span_us if span_us else None
+        result.gpu_idle_ms_per_block = (span_us - busy_us) / 1e3
+        result.gpu_kernels_per_block = len(kernels)
+    return result
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(length of the union of `[start, end)` intervals, span from the first start to the last end)."""
+    if not intervals:
+        return 0.0, 0.0
+    ordered = sorted(intervals)
+    busy, (run_start, run_end) = 0.0, ordered[0]
+    for start, end in ordered[1:]:
+        if start > run_end:  # a gap: close the run
+            busy += run_end - run_start
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    return busy, max(end for _, end in ordered) - ordered[0][0]
 
 
 def _result(recipe: Recipe, dit: BuiltDiT, chunks: int, seconds: list[float], steady: list[float],

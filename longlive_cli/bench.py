@@ -73,6 +73,9 @@ def bench(
     precision: PrecisionOpt = None, quant_mode: QuantModeOpt = None, kv_precision: KvPrecisionOpt = None,
     vae: Annotated[bool, typer.Option("--vae", help="Time the VAE's streaming decode alone.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    gpu_busy: Annotated[bool, typer.Option(
+        "--gpu-busy", help="Profile the last chunk (CUDA): the share of its span with a kernel running, "
+        "the idle ms and the kernel count (what CUDA graphs could recover at most).")] = False,
     set_: SetOpt = None,
     nproc_per_node: NprocOpt = 1, nnodes: NnodesOpt = 1, node_rank: NodeRankOpt = 0, rdzv_endpoint: RdzvOpt = None,
     sp: SpOpt = 1, cfg_parallel: CfgParallelOpt = False,
@@ -91,10 +94,11 @@ def bench(
 
     layout = InferenceLayout(Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), sp, cfg_parallel,
                              command_line(ctx))
-    _run(chosen, frames, checkpoint, lora, decode, vae, json_output, layout)
+    _run(chosen, frames, checkpoint, lora, decode, vae, json_output, layout, gpu_busy)
 
 
-def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool, layout) -> None:
+def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool, layout,
+         gpu_busy: bool = False) -> None:
     from core.benchmark import run_benchmark, run_vae_benchmark
     from core.runtime import resolve_device, resolve_dtype
     from longlive_cli.build import DiTSpec, build_dit, check_dit_spec
@@ -103,6 +107,9 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
     if chosen.preset != "tiny" and target.type != "cuda":
         raise UserError(f"bench of the {chosen.preset} preset needs a CUDA GPU (5B weights); "
                         f"use --preset tiny on a CPU")
+    if gpu_busy and (target.type != "cuda" or vae or layout.requested):
+        raise UserError("--gpu-busy profiles the DiT's chunks on one CUDA GPU: use it on a GPU, without --vae "
+                        "and without --nproc-per-node")
     if vae:
         with interrupted("nothing was written"):
             _print_vae(run_vae_benchmark(chosen), json_output)
@@ -135,7 +142,7 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
         dit = build_dit(spec)
         progress.start()
         try:
-            result = run_benchmark(chosen, dit, frames, on_chunk, decode=decode)
+            result = run_benchmark(chosen, dit, frames, on_chunk, decode=decode, gpu_busy=gpu_busy)
         except ValueError as err:
             raise UserError(str(err)) from None
     _show(result, json_output)
@@ -184,6 +191,9 @@ def result_table(r) -> Table:
         *([("end-to-end", f"{r.e2e_seconds_per_block:.3f} s / block, {r.e2e_fps:.1f} fps with --decode "
                           f"{r.decode} ({r.e2e_over_dit:.2f} x the DiT alone)")] if r.decode else []),
         ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
+        *([("GPU busy (last chunk)", f"{100 * r.gpu_busy_fraction:.1f} % of its span, {r.gpu_idle_ms_per_block:.1f} ms "
+                                     f"idle, {r.gpu_kernels_per_block} kernels")]
+          if r.gpu_busy_fraction is not None else []),
         *([("parallel", f"sp {r.sp}{' x 2 CFG branch groups' if r.cfg_parallel else ''} x {r.replicas} "
                         f"replica(s): {r.total_fps:.1f} fps in all (per-rank cache above)")]
           if r.total_fps is not None else []),

@@ -55,6 +55,7 @@ def test_bench_table(capsys):
     (["bench", "--preset", "tiny", "--attention", "fast"], "bad value for 'runtime.attention'"),
     (["bench", "--nope"], "No such option: --nope"),
     (["bench", "--preset", "wan2.2-ti2v-5b", "--device", "cpu"], "needs a CUDA GPU"),
+    (["bench", *FAST, "--gpu-busy"], "--gpu-busy profiles the DiT's chunks on one CUDA GPU"),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, args, needle):
     assert main(args) == 2

@@ -14,6 +14,9 @@ else:
     line = (f"   s/block {r['seconds_per_block']:.4f} (min {r['seconds_per_block_min']:.4f}, "
             f"max {r['seconds_per_block_max']:.4f}, {r['steady_chunks']} steady), fps {r['fps']:.2f}, "
             f"peak {r['peak_memory_gib'] or float('nan'):.2f} GiB, compiled {r['compiled']}")
+    if r.get("gpu_busy_fraction") is not None:
+        line += (f"\n   last chunk profiled: GPU busy {100 * r['gpu_busy_fraction']:.1f} % of its span, "
+                 f"{r['gpu_idle_ms_per_block']:.1f} ms idle, {r['gpu_kernels_per_block']} kernels")
     if r.get("decode"):
         line += (f"\n   end-to-end ({r['decode']}): {r['e2e_seconds_per_block']:.4f} s/block, "
                  f"{r['e2e_fps']:.2f} fps = {r['e2e_over_dit']:.3f} x DiT; VAE GPU peak {r['vae_peak_memory_gib']}")
