@@ -258,6 +258,9 @@ class Trainer:
         from core.train.data import ShardedSampler, VideoClipDataset
 
         d = self.recipe.data
+        if d.batch_size > 1 and self.plan.sp_size > 1:
+            raise UserError(f"data.batch_size={d.batch_size} with sequence parallelism (parallel.sp="
+                            f"{self.plan.sp_size}): use batch_size 1 (grad_accum for larger batches)")
         if d.synthetic_stream:  # rendered on the device: the stream is the dataset and the sampler
             from core.train.shapes_stream import ShapesStream
 
@@ -270,9 +273,6 @@ class Trainer:
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
                                    max_chunks_per_shot=d.max_chunks_per_shot or None, allow_padding=d.allow_padding,
                                    seed=self.recipe.runtime.seed, deterministic=False)
-        if d.batch_size > 1 and self.plan.sp_size > 1:
-            raise UserError(f"data.batch_size={d.batch_size} with sequence parallelism (parallel.sp="
-                            f"{self.plan.sp_size}): use batch_size 1 (grad_accum for larger batches)")
         sampler = ShardedSampler(len(dataset), self.plan.dp_rank, self.plan.dp_size, self.recipe.runtime.seed)
         if len(sampler) == 0:
             raise UserError(f"the dataset at {root} has {len(dataset)} samples, fewer than the {self.plan.dp_size} "
