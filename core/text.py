@@ -473,15 +473,14 @@ class TextEncoder:
     `device` computes, in `dtype` (default bf16 on CUDA, fp32 on CPU); results come back on
     `device`. With `keep_on_device=False` (default) the weights live in host memory and are moved
     to `device` only while new prompts are encoded; `keep_on_device=True` keeps them there until
-    `offload()`. `pin_host=True` calls `pin_host_memory()`.
-    Embeddings are cached per distinct cleaned prompt (up to `max_cached_prompts`, least recently
-    used dropped first; 0 disables the cache); new prompts are encoded in batches of at most
-    `batch_size`.
+    `offload()`. Embeddings are cached per distinct cleaned prompt (up to `max_cached_prompts`,
+    least recently used dropped first; 0 disables the cache); new prompts are encoded in batches of
+    at most `batch_size`.
     """
 
     def __init__(self, model: UMT5EncoderModel, tokenizer: Tokenizer, config: TextEncoderConfig, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
-                 keep_on_device: bool = False, pin_host: bool = False, batch_size: int = 16,
+                 keep_on_device: bool = False, batch_size: int = 16,
                  max_cached_prompts: int = 1024) -> None:
         _require(batch_size > 0, f"batch_size must be a positive integer (got {batch_size})")
         _require(max_cached_prompts >= 0, f"max_cached_prompts must be >= 0 (got {max_cached_prompts})")
@@ -502,8 +501,6 @@ class TextEncoder:
         # The host copies `offload` puts back: no device->host copy, and file-backed (mmap)
         # tensors stay file-backed.
         self._host = {name: t.data for name, t in self._tensors()}
-        if pin_host:
-            self.pin_host_memory()
         self._cache: OrderedDict[str, Tensor] = OrderedDict()  # cleaned prompt -> [tokens, D]
         if keep_on_device:
             self._to_device()

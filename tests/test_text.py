@@ -589,7 +589,8 @@ def test_random_weights_drawn_in_bf16_keep_shapes_and_scales():
 
 def test_pin_host_is_a_no_op_off_cuda():
     plain = TextEncoder.tiny(seed=2)
-    pinned = TextEncoder.tiny(seed=2, pin_host=True)  # a CPU encoder: nothing to page-lock
+    pinned = TextEncoder.tiny(seed=2)
+    pinned.pin_host_memory()  # a CPU encoder: nothing to page-lock
     assert not pinned.host_pinned
     prompts = ["a red fox", "snow at dusk"]
     assert torch.equal(plain.encode(prompts), pinned.encode(prompts))
@@ -599,7 +600,8 @@ def test_pin_host_is_a_no_op_off_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_pinned_host_weights_encode_the_same():
     plain = TextEncoder.tiny(seed=6, device="cuda")
-    pinned = TextEncoder.tiny(seed=6, device="cuda", pin_host=True)
+    pinned = TextEncoder.tiny(seed=6, device="cuda")
+    pinned.pin_host_memory()
     assert pinned.host_pinned and not plain.host_pinned
     prompts = ["a red fox", "snow at dusk, long shot"]
     side = torch.cuda.Stream()

@@ -5,7 +5,7 @@ reads it at epoch 0: the same shots (`random_shots` from `[seed, i]`), the same 
 candidates (`start_candidates` / `plan_segments` from `[seed, 0, i]`), the same per-chunk prompts with
 the scene-cut prefix, but rendered exactly (no H.264 round trip) and never repeated: the stream has
 no epochs, so a run sees as many different samples as it takes steps. Rendering is `render_clip`'s
-arithmetic in float64 on tensors (`render_frames`), batched over every frame of a batch, so the
+own formulas in float64 on tensors (`render_frames`), batched over every frame of a batch, so the
 data costs the GPU microseconds where decoding written videos costs the CPU ~0.1 s per sample.
 
 The stream also plays the trainer's sampler: `advance(n)` after a step, `state_dict()` in every
@@ -27,83 +27,48 @@ from core.shots import SCENE_CUT_PREFIX
 from core.train.data import Clip, Span, TrainBatch, plan_segments, segment_lengths, start_candidates
 from core.train.synthetic import (
     COLOURS,
-    DIRECTIONS,
-    FRAMES_PER_CROSSING,
-    SHAPES,
     ClipSpec,
+    is_horizontal,
     random_shots,
+    shape_centre,
+    shape_coverage,
     shape_size,
 )
 
-SLOPE_NORM = float(np.hypot(2.0, 1.0))  # the triangle's slanted edges, as shape_coverage
 FRAMES_PER_RENDER = 512  # frames rendered at once: bounds the float64 temporaries (~70 MB each at 128x128)
 
 
 def render_frames(specs: list[ClipSpec], phases: Tensor, frames: Tensor, height: int, width: int,
                   offset: float = 0.5) -> Tensor:
     """uint8 `[N, H, W, C]`: frame `frames[n]` of a clip showing `specs[n]` started at `phases[n]`,
-    equal to `render_clip(specs[n], ..., phase=phases[n], offset=offset)[frames[n]]` (the same float64
-    arithmetic, on `frames.device`)."""
+    equal to `render_clip(specs[n], ..., phase=phases[n], offset=offset)[frames[n]]`: the same
+    `shape_centre` / `shape_coverage` in float64, on `frames.device`, for all frames of one shape
+    and direction at once."""
     device = frames.device
     f64 = dict(device=device, dtype=torch.float64)
     background = torch.tensor([COLOURS[s.background] for s in specs], **f64)
     colour = torch.tensor([COLOURS[s.colour] for s in specs], **f64)
-    kind = torch.tensor([SHAPES.index(s.shape) for s in specs], device=device)
-    direction = torch.tensor([DIRECTIONS.index(s.direction) for s in specs], device=device)
-    out = torch.empty(len(specs), height, width, 3, device=device, dtype=torch.uint8)
-    for lo in range(0, len(specs), FRAMES_PER_RENDER):
-        part = slice(lo, lo + FRAMES_PER_RENDER)
-        cover = _coverage(kind[part], direction[part], phases[part].to(**f64), frames[part].to(**f64),
-                          height, width, offset)
-        pixels = background[part, None, None] + cover[..., None] * (colour[part] - background[part])[:, None, None]
-        out[part] = pixels.round().clamp(0, 255).to(torch.uint8)  # round half to even, as np.rint
-    return out
-
-
-def _coverage(kind: Tensor, direction: Tensor, phase: Tensor, frame: Tensor, height: int, width: int,
-              offset: float) -> Tensor:
-    """`[N, H, W]` fraction of each pixel inside the shape (`shape_centre` + `shape_coverage`, with
-    the copies one frame away that draw the part that wrapped around)."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for n, spec in enumerate(specs):
+        groups.setdefault((spec.shape, spec.direction), []).append(n)
+    ys = torch.arange(height, **f64)[None, :, None]
+    xs = torch.arange(width, **f64)[None, None, :]
     size = shape_size(height, width)
-    half = size / 2
-    ys = torch.arange(height, dtype=torch.float64, device=frame.device)[None, :, None]
-    xs = torch.arange(width, dtype=torch.float64, device=frame.device)[None, None, :]
-    travel = torch.remainder(phase + frame / FRAMES_PER_CROSSING, 1.0)
-    horizontal = direction < 2  # left to right, right to left
-    forward = (direction == 0) | (direction == 2)  # left to right, top to bottom
-    along = torch.where(forward, travel, 1.0 - travel)
-    centre_x = torch.where(horizontal, along * width, torch.full_like(along, offset * width))
-    centre_y = torch.where(horizontal, torch.full_like(along, offset * height), along * height)
-    cover = torch.zeros(len(frame), height, width, dtype=torch.float64, device=frame.device)
-    for shape in range(len(SHAPES)):  # each frame's own shape only (a third of the work)
-        rows = (kind == shape).nonzero().flatten()
-        if len(rows):
-            cover[rows] = _shape_coverage(SHAPES[shape], xs, ys, centre_x[rows], centre_y[rows], horizontal[rows],
-                                          height, width, half)
-    return cover
-
-
-def _shape_coverage(shape: str, xs: Tensor, ys: Tensor, centre_x: Tensor, centre_y: Tensor, horizontal: Tensor,
-                    height: int, width: int, half: float) -> Tensor:
-    """`shape_coverage` of frames with centres `[n]`, maximised over the wrapped copies."""
-    cover = torch.zeros(len(centre_x), height, width, dtype=torch.float64, device=centre_x.device)
-    for wrap in (-1, 0, 1):
-        cx = (centre_x + torch.where(horizontal, float(wrap * width), 0.0))[:, None, None]
-        cy = (centre_y + torch.where(horizontal, 0.0, float(wrap * height)))[:, None, None]
-        if shape == "square":
-            cover_x = (torch.minimum(xs + 1, cx + half) - torch.maximum(xs, cx - half)).clamp(0, 1)
-            cover_y = (torch.minimum(ys + 1, cy + half) - torch.maximum(ys, cy - half)).clamp(0, 1)
-            this = cover_x * cover_y
-        else:
-            px, py = xs + 0.5 - cx, ys + 0.5 - cy
-            if shape == "circle":
-                this = (half - torch.hypot(px, py) + 0.5).clamp(0, 1)
-            else:  # the triangle pointing up: signed distance inside each of its three edges
-                inside = torch.minimum(half - py, torch.minimum((2 * px + py + half) / SLOPE_NORM,
-                                                                (-2 * px + py + half) / SLOPE_NORM))
-                this = (inside + 0.5).clamp(0, 1)
-        cover = torch.maximum(cover, this)
-    return cover
+    out = torch.empty(len(specs), height, width, 3, device=device, dtype=torch.uint8)
+    for (shape, direction), members in groups.items():
+        for lo in range(0, len(members), FRAMES_PER_RENDER):
+            rows = torch.tensor(members[lo:lo + FRAMES_PER_RENDER], device=device)
+            centres_x, centres_y = shape_centre(direction, frames[rows].to(**f64), height, width,
+                                                phases[rows].to(**f64), offset)
+            horizontal = is_horizontal(direction)
+            cover = torch.zeros(len(rows), height, width, **f64)
+            for wrap in (-1, 0, 1):  # the copies one frame-width away, as render_clip
+                cx = centres_x + (wrap * width if horizontal else 0)
+                cy = centres_y + (0 if horizontal else wrap * height)
+                cover = torch.maximum(cover, shape_coverage(shape, xs, ys, cx[:, None, None], cy[:, None, None], size))
+            pixels = background[rows, None, None] + cover[..., None] * (colour[rows] - background[rows])[:, None, None]
+            out[rows] = pixels.round().clamp(0, 255).to(torch.uint8)  # round half to even, as np.rint
+    return out
 
 
 class ShapesStream:
@@ -121,13 +86,15 @@ class ShapesStream:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lengths = segment_lengths(latent_frames, frames_per_block)
         self.position = 0  # items this rank has consumed
-        self.epoch = 0  # no epochs: kept for the trainer's logs
         # every item's shots span the same frames, so its possible starts and their chunk plans are
         # the same for all items (only the captions differ): planned once
         spans = [Span(Clip(Path(f"shot_{n}"), ""), 0, shot_frames, VIDEO_FPS) for n in range(shots)]
         self._starts = start_candidates(spans, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
         self._segments = {start: plan_segments(spans, *start, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
                           for start in self._starts}
+        if not self._starts:
+            raise UserError(f"data.synthetic_shot_frames={shot_frames}: shots this short cannot hold a first "
+                            f"chunk of {self.lengths[0]} frames (raise it to at least {self.lengths[0]})")
 
     # -- the sampler's part
 
@@ -145,9 +112,6 @@ class ShapesStream:
     def plan(self, index: int) -> tuple[list[tuple[ClipSpec, float, tuple[int, ...]]], list[str]]:
         """Item `index`: per chunk (its shot's spec, the shot's phase, the shot's frame indices), and
         the per-chunk prompts."""
-        if not self._starts:
-            raise UserError(f"data.synthetic_shot_frames={self.shot_frames}: shots this short cannot hold a "
-                            f"first chunk of {self.lengths[0]} frames (raise it to at least {self.lengths[0]})")
         shots = random_shots(np.random.default_rng([self.seed, index]), self.shots)
         rng = np.random.default_rng([self.seed, 0, index])  # VideoClipDataset's draw at epoch 0
         segments = self._segments[self._starts[int(rng.integers(len(self._starts)))]]

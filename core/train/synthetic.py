@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import torch
 
 from core.checkpoint import atomic_write
 from core.config import VIDEO_FPS
@@ -194,33 +195,47 @@ def shape_size(height: int, width: int) -> float:
     return max(2.0, SHAPE_FRACTION * min(height, width))
 
 
-def shape_coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, size: float) -> np.ndarray:
+def _array_module(x):
+    """numpy, or torch for tensors: the rendering formulas below run on both (the same float64
+    arithmetic; `core.train.shapes_stream` renders batches on the training device with them)."""
+    return torch if isinstance(x, torch.Tensor) else np
+
+
+def shape_coverage(shape: str, xs, ys, cx, cy, size: float):
     """Fraction of each pixel `[y, y+1) x [x, x+1)` inside the shape centred at (cx, cy): exact for the
-    square, a one-pixel ramp across the edge for the circle and the triangle."""
+    square, a one-pixel ramp across the edge for the circle and the triangle. numpy arrays or tensors
+    (broadcast: centres may be arrays of frames)."""
+    xp = _array_module(xs)
     half = size / 2
     if shape == "square":
-        cover_x = np.clip(np.minimum(xs + 1, cx + half) - np.maximum(xs, cx - half), 0, 1)
-        cover_y = np.clip(np.minimum(ys + 1, cy + half) - np.maximum(ys, cy - half), 0, 1)
+        cover_x = xp.clip(xp.minimum(xs + 1, cx + half) - xp.maximum(xs, cx - half), 0, 1)
+        cover_y = xp.clip(xp.minimum(ys + 1, cy + half) - xp.maximum(ys, cy - half), 0, 1)
         return cover_x * cover_y
     px, py = xs + 0.5 - cx, ys + 0.5 - cy  # pixel centres relative to the shape centre
     if shape == "circle":
-        return np.clip(half - np.hypot(px, py) + 0.5, 0, 1)
+        return xp.clip(half - xp.hypot(px, py) + 0.5, 0, 1)
     # Triangle pointing up, base = height = size: signed distance inside each of the three edges.
-    slope_norm = np.hypot(2.0, 1.0)
-    inside = np.minimum(half - py, np.minimum((2 * px + py + half) / slope_norm, (-2 * px + py + half) / slope_norm))
-    return np.clip(inside + 0.5, 0, 1)
+    slope_norm = float(np.hypot(2.0, 1.0))
+    inside = xp.minimum(half - py, xp.minimum((2 * px + py + half) / slope_norm, (-2 * px + py + half) / slope_norm))
+    return xp.clip(inside + 0.5, 0, 1)
 
 
-def shape_centre(direction: str, frame: int | np.ndarray, height: int, width: int, phase: float = 0.125,
-                 offset: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def is_horizontal(direction: str) -> bool:
+    return direction in ("left to right", "right to left")
+
+
+def shape_centre(direction: str, frame, height: int, width: int, phase=0.125, offset: float = 0.5):
     """Centre (x, y) in pixels at `frame`: `phase` is the fraction of the way across at frame 0,
-    `offset` the position across the motion (fraction); wraps around (modulo the frame)."""
-    travel = (phase + np.asarray(frame, dtype=np.float64) / FRAMES_PER_CROSSING) % 1.0
-    if direction in ("left to right", "right to left"):
+    `offset` the position across the motion (fraction); wraps around (modulo the frame). `frame`
+    (and `phase`) may be numpy arrays or float64 tensors of frames."""
+    xp = _array_module(frame)
+    frame = frame if xp is not np else np.asarray(frame, dtype=np.float64)
+    travel = (phase + frame / FRAMES_PER_CROSSING) % 1.0
+    if is_horizontal(direction):
         along = travel if direction == "left to right" else 1.0 - travel
-        return along * width, np.full_like(along, offset * height)
+        return along * width, xp.full_like(along, offset * height)
     along = travel if direction == "top to bottom" else 1.0 - travel
-    return np.full_like(along, offset * width), along * height
+    return xp.full_like(along, offset * width), along * height
 
 
 def render_clip(spec: ClipSpec, frames: int, height: int, width: int, *, phase: float = 0.125,
@@ -231,7 +246,7 @@ def render_clip(spec: ClipSpec, frames: int, height: int, width: int, *, phase: 
     background = np.array(COLOURS[spec.background], dtype=np.float64)
     colour = np.array(COLOURS[spec.colour], dtype=np.float64)
     centres_x, centres_y = shape_centre(spec.direction, np.arange(frames), height, width, phase, offset)
-    horizontal = spec.direction in ("left to right", "right to left")
+    horizontal = is_horizontal(spec.direction)
     video_THWC = np.empty((frames, height, width, 3), dtype=np.uint8)
     for t in range(frames):
         cover = np.zeros((height, width))
