@@ -327,6 +327,13 @@ VAE_PRESETS: dict[str, VAEConfig] = {
 }
 
 
+# Wan's standard negative prompt: the unconditional branch of guidance for the official models.
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
+    "杂乱的背景，三条腿，背景人很多，倒着走")
+
+
 @dataclass
 class StreamConfig:
     """Streaming inference. Defaults are the official inference config (configs/inference.yaml)."""
@@ -339,6 +346,9 @@ class StreamConfig:
     sampling_steps: int = 4
     timestep_shift: float = 5.0
     guidance_scale: float = 1.0
+    # The guidance's unconditional prompt (only read when guidance is on). "" is the empty prompt:
+    # what a model trained with `data.caption_dropout` learnt as "no caption" (the offline presets).
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
     # At a scene cut, drop the old shot's history before the cut chunk's recache (official
     # `shot_clean_recache`, off in every shipped config).
     shot_clean_recache: bool = False
@@ -496,8 +506,8 @@ class Recipe:
         """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official), `tiny` or `shapes` (CPU)."""
         model = ModelConfig.preset(name)
         if name in OFFLINE_PRESETS:
-            return cls(preset=name, model=model, video=VideoConfig(height=128, width=128,
-                                                                   latent_frames=24))
+            return cls(preset=name, model=model, stream=StreamConfig(negative_prompt=""),
+                       video=VideoConfig(height=128, width=128, latent_frames=24))
         return cls(preset=name, model=model)
 
 

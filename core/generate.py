@@ -30,12 +30,6 @@ from core.pipeline import BuiltDiT, LatentChunk, stream_latents
 from core.runtime import SpanTimer, resolve_device, resolve_dtype
 from core.shots import PromptSchedule
 
-# Wan's standard negative prompt (used when guidance is on).
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，"
-    "杂乱的背景，三条腿，背景人很多，倒着走")
-
 
 @dataclass
 class GenerateRequest:
@@ -52,7 +46,7 @@ class GenerateRequest:
     decode: DecodeMode = field(default_factory=DecodeMode)
     crf: int = 18
     latents_out: Path | None = None
-    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    negative_prompt: str | None = None  # None: the recipe's `stream.negative_prompt`
 
 
 @dataclass
@@ -100,11 +94,11 @@ def encode_schedule(text, schedule: PromptSchedule, negative_prompt: str | None,
                     dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], Tensor | None]:
     """One context per chunk (each distinct prompt encoded once), plus the negative prompt."""
     prompts = schedule.chunk_prompts
-    distinct = list(dict.fromkeys(prompts + ([negative_prompt] if negative_prompt else [])))
+    distinct = list(dict.fromkeys(prompts + ([negative_prompt] if negative_prompt is not None else [])))
     encoded = text.encode(distinct)
     by_prompt = {p: encoded[i:i + 1].to(device=device, dtype=dtype) for i, p in enumerate(distinct)}
     contexts = [by_prompt[p] for p in prompts]
-    return contexts, (by_prompt[negative_prompt] if negative_prompt else None)
+    return contexts, (by_prompt[negative_prompt] if negative_prompt is not None else None)
 
 
 def read_image(path: Path, height: int, width: int) -> Tensor:
@@ -255,7 +249,9 @@ def stream_schedule(request: GenerateRequest, placement: Placement, models: Mode
     Interactive switches come from the open `feed` and are appended to `switches`."""
     recipe, schedule, stream = request.recipe, request.schedule, request.recipe.stream
     device, dtype = placement.device, placement.dtype
-    negative = request.negative_prompt if stream.uses_guidance else None
+    negative = None
+    if stream.uses_guidance:
+        negative = stream.negative_prompt if request.negative_prompt is None else request.negative_prompt
     contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
     first_image = None
     if placement.image is not None:

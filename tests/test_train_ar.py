@@ -129,6 +129,7 @@ def _incompatible_resume_dir(tmp_path: Path) -> Path:
     ("logdir", lambda p: ["--logdir", str(p / "file.txt" / "run")], "not writable"),
     ("resume", lambda p: ["--logdir", str(_incompatible_resume_dir(p)), "--set", "model.dim=64"], "different model"),
     ("key", lambda p: ["--set", "optim.learning_rate=1"], "unknown key"),
+    ("dropout", lambda p: ["--set", "data.caption_dropout=1"], "data.caption_dropout must be in [0, 1)"),
     ("heads", lambda p: ["--nproc-per-node", "3", "--set", "parallel.sp=3"], "heads"),
     ("world", lambda p: ["--set", "parallel.sp=2"], "world size 1 is not divisible"),
 ])

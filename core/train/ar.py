@@ -48,6 +48,20 @@ LOSS_CURVES = (Curve("loss", "loss", "flow-matching loss\n(weighted MSE, latent 
 PROGRESS_FIELDS = (*LOSS_CURVES, Curve("grad_norm", "|g|", "gradient norm"))
 
 
+# -- captions ----------------------------------------------------------------------------------------
+
+
+def drop_captions(prompts: list[list[str]], probability: float, generator: torch.Generator) -> list[list[str]]:
+    """Caption dropout for classifier-free guidance: each sample's per-chunk prompts all become the
+    empty prompt with `probability` (one draw per sample from `generator`, none at 0, so runs
+    without dropout keep their random stream). The ranks of an SP group share the generator's seed
+    and so drop the same samples."""
+    if probability == 0:
+        return prompts
+    drop = torch.rand(len(prompts), generator=generator, device=generator.device) < probability
+    return [[""] * len(chunks) if dropped else chunks for chunks, dropped in zip(prompts, drop.tolist(), strict=True)]
+
+
 # -- how a step is laid out over processes ----------------------------------------------------------
 
 
@@ -306,7 +320,8 @@ class Trainer:
         video = batch.video.to(self.device, self.dtype, non_blocking=True)
         x0 = plan.encode(self.vae, video).to(torch.float32)  # [B, C, F_loc, h, w]
         frames = plan.local_frames(d.latent_frames)
-        prompts = [p for sample in batch.prompts for p in sample]  # sample-major, one per chunk
+        captions = drop_captions(batch.prompts, d.caption_dropout, self.generator)
+        prompts = [p for sample in captions for p in sample]  # sample-major, one per chunk
         chunks = len(batch.prompts[0])
         context = plan.local_context(self.prompts(prompts), chunks)
 

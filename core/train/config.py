@@ -57,6 +57,10 @@ class DataConfig(ClipSource):
     allow_padding: bool = True
     num_workers: int = 2
     batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP
+    # probability that a sample's captions (all its chunks) become the empty prompt "": the model
+    # then also learns the unconditional prediction that classifier-free guidance needs
+    # (`stream.guidance_scale` with `stream.negative_prompt: ""`); 0: the official training
+    caption_dropout: float = 0.0
     i2v: bool = False
     # umt5 (the real encoder from `model_dir`), tiny (offline byte encoder of the tiny preset),
     # random (fixed random contexts: throughput runs with no text encoder at all)
@@ -70,6 +74,8 @@ class DataConfig(ClipSource):
         check_types(self)
         self.check_clip_source()
         require(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
+        require(0 <= self.caption_dropout < 1,
+                f"data.caption_dropout must be in [0, 1) (got {self.caption_dropout})")
         require(not self.vae_path or self.vae == "shapes",
                 f"data.vae_path is for data.vae=shapes (got data.vae={self.vae}): remove vae_path or set vae=shapes")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.config import (
+    WAN_NEGATIVE_PROMPT,  # the official default (utils/config.py) too
     ModelConfig,
     Precision,
     QuantSettings,
@@ -24,7 +25,6 @@ from core.config import (
     load_training_recipe,
     require,
 )
-from core.generate import WAN_NEGATIVE_PROMPT  # the official default (utils/config.py) too
 from core.shots import SCENE_CUT_PREFIX
 from core.train.config import ClipSource
 
