@@ -46,7 +46,6 @@ class GenerateRequest:
     decode: DecodeMode = field(default_factory=DecodeMode)
     crf: int = 18
     latents_out: Path | None = None
-    negative_prompt: str | None = None  # None: the recipe's `stream.negative_prompt`
 
 
 @dataclass
@@ -249,9 +248,7 @@ def stream_schedule(request: GenerateRequest, placement: Placement, models: Mode
     Interactive switches come from the open `feed` and are appended to `switches`."""
     recipe, schedule, stream = request.recipe, request.schedule, request.recipe.stream
     device, dtype = placement.device, placement.dtype
-    negative = None
-    if stream.uses_guidance:
-        negative = stream.negative_prompt if request.negative_prompt is None else request.negative_prompt
+    negative = stream.negative_prompt if stream.uses_guidance else None
     contexts, negative_context = encode_schedule(models.text, schedule, negative, dtype, device)
     first_image = None
     if placement.image is not None:
