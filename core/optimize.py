@@ -57,6 +57,14 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None)
         stage.compile(backend=backend, mode=mode, dynamic=False)
 
 
+def compile_vae_encoder(vae, backend: str = "inductor", mode: str | None = None) -> None:
+    """torch.compile the VAE encoder's step (fuses each norm + SiLU + causal padding around the
+    convolutions): one graph for the first frame and one for every 4-frame step after it, static
+    shapes. For `train-ar`, where every batch is encoded (a frozen encoder, often the largest share
+    of a small model's step). `backend="eager"` traces without code generation (CPU tests)."""
+    vae.encoder.compile(backend=backend, mode=mode, dynamic=False)
+
+
 def channels_last_vae_decoder(vae) -> None:
     """Store the decoder's convolution weights channels-last (C innermost). Convolutions then
     return channels-last activations, and the decoder's own reshapes keep that layout

@@ -20,6 +20,7 @@ from core.optimize import (
     StackedTapsConv3d,
     channels_last_vae_decoder,
     compile_vae_decoder,
+    compile_vae_encoder,
     conv3d_by_frame_taps,
     conv3d_by_stacked_taps,
     frame_taps_vae_decoder,
@@ -674,6 +675,27 @@ def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: str | Non
     assert torch.equal(torch.cat(pieces, dim=2), expected)
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2 * 6  # low_res, 4 stages, head
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("frames", [1, 9])
+def test_compiled_encoder_captures_the_first_and_the_steady_step(frames: int) -> None:
+    """train-ar's `runtime.compile: always` path, traced on the CPU without code generation: the
+    whole encoder step is one graph (no breaks), one for frame 0 and one for the 4-frame steps,
+    and the latents are the eager ones bit for bit."""
+    from torch._dynamo.utils import counters
+
+    model = random_vae(TINY, seed=6)
+    video = randn(2, 3, frames, 32, 48, seed=41).clamp(-1, 1)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.backends.mkldnn.flags(enabled=False):
+        expected = model.encode(video)
+        compile_vae_encoder(model, backend="eager")
+        got = model.encode(video)
+    assert torch.equal(got, expected)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == (1 if frames == 1 else 2)
     torch._dynamo.reset()
 
 

@@ -368,6 +368,10 @@ class Trainer:
         step, checkpoint every `checkpoint_every` steps and at the end, export if asked."""
         self._seed()
         self.vae = build_vae(self.recipe, self.device, self.dtype)  # a missing VAE file fails before the data is made
+        if self.recipe.runtime.compile == "always":
+            from core.optimize import compile_vae_encoder
+
+            compile_vae_encoder(self.vae)
         dataset, sampler = self._data()
         self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)
         model = self.build_model().train()

@@ -137,7 +137,7 @@ class ParallelConfig:
 class TrainRecipe:
     """`quant.precision: nvfp4` trains the 300 block linears with the official AR NVFP4 numerics
     (the other `quant` keys select inference kernels and do not apply). `runtime.compile: always`
-    compiles the blocks; `auto` does not compile training."""
+    compiles the blocks and the (frozen) VAE encoder; `auto` does not compile training."""
 
     preset: str = "wan2.2-ti2v-5b"
     model: ModelConfig = field(default_factory=ModelConfig)
