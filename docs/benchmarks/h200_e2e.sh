@@ -8,7 +8,7 @@
 #   ../shared/tools/gpu-prep.sh --with-av fa3-fwd==0.0.3      (here, once; 60 MiB)
 #   source .whl/env.sh && bash docs/benchmarks/h200_e2e.sh "$OUT"
 # What travels is capped at 64 MiB: the av + FA3 wheels (~63 MB) leave no room for the committed
-# shapes warm starts (docs/models/shapes/gpu_*/*.safetensors, ~13 MB), which this call does not
+# shapes warm starts (docs/models/shapes/*/*.safetensors, 16.3 MB), which this call does not
 # use: move them out of the checkout for the call (mv, not git rm) and back afterwards.
 set -uo pipefail
 out=${1:-/tmp/bench}; mkdir -p "$out"

@@ -5,7 +5,7 @@
 #   ../shared/tools/gpu-prep.sh --with-av fa3-fwd==0.0.3      (here, once; 60 MiB)
 #   source .whl/env.sh && bash docs/benchmarks/h200_fp8_kv.sh "$OUT"
 # (the av + FA3 wheels fill the 64 MiB that travels: move the committed shapes warm starts,
-# docs/models/shapes/gpu_*/*.safetensors, out of the checkout for the call, as for h200_e2e.sh)
+# docs/models/shapes/*/*.safetensors (16.3 MB), out of the checkout for the call, as for h200_e2e.sh)
 set -uo pipefail
 out=${1:-/tmp/bench}; mkdir -p "$out"
 source "$(dirname "$0")/common.sh"
