@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from core.config import VAEConfig, raw_frames
 from core.errors import UserError
+from core.optimize import compile_vae_encoder
 from core.runtime import resolve_dtype
 from core.train.config import TrainRecipe
 from core.train.metrics import Curve, MetricsLog, RunEvents
@@ -369,8 +370,6 @@ class Trainer:
         self._seed()
         self.vae = build_vae(self.recipe, self.device, self.dtype)  # a missing VAE file fails before the data is made
         if self.recipe.runtime.compile == "always":
-            from core.optimize import compile_vae_encoder
-
             compile_vae_encoder(self.vae)
         dataset, sampler = self._data()
         self.prompts = PromptEncoder(self.recipe, self.device, self.dtype)

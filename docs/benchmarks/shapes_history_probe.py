@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sigmas", default="0.5,0.95,0.99")
     args = parser.parse_args(argv)
 
-    from core.config import ModelConfig
+    from core.config import ModelConfig, raw_frames
     from core.train.ar import PromptEncoder, build_vae
     from core.train.config import load_train_recipe
     from core.train.synthetic import parse_caption, render_clip
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     dit = build_dit(DiTSpec(ModelConfig.preset("shapes"), device, torch.float32, checkpoint=args.dit)).model
     text = PromptEncoder(recipe, device, torch.float32)
     fpb = recipe.train.frames_per_block
-    frames = 4 * (d.latent_frames - 1) + 1
+    frames = raw_frames(d.latent_frames)
 
     def clip(caption: str, offset: float) -> Tensor:
         pixels = render_clip(parse_caption(caption), frames, d.height, d.width, offset=offset)
