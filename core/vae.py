@@ -54,15 +54,16 @@ class DecodePlan:
         then runs the same shapes and concatenates bit for bit to `WanVAE.decode`. Chunks that are
         multiples of k waste nothing.
     slice_bytes: memory cap; each up stage runs on frame slices whose widest activation stays within
-        it (`UpStage.frames_per_slice`). None: whole cells. 256 MiB gives 720p single-frame slices
-        above latent resolution: ~4.7 GiB of activations and feature cache in bf16 (3.1 GiB of it
-        the cache), against ~6.7 GiB for the per-latent loop (tests/test_vae.py, on `meta`).
+        it (`UpStage.frames_per_slice`). None: whole cells. At 720p in bf16, 64 MiB keeps ~4.5 GiB
+        of activations and feature cache (3.1 GiB of it the cache; 4.7 GiB at 256 MiB, ~6.7 GiB
+        for the per-latent loop: tests/test_vae.py, on `meta`); compiled on an H100 the whole decode
+        peaks at 7.96 GiB with weights (8.12 at 256 MiB) for 0.7 % more time (docs/BENCHMARKS.md).
     subpixel_upsample: compute "nearest 2x, then 3x3 conv" as a 2x2 conv with four phases on the
         small input (`subpixel_weight`): 2.25x fewer FLOPs in those convolutions.
     """
 
     latents_per_cell: int = 4
-    slice_bytes: int | None = 256 * 2**20
+    slice_bytes: int | None = 64 * 2**20
     subpixel_upsample: bool = True
 
     def __post_init__(self) -> None:

@@ -442,7 +442,20 @@ def test_shapes_recipe_distills_the_shipped_generator():
     assert (recipe.data.height, recipe.data.width, recipe.data.latent_frames) == (ar.data.height, ar.data.width,
                                                                                   ar.data.latent_frames)
     assert recipe.stream.frames_per_block == ar.train.frames_per_block
-    assert not recipe.dmd.uses_negative_prompt and recipe.data.negative_prompt is None
+    # the teacher's guidance against the empty prompt: the shapes generator's unconditional mode
+    assert recipe.dmd.real_guidance_scale > 1 and recipe.data.negative_prompt == ""
+
+
+@pytest.mark.parametrize("negative, scale, accepted", [
+    ('""', 3.0, True), ("null", 3.0, False), ("null", 0.0, True), ("a blurry video", 3.0, True)])
+def test_negative_prompt_empty_is_a_prompt_null_is_none(negative, scale, accepted):
+    overrides = [f"data.negative_prompt={negative}", f"dmd.real_guidance_scale={scale}"]
+    if accepted:
+        recipe = load_distill_recipe("distill_tiny", overrides)
+        assert recipe.data.negative_prompt == {"\"\"": "", "null": None}.get(negative, negative)
+    else:
+        with pytest.raises(ValueError, match="needs a negative prompt"):
+            load_distill_recipe("distill_tiny", overrides)
 
 
 def test_nvfp4_networks_follow_the_official_dmd_config():

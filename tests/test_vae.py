@@ -711,7 +711,7 @@ def test_meta_decode_at_720p_stays_within_its_memory_budget() -> None:
             model.decode(latents, plan)
         peaks[name] = tracker.peak / 2**30
     # 3.1 GiB of it is the feature cache (2 frames per causal conv), needed by every plan
-    assert peaks["capped"] < 5.0 and peaks["capped"] < peaks["per_latent"] - 1.5, peaks
+    assert peaks["capped"] < 4.6 and peaks["capped"] < peaks["per_latent"] - 1.5, peaks
 
 
 class LiveBytes(TorchDispatchMode):

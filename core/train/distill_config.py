@@ -45,7 +45,9 @@ class PromptDataConfig(ClipSource):
     batch_size: int = 1  # per process (official 1; 2 in the NVFP4 config)
     chunks_per_shot: int = 0
     scene_cut_prefix: str = SCENE_CUT_PREFIX
-    negative_prompt: str | None = WAN_NEGATIVE_PROMPT  # null / "": none (only without guidance)
+    # the teacher's unconditional prompt under guidance; "" is the empty prompt (the right one for a
+    # generator trained with caption dropout); null: none, only without guidance
+    negative_prompt: str | None = WAN_NEGATIVE_PROMPT
     i2v: bool = False
     # umt5 (the real encoder from `model_dir`), tiny (offline encoder of the tiny preset), random
     # (fixed random contexts: throughput runs without a text encoder)
@@ -201,9 +203,9 @@ class DistillRecipe:
         require(exit_step is None or 0 <= exit_step < steps,
                 f"dmd.exit_step {exit_step} is out of range: use null (drawn per rollout) or 0..{steps - 1} "
                 f"(stream.sampling_steps={steps})")
-        require(not self.dmd.uses_negative_prompt or (self.data.negative_prompt or "").strip() != "",
+        require(not self.dmd.uses_negative_prompt or self.data.negative_prompt is not None,
                 f"dmd.real_guidance_scale={self.dmd.real_guidance_scale} needs a negative prompt: set "
-                f"data.negative_prompt, or the guidance scales to 0")
+                f"data.negative_prompt (\"\" for the empty prompt), or the guidance scales to 0")
         require(self.stream.guidance_scale == 1.0,
                 f"stream.guidance_scale must be 1.0: the rollout runs without guidance (the teacher's is "
                 f"dmd.real_guidance_scale) (got {self.stream.guidance_scale})")

@@ -9,7 +9,7 @@ chunk at 720p in bf16, peak memory, and how far the new outputs are from the old
 
 Variants (name = path[-option...]):
   old            the official per-latent loop, op for op (`PER_LATENT_PLAN`), eager
-  new            the cell decoder, `DecodePlan()` defaults (4-latent cells, 256 MiB slices, sub-pixel
+  new            the cell decoder, `DecodePlan()` defaults (4-latent cells, 64 MiB slices, sub-pixel
                  upsampling), eager
   ...-compiled   `core.optimize.compile_vae_decoder` (inductor); compiling happens in the first chunk
   ...-maxat      with -compiled: mode "max-autotune-no-cudagraphs" (as the official LLV2_COMPILE_VAE; slow to compile)
@@ -17,7 +17,8 @@ Variants (name = path[-option...]):
   ...-cudnnbench torch.backends.cudnn.benchmark = True
   ...-taps       `core.optimize.frame_taps_vae_decoder` (each temporal conv as per-tap 2-D convs)
   ...-stack      the same with `stacked=True` (one 2-D conv over the taps stacked into channels)
-  ...-k8 / -128M / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 128 MiB, 512 MiB, 1 GiB, None /
+  ...-k8 / -64M / -128M / -256M / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 64 MiB
+                 (the default), 128 MiB, 256 MiB (the default before 2026-12-06), 512 MiB, 1 GiB, None /
                  subpixel_upsample=False
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
@@ -42,8 +43,8 @@ from core.optimize import channels_last_vae_decoder, compile_vae_decoder, frame_
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 
 DEFAULT_VARIANTS = "old,new,new-512M,new-512M-cl,new-compiled"
-PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "128M": {"slice_bytes": 2**27}, "512M": {"slice_bytes": 2**29},
-                "1G": {"slice_bytes": 2**30},
+PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "64M": {"slice_bytes": 2**26}, "128M": {"slice_bytes": 2**27},
+                "256M": {"slice_bytes": 2**28}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
                 "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False}}
 OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", *PLAN_OPTIONS}
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 11: one GPU call that continues the shapes generator from a DiT export (docs/models/shapes.md
+# section 5h), the VAE kept as it is. Run from the repository root on the device, with the wheels of
+# `../shared/tools/gpu-prep.sh --with-av` in .whlav/ (carried):
+#   INIT=gpu_in/dit.safetensors PROFILE=1 bash docs/benchmarks/shapes_continue_gpu.sh
+# INIT: the DiT to continue (default: the committed warm start); RECYCLE=true turns error recycling
+# on; DEADLINE: seconds from the start by which the training is done (default 565).
+# PROFILE=1 first runs the step profile eagerly and compiled (recipe defaults, 13 steps each) and
+# trains compiled only if that pays within this call; PROFILE=0 trains compiled (COMPILE=never: eager).
+# Writes into $OUT (<= 8 files come back): dit.safetensors, logs.tgz (metrics, loss curve,
+# logs), train.log, and with PROFILE=1 profile_{never,always}.txt and compile_choice.txt.
+set -uo pipefail
+source .whlav/env.sh
+export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=0 PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
+export VAE_INIT=$PWD/docs/models/shapes/cpu_2026-12-06b/vae.safetensors
+INIT=${INIT:-$PWD/docs/models/shapes/gpu_2026-12-06d/dit.safetensors}
+export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128"
+if [ "${PROFILE:-0}" = 1 ]; then
+  for c in never always; do
+    timeout 90 python docs/benchmarks/train_step_profile.py --at 12 --steps 2 -- train_ar_shapes --logdir /tmp/prof-$c \
+      --max-steps 13 --set runtime.device=cuda --set runtime.dtype=bfloat16 --set data.synthetic=false \
+      --set data.synthetic_stream=true --set data.batch_size=64 --set data.vae_path="$VAE_INIT" \
+      --set runtime.compile=$c > "$OUT/profile_$c.txt" 2>&1
+  done
+  # compiled only if (400 s - 2 x compile time) / compiled step > 400 s / eager step: the compile
+  # is paid twice (the calibration run and the training); medians of the unprofiled steps 6-11
+  python - > "$OUT/compile_choice.txt" <<'PY' && AR_SET="$AR_SET --set runtime.compile=always"
+import json, statistics, sys
+def load(c):
+    try:
+        return [json.loads(line) for line in open(f"/tmp/prof-{c}/metrics.jsonl")]
+    except OSError:
+        return []
+n, a = load("never"), load("always")
+if len(n) < 11 or len(a) < 11:
+    print("profile incomplete: eager")
+    sys.exit(1)
+med = lambda r: statistics.median(x["step_seconds"] for x in r if 6 <= x["step"] <= 11)
+t_n, t_a = med(n), med(a)
+compile_s = sum(x["step_seconds"] for x in a[:5]) - sum(x["step_seconds"] for x in n[:5])
+steps_n, steps_a = 400 / t_n, (400 - 2 * compile_s) / t_a
+print(f"eager {t_n:.4f} s/step, compiled {t_a:.4f} s/step, compile {compile_s:.1f} s: steps in 400 s {steps_n:.0f} vs {steps_a:.0f}")
+sys.exit(0 if steps_a > steps_n else 1)
+PY
+  echo "AR_SET=$AR_SET" >> "$OUT/compile_choice.txt"
+else
+  AR_SET="$AR_SET --set runtime.compile=${COMPILE:-always}"
+fi
+export TOTAL_SECONDS=$(( ${DEADLINE:-565} - SECONDS ))
+timeout $(( TOTAL_SECONDS + 15 )) bash docs/benchmarks/train_shapes_gpu.sh "$PWD/build/shapes" > "$OUT/train.log" 2>&1
+cp build/shapes/dit.safetensors "$OUT/"
+tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude=checkpoints -C build/shapes . $( [ "${PROFILE:-0}" = 1 ] && echo /tmp/prof-never/metrics.jsonl /tmp/prof-always/metrics.jsonl )

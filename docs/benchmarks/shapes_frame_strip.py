@@ -1,0 +1,79 @@
+"""A frame strip of a shapes probe run: for each chosen prompt, the ground truth (the clip its caption
+describes, `render_clip`) above the generated video, a few frames evenly spaced over the first shot.
+
+    PYTHONPATH=. python docs/benchmarks/shapes_frame_strip.py R.json --out frames.png [--videos 6] [--frames 8]
+
+R.json is `longlive eval-vbench --suite shapes ... --out R.json` (its videos lie in R_videos/).
+Videos are chosen evenly over the prompt list, so seen and held-out prompts both appear; each row is
+labelled with the prompt and what the probe read (shape / direction). Ground truth starts at the
+renderer's default phase, so its position need not match the generated one: compare colour,
+shape, size and motion, not the place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def chosen(videos: dict, count: int) -> list[str]:
+    names = sorted(videos)
+    if count >= len(names):
+        return names
+    return [names[round(i * (len(names) - 1) / (count - 1))] if count > 1 else names[0] for i in range(count)]
+
+
+def strip_rows(result_path: Path, count: int, frames: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from core.eval.shapes import read_video
+    from core.train.synthetic import parse_caption, render_clip
+
+    result = json.loads(result_path.read_text())
+    videos = result["parts"]["prompts"]["videos"]
+    folder = result_path.with_name(result_path.stem + "_videos")
+    rows = []
+    for name in chosen(videos, count):
+        shot = videos[name]["shots"][0]
+        generated = read_video(folder / f"{name}.mp4")[shot["start"]:shot["end"]]
+        truth = render_clip(parse_caption(shot["prompt"]), len(generated), *generated.shape[1:3])
+        picks = np.linspace(0, len(generated) - 1, frames).round().astype(int)
+        read = shot["read"]
+        label = f"{shot['prompt']}  [{shot['split']}; read: {read['shape']}, {read['direction']}]"
+        rows.append((label, np.concatenate(list(truth[picks]), axis=1),
+                     np.concatenate(list(generated[picks]), axis=1)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("result", type=Path, help="the probe's JSON (its videos in <stem>_videos/)")
+    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--videos", type=int, default=6)
+    parser.add_argument("--frames", type=int, default=8)
+    args = parser.parse_args()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = strip_rows(args.result, args.videos, args.frames)
+    height, width = rows[0][1].shape[:2]
+    figure, axes = plt.subplots(2 * len(rows), 1, figsize=(width / 100, 2 * len(rows) * (height / 100 + 0.25)),
+                                dpi=100, squeeze=False)
+    for i, (label, truth, generated) in enumerate(rows):
+        for j, (image, title) in enumerate(((truth, f"truth: {label}"), (generated, "generated"))):
+            axis = axes[2 * i + j, 0]
+            axis.imshow(image)
+            axis.set_title(title, fontsize=7, loc="left")
+            axis.axis("off")
+    figure.tight_layout(pad=0.2)
+    tmp = args.out.with_name(args.out.name + ".tmp.png")
+    figure.savefig(tmp)
+    tmp.replace(args.out)  # atomic: no half-written PNG under the final name
+    print(f"wrote {args.out}: {len(rows)} prompts x {args.frames} frames")
+
+
+if __name__ == "__main__":
+    main()
