@@ -20,10 +20,11 @@ import numpy as np
 
 
 def chosen(videos: dict, count: int) -> list[str]:
+    """`count` names spread evenly from the first to the last (all of them if there are fewer)."""
     names = sorted(videos)
-    if count >= len(names):
-        return names
-    return [names[round(i * (len(names) - 1) / (count - 1))] if count > 1 else names[0] for i in range(count)]
+    if count >= len(names) or count == 1:
+        return names[:count]
+    return [names[round(i * (len(names) - 1) / (count - 1))] for i in range(count)]
 
 
 def strip_rows(result_path: Path, count: int, frames: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
