@@ -62,4 +62,13 @@ def test_script_writes_the_png(tmp_path):
                            "--videos", "2", "--frames", "3"], capture_output=True, text=True,
                           cwd=SCRIPT.parents[2], env={"PYTHONPATH": str(SCRIPT.parents[2]), "PATH": ""})
     assert done.returncode == 0, done.stderr
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R.json", "R_videos", "strip.png"]  # no temp left
+
+
+def test_missing_result_is_one_line_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none.json"), "--out", str(tmp_path / "s.png")],
+                          capture_output=True, text=True, cwd=SCRIPT.parents[2],
+                          env={"PYTHONPATH": str(SCRIPT.parents[2]), "PATH": ""})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "missing" in done.stderr
+    assert not (tmp_path / "s.png").exists()

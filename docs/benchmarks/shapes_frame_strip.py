@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,24 @@ def strip_rows(result_path: Path, count: int, frames: int) -> list[tuple[str, np
     return rows
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("result", type=Path, help="the probe's JSON (its videos in <stem>_videos/)")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--videos", type=int, default=6)
     parser.add_argument("--frames", type=int, default=8)
     args = parser.parse_args()
+    videos = args.result.with_name(args.result.stem + "_videos")
+    if not args.result.is_file() or not videos.is_dir():
+        print(f"error: {args.result} or its videos folder {videos} is missing: give the --out JSON of "
+              f"`longlive eval-vbench --suite shapes`", file=sys.stderr)
+        return 2
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from core.checkpoint import atomic_write
 
     rows = strip_rows(args.result, args.videos, args.frames)
     height, width = rows[0][1].shape[:2]
@@ -70,11 +78,10 @@ def main() -> None:
             axis.set_title(title, fontsize=7, loc="left")
             axis.axis("off")
     figure.tight_layout(pad=0.2)
-    tmp = args.out.with_name(args.out.name + ".tmp.png")
-    figure.savefig(tmp)
-    tmp.replace(args.out)  # atomic: no half-written PNG under the final name
+    atomic_write(args.out, lambda temp: figure.savefig(temp, format="png"))
     print(f"wrote {args.out}: {len(rows)} prompts x {args.frames} frames")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
