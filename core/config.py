@@ -506,7 +506,11 @@ class Recipe:
         """The built-in recipe of a preset: `wan2.2-ti2v-5b` (official), `tiny` or `shapes` (CPU)."""
         model = ModelConfig.preset(name)
         if name in OFFLINE_PRESETS:
-            return cls(preset=name, model=model, stream=StreamConfig(negative_prompt=""),
+            # the shipped shapes generator is an AR model, not yet distilled: at 4 steps it draws
+            # the shape only with guidance against its unconditional (empty-prompt) mode
+            # (docs/models/shapes.md 5h/5i); a distilled LoRA runs with guidance_scale=1
+            guidance = 3.0 if name == "shapes" else 1.0
+            return cls(preset=name, model=model, stream=StreamConfig(negative_prompt="", guidance_scale=guidance),
                        video=VideoConfig(height=128, width=128, latent_frames=24))
         return cls(preset=name, model=model)
 

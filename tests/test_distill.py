@@ -105,8 +105,8 @@ def test_tiny_recipe_lowers_both_losses_and_its_lora_changes_2_step_generation(t
     # 2-step generation: the LoRA changes the video; the merged generator is the same model.
     def generate(name: str, *extra: str) -> torch.Tensor:
         out = tmp_path / f"{name}.mp4"
-        assert main(["generate", "a red circle moves left to right", "--preset", "tiny", "--frames", "8",
-                     "--height", "64", "--width", "64", "--steps", "2", "-o", str(out),
+        assert main(["generate", "a red circle moves left to right", "--preset", "tiny", "--random-weights",
+                     "--frames", "8", "--height", "64", "--width", "64", "--steps", "2", "-o", str(out),
                      "--latents-out", str(tmp_path / f"{name}.safetensors"), *extra]) == 0
         return load_file(tmp_path / f"{name}.safetensors")["latents"]
 

@@ -72,3 +72,30 @@ def test_missing_result_is_one_line_exit_2(tmp_path):
                           env={"PYTHONPATH": str(SCRIPT.parents[2]), "PATH": ""})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "missing" in done.stderr
     assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("source, reads_right", [(PROMPTS[0], True), (PROMPTS[2], False)])
+def test_one_video_row_is_read_by_the_probe_against_its_prompt(tmp_path, source, reads_right):
+    from core.train.synthetic import parse_caption, render_clip, write_video
+
+    video = tmp_path / "demo.mp4"
+    write_video(video, render_clip(parse_caption(source), 32, 64, 64))
+    ((label, truth, generated),) = strip.video_rows(video, PROMPTS[0], frames=4)
+    assert label.startswith(PROMPTS[0] + "  [seen; read: ")
+    assert ("read: circle, left to right" in label) == reads_right, label
+    assert truth.shape == generated.shape == (64, 4 * 64, 3)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--video", "none.mp4", "--prompt", PROMPTS[0]], "missing"),
+    (["--video", "v.mp4", "--prompt", "a red blob"], "not a shapes-world caption"),
+    (["--video", "v.mp4"], "--video and --prompt"),
+    ([], "--video and --prompt")])
+def test_bad_video_arguments_are_one_line_exit_2(tmp_path, args, says):
+    from core.train.synthetic import parse_caption, render_clip, write_video
+
+    write_video(tmp_path / "v.mp4", render_clip(parse_caption(PROMPTS[0]), 8, 32, 32))
+    done = subprocess.run([sys.executable, str(SCRIPT), *args, "--out", "s.png"], capture_output=True, text=True,
+                          cwd=tmp_path, env={"PYTHONPATH": str(SCRIPT.parents[2]), "PATH": ""})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
+    assert not (tmp_path / "s.png").exists()

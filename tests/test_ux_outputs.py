@@ -255,7 +255,9 @@ def test_disk_full_for_real_under_a_file_size_limit(tmp_path):
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
 
-    args = ["generate", "x", "--preset", "tiny", "--height", "32", "--width", "32", "--frames", "8", "-o", str(out)]
+    # random weights: a noise video is sure to outgrow 4 KB (the shapes model's plain frames may not)
+    args = ["generate", "x", "--preset", "tiny", "--random-weights", "--height", "32", "--width", "32", "--frames", "8",
+            "-o", str(out)]
     done = subprocess.run([sys.executable, "-m", "longlive_cli", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, preexec_fn=limit)
     assert done.returncode == 1, done.stderr

@@ -2,7 +2,7 @@
 # Issue 11: one GPU call that continues the shapes generator from a DiT export (docs/models/shapes.md
 # section 5h), the VAE kept as it is. Run from the repository root on the device, with the wheels of
 # `../shared/tools/gpu-prep.sh --with-av` in .whlav/ (carried):
-#   INIT=gpu_in/dit.safetensors PROFILE=1 bash docs/benchmarks/shapes_continue_gpu.sh
+#   INIT=gpu_in/dit.safetensors PROFILE=1 bash docs/benchmarks/shapes_continue_gpu.sh   (carry .whlav and gpu_in)
 # INIT: the DiT to continue (default: the committed warm start); RECYCLE=true turns error recycling
 # on; DEADLINE: seconds from the start by which the training is done (default 565).
 # PROFILE=1 first runs the step profile eagerly and compiled (recipe defaults, 13 steps each) and
@@ -10,10 +10,12 @@
 # Writes into $OUT (<= 8 files come back): dit.safetensors, logs.tgz (metrics, loss curve,
 # logs), train.log, and with PROFILE=1 profile_{never,always}.txt and compile_choice.txt.
 set -uo pipefail
+INIT=${INIT:-$PWD/core/assets/shapes/dit.safetensors}
+# an ignored folder (gpu_in/) reaches the device only when carried: stop before any work without it
+[ -f "$INIT" ] || { echo "INIT $INIT: no such file (carry its folder to the device, or give a committed DiT)"; exit 2; }
 source .whlav/env.sh
 export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=0 PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
-export VAE_INIT=$PWD/docs/models/shapes/cpu_2026-12-06b/vae.safetensors
-INIT=${INIT:-$PWD/docs/models/shapes/gpu_2026-12-06d/dit.safetensors}
+export VAE_INIT=$PWD/core/assets/shapes/vae.safetensors
 export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128"
 if [ "${PROFILE:-0}" = 1 ]; then
   for c in never always; do

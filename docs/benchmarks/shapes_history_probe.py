@@ -51,7 +51,7 @@ def x0_estimate(dit, noisy: Tensor, t: Tensor, context: Tensor, sigma: float, fr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dit", help="the generator (a shapes-preset export)")
-    parser.add_argument("--vae", default="docs/models/shapes/cpu_2026-12-06b/vae.safetensors")
+    parser.add_argument("--vae", default="core/assets/shapes/vae.safetensors")
     parser.add_argument("--sigmas", default="0.5,0.95,0.99")
     args = parser.parse_args(argv)
 
