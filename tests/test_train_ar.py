@@ -130,6 +130,7 @@ def _incompatible_resume_dir(tmp_path: Path) -> Path:
     ("resume", lambda p: ["--logdir", str(_incompatible_resume_dir(p)), "--set", "model.dim=64"], "different model"),
     ("key", lambda p: ["--set", "optim.learning_rate=1"], "unknown key"),
     ("dropout", lambda p: ["--set", "data.caption_dropout=1"], "data.caption_dropout must be in [0, 1)"),
+    ("warmup", lambda p: ["--set", "optim.warmup_steps=-1"], "warmup_steps >= 0"),
     ("heads", lambda p: ["--nproc-per-node", "3", "--set", "parallel.sp=3"], "heads"),
     ("world", lambda p: ["--set", "parallel.sp=2"], "world size 1 is not divisible"),
 ])
@@ -196,3 +197,29 @@ def test_max_seconds_must_be_positive(capsys, tmp_path, value):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-seconds" in err, err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_lr_warmup_scales_the_first_steps_from_trained_weights(tmp_path, warmup):
+    """optim.warmup_steps: the lr rises linearly over the first steps, and the first step from given
+    weights (train.init, fresh optimizer) moves no weight by more than that step's lr: with
+    beta1 = 0 Adam's first step is lr * g / (|g| + eps), the full lr on every weight with a gradient."""
+    from core.checkpoint import save_generator
+    from tests.conftest import tiny_model
+
+    init = tmp_path / "init.safetensors"
+    save_generator(tiny_model(), init)
+    warm = ["--set", f"optim.warmup_steps={warmup}", "--set", f"train.init={init}"]
+    assert main(["train-ar", "train_ar_tiny", "--logdir", str(tmp_path / "six"), "--max-steps", "6", *FAST, *warm]) == 0
+    lrs = [m["lr"] for m in metrics(tmp_path / "six")]
+    lr = lrs[-1]
+    expected = [lr * min(1, (i + 1) / warmup) for i in range(6)] if warmup else [lr] * 6
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+    # lr 1 so that the step shows through the bf16 export (half an ulp is <= 0.008 for weights < 2)
+    one = tmp_path / "one.safetensors"
+    assert main(["train-ar", "train_ar_tiny", "--logdir", str(tmp_path / "one"), "--max-steps", "1", *FAST, *warm,
+                 "--set", "optim.lr=1.0", "--export", str(one)]) == 0
+    before, after = load_file(init), load_file(one)
+    largest = max(float((after[k].float() - before[k].float()).abs().max()) for k in before)
+    assert largest == pytest.approx(1 / warmup if warmup else 1.0, abs=0.02), largest

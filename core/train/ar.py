@@ -464,6 +464,9 @@ class Trainer:
             tokens += n
         plan.sync_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        lr = o.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
         ema.update(model, step)
         # The group's loss shares sum to the sample's loss; average over replicas for the log.
@@ -471,7 +474,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
-        return StepStats(step + 1, loss_value, float(_full_value(grad_norm)), o.lr, seconds,
+        return StepStats(step + 1, loss_value, float(_full_value(grad_norm)), lr, seconds,
                          tokens * plan.world_size / seconds)
 
     def _save(self, manager: CheckpointManager, step: int, model, optimizer, ema: EMA, sampler) -> None:

@@ -93,12 +93,20 @@ class OptimConfig:
     # the fp32 EMA shadow beside the weights (on the GPU) instead of on the CPU: for models whose
     # copy fits there (the shapes world); the 5B keeps it on the host
     ema_on_device: bool = False
+    # linear lr warm-up over the first steps of the run (0: none, the official setting). For a run
+    # that starts from trained weights (train.init) with a fresh optimizer: with beta1 = 0 Adam's
+    # first step moves every weight by the full lr (sign-like), a loss spike the warm-up avoids
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         check_types(self)
-        require(self.lr > 0 and self.grad_accum >= 1 and 0 <= self.ema_decay < 1,
-                f"optim: lr > 0, grad_accum >= 1, ema_decay in [0, 1) "
-                f"(got {self.lr}, {self.grad_accum}, {self.ema_decay})")
+        require(self.lr > 0 and self.grad_accum >= 1 and 0 <= self.ema_decay < 1 and self.warmup_steps >= 0,
+                f"optim: lr > 0, grad_accum >= 1, ema_decay in [0, 1), warmup_steps >= 0 "
+                f"(got {self.lr}, {self.grad_accum}, {self.ema_decay}, {self.warmup_steps})")
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimizer step `step` (0-based, counted from the run's start, resumes included)."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
 
 
 @dataclass

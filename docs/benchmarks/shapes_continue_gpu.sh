@@ -4,7 +4,8 @@
 # `../shared/tools/gpu-prep.sh --with-av` in .whlav/ (carried):
 #   INIT=gpu_in/dit.safetensors PROFILE=1 bash docs/benchmarks/shapes_continue_gpu.sh   (carry .whlav and gpu_in)
 # INIT: the DiT to continue (default: the committed warm start); RECYCLE=true turns error recycling
-# on; DEADLINE: seconds from the start by which the training is done (default 565).
+# on; DEADLINE: seconds from the start by which the training is done (default 565); WARMUP: lr warm-up
+# steps (default 50: each call starts a fresh optimizer; 0 = the calls of model card 5h/5i).
 # PROFILE=1 first runs the step profile eagerly and compiled (recipe defaults, 13 steps each) and
 # trains compiled only if that pays within this call; PROFILE=0 trains compiled (COMPILE=never: eager).
 # Writes into $OUT (<= 8 files come back): dit.safetensors, logs.tgz (metrics, loss curve,
@@ -16,7 +17,7 @@ INIT=${INIT:-$PWD/core/assets/shapes/dit.safetensors}
 source .whlav/env.sh
 export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=0 PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
 export VAE_INIT=$PWD/core/assets/shapes/vae.safetensors
-export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128"
+export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128 --set optim.warmup_steps=${WARMUP:-50}"
 if [ "${PROFILE:-0}" = 1 ]; then
   for c in never always; do
     timeout 90 python docs/benchmarks/train_step_profile.py --at 12 --steps 2 -- train_ar_shapes --logdir /tmp/prof-$c \
