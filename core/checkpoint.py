@@ -395,6 +395,25 @@ def read_lora_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in read_lora_state_dict(path).items()}
 
 
+def read_lora_sampling_steps(path: PathLike) -> int | None:
+    """The sampling steps a LoRA was distilled for, where its file records them (`longlive
+    distill --export-lora` writes `sampling_steps`; official files do not): None otherwise."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+                value = (f.metadata() or {}).get("sampling_steps")
+        except (safetensors.SafetensorError, OSError) as err:
+            raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
+    else:
+        stored = _load_file(path)
+        value = stored.get("sampling_steps") if isinstance(stored, Mapping) else None
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def check_lora(model: nn.Module, lora: Mapping[str, Tensor | tuple[int, ...]], source: str) -> int:
     """Check a LoRA (tensors, or their shapes from `read_lora_shapes`) against the block linears
     of `model` (which may live on `meta`): known keys, complete A/B pairs, one rank, the layers'

@@ -24,11 +24,12 @@ from core.checkpoint import (
     check_state_dict,
     load_generator,
     merge_lora,
+    read_lora_sampling_steps,
     read_lora_shapes,
     read_lora_state_dict,
     read_shapes,
 )
-from core.config import KVPrecision, ModelConfig, Precision, QuantMode, QuantSettings, Recipe
+from core.config import KVPrecision, ModelConfig, Precision, QuantMode, QuantSettings, Recipe, StreamConfig
 from core.dit import CausalWanDiT, count_parameters, random_init_
 from core.errors import UserError
 from core.generate import GenerateRequest, Models, Placement
@@ -69,6 +70,22 @@ def is_packed(path: Path | None) -> bool:
     from quant.packed import is_nvfp4_file  # quant is imported only by runs that may need it
 
     return path is not None and is_nvfp4_file(path)
+
+
+def lora_sampling_note(lora: Path | None, stream: StreamConfig) -> str | None:
+    """One line when a distilled LoRA runs with other sampling than it was distilled for (its file
+    records the steps; a student always samples without guidance): not an error, a user may mean it."""
+    steps = read_lora_sampling_steps(lora) if lora is not None else None
+    if steps is None or (stream.sampling_steps == steps and not stream.uses_guidance):
+        return None
+    now, fix = f"{stream.sampling_steps} steps", []
+    if stream.sampling_steps != steps:
+        fix.append(f"--steps {steps}" if steps in (2, 4) else f"--set stream.sampling_steps={steps}")
+    if stream.uses_guidance:
+        now += f" with guidance {stream.guidance_scale:g}"
+        fix.append("--set stream.guidance_scale=1")
+    return (f"note: the LoRA {lora} was distilled for {steps} steps without guidance; this run samples {now} "
+            f"(for the distilled setting: {' '.join(fix)})")
 
 
 def check_dit_spec(spec: DiTSpec) -> None:
