@@ -281,12 +281,18 @@ def _generator_entry(checkpoint: Mapping[str, Any], path: PathLike, use_ema: boo
     return checkpoint
 
 
-def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Name -> shape and the string metadata of a safetensors file, from its header alone."""
     try:
         with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            return shapes, dict(f.metadata() or {})
     except (safetensors.SafetensorError, OSError) as err:
         raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    return _safetensors_header(path)[0]
 
 
 def read_shapes(path: PathLike, *, use_ema: bool = False) -> dict[str, tuple[int, ...]]:
@@ -400,11 +406,7 @@ def read_lora_sampling_steps(path: PathLike) -> int | None:
     distill --export-lora` writes `sampling_steps`; official files do not): None otherwise."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        try:
-            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-                value = (f.metadata() or {}).get("sampling_steps")
-        except (safetensors.SafetensorError, OSError) as err:
-            raise UserError(f"cannot read {path} ({first_line(err)}): {_CORRUPT_FIX}") from err
+        value = _safetensors_header(path)[1].get("sampling_steps")
     else:
         stored = _load_file(path)
         value = stored.get("sampling_steps") if isinstance(stored, Mapping) else None

@@ -40,7 +40,7 @@ from core.train.config import TrainRecipe
 from core.train.metrics import Curve, MetricsLog, RunEvents
 from core.train.objective import FlowMatchSchedule, ar_targets, flow_loss, prediction_errors
 from core.train.recycle import ErrorRecycler
-from core.train.state import EMA, CheckpointManager, rng_state, set_rng_state
+from core.train.state import EMA, CheckpointManager, rng_state, set_lr, set_rng_state, warmup_fraction
 
 log = logging.getLogger("longlive.train")
 
@@ -464,9 +464,8 @@ class Trainer:
             tokens += n
         plan.sync_gradients(model)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        lr = o.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = o.lr * warmup_fraction(step, o.warmup_steps)
+        set_lr(optimizer, lr)
         optimizer.step()
         ema.update(model, step)
         # The group's loss shares sum to the sample's loss; average over replicas for the log.

@@ -41,7 +41,7 @@ from torch import Tensor
 from core.config import VAE_TEMPORAL_STRIDE, RuntimeConfig, VAEConfig, overlay, read_recipe_data, require
 from core.errors import UserError
 from core.runtime import resolve_device
-from core.train.state import EMA, CheckpointManager
+from core.train.state import EMA, CheckpointManager, set_lr, warmup_fraction
 from core.train.synthetic import DEMO_SIZE, render_training_clip
 from core.vae import CausalCache, DecodePlan, WanVAE, load_vae, patchify, unpatchify
 
@@ -124,7 +124,7 @@ class VAEOptim:
     def lr_at(self, step: int, max_steps: int) -> float:
         """Linear warm-up, then cosine decay to `lr * final_lr_fraction` at `max_steps`."""
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+            return self.lr * warmup_fraction(step, self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / max(1, max_steps - self.warmup_steps))
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
@@ -388,8 +388,7 @@ class VAETrainer:
         """One optimisation step on the clips of `step` (`batch` = `training_batch(data, seed, step)`)."""
         recipe, started = self.recipe, time.perf_counter()
         lr = recipe.optim.lr_at(step, recipe.train.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         video, warmup = batch
         noise_gen = torch.Generator(device=self.device).manual_seed(recipe.runtime.seed * 1_000_003 + step)
         decoded, target, z = autoencode(vae, video.to(self.device), warmup, recipe.objective.latent_noise, noise_gen)

@@ -104,10 +104,6 @@ class OptimConfig:
                 f"optim: lr > 0, grad_accum >= 1, ema_decay in [0, 1), warmup_steps >= 0 "
                 f"(got {self.lr}, {self.grad_accum}, {self.ema_decay}, {self.warmup_steps})")
 
-    def lr_at(self, step: int) -> float:
-        """The lr of optimizer step `step` (0-based, counted from the run's start, resumes included)."""
-        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
-
 
 @dataclass
 class LoopConfig:

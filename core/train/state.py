@@ -41,6 +41,16 @@ from core.errors import WRITE_ERRNOS, UserError, first_line, os_error_of, write_
 
 log = logging.getLogger(__name__)
 
+def warmup_fraction(step: int, warmup_steps: int) -> float:
+    """The share of the full lr at optimizer step `step` (0-based) of a linear warm-up."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 
