@@ -243,6 +243,24 @@ def generation_recipe(options: GenerationOptions, seed: int):
         random_weights=options.random_weights, checkpoint=options.checkpoint)
 
 
+def generation_settings(options: GenerationOptions) -> dict:
+    """What every video of a run shares (longlive_cli.suite_videos): the resolved recipe and the
+    fingerprints of the model files it reads."""
+    from longlive_cli.suite_videos import file_fingerprint, recipe_settings
+
+    recipe = generation_recipe(options, 0)
+    files = {"checkpoint": options.checkpoint, "lora": options.lora}
+    if recipe.preset == "shapes" and not options.random_weights:
+        from core.generate import shapes_files
+
+        shapes = shapes_files(options.model_dir, options.checkpoint)
+        files.update(dit=None if options.checkpoint else shapes.dit, vae=shapes.vae, text_encoder=shapes.text_encoder)
+    else:
+        files["model_dir"] = options.model_dir
+    return {"recipe": recipe_settings(recipe), "random_weights": options.random_weights,
+            "files": {name: file_fingerprint(path) for name, path in files.items() if path}}
+
+
 def _request(job: GenerationJob, options: GenerationOptions):
     """A job's GenerateRequest; an interactive job runs its first prompt, the switches come live."""
     from core.generate import GenerateRequest
@@ -278,7 +296,7 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
     same recipe but its own noise seed; the models (DiT, VAE, text encoder) are built once, from
     the first job's settings, and reused. Every request is checked before the first video."""
     from core.generate import generate_video, prepare
-    from longlive_cli.build import build_models, check_dit_spec, generation_spec
+    from longlive_cli.build import build_models, check_dit_spec, generation_spec, lora_sampling_note
 
     requests = [_request(job, options) for job in jobs]
     placements = [prepare(request) for request in requests]
@@ -286,6 +304,8 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
         return
     spec = generation_spec(requests[0], placements[0])
     check_dit_spec(spec)
+    if (note := lora_sampling_note(requests[0].lora, requests[0].recipe.stream)) is not None:
+        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
     models = build_models(requests[0], placements[0], spec)
     for done, (job, request, placement) in enumerate(zip(jobs, requests, placements, strict=True)):
         switches = scheduled_switches(job.schedule, models.text, placement.dtype, placement.device) \
@@ -308,12 +328,23 @@ class SuiteSource:
         self.settings = {"preset": recipe.preset, "steps": recipe.stream.sampling_steps,
                          "model_dir": options.model_dir, "checkpoint": options.checkpoint, "lora": options.lora,
                          "precision": str(recipe.quant.precision), "random_weights": options.random_weights}
+        self.stamp_settings = generation_settings(options)
 
     def generate(self, videos) -> None:
-        """Videos already written are kept (a run can resume)."""
+        """Videos already written are kept (a run can resume) when they were made as this run
+        makes them (longlive_cli.suite_videos); otherwise one line, before any generation."""
+        from longlive_cli.suite_videos import claim_folder, jsonable
+
+        for folder in sorted({v.output.parent for v in videos}):
+            folder.mkdir(parents=True, exist_ok=True)
+            claim_folder(folder, self.stamp_settings, {
+                v.output.stem: {"seed": v.seed, "schedule": jsonable(v.schedule), "interactive": v.interactive}
+                for v in videos if v.output.parent == folder})
         jobs = [GenerationJob(v.schedule.shots[0].prompt, v.seed, v.output, v.schedule, v.interactive)
                 for v in videos if not v.output.exists()]
         console = Console(stderr=True)
+        if len(jobs) < len(videos):
+            console.print(f"{len(videos) - len(jobs)} of {len(videos)} videos already made with these settings: kept")
         generate_suite_videos(jobs, self.options, lambda done, total: console.print(
             f"generated {done}/{total} ({len(videos) - total} kept)"))
 
@@ -413,6 +444,11 @@ def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOpt
         raise UserError(f"--samples {samples}: generate at least one video per prompt")
     folder.mkdir(parents=True, exist_ok=True)
     jobs, videos = plan_suite(prompts, samples, seed, folder)
+    from longlive_cli.suite_videos import claim_folder
+
+    claim_folder(folder, generation_settings(gen), {
+        v.name: {"prompt": v.prompt, "seed": seed + int(v.name.rsplit("-", 1)[1]), "seconds": gen.seconds}
+        for v in videos})
     console = Console(stderr=True)
     console.print(f"{len(prompts)} prompts, {len(videos)} videos ({len(jobs)} to generate) in {folder}")
     generate_suite_videos(jobs, gen, lambda done, total: console.print(f"generated {done}/{total}"))

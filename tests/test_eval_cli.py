@@ -185,8 +185,17 @@ def test_generate_source_loads_the_model_once(tmp_path, capsys, monkeypatch):
                            "--dimensions", "temporal_flickering", "--out", str(out), "--device", "cpu",
                            "--cache-dir", str(tmp_path)], capsys)
     assert code == 0, stdout
-    assert sorted(p.name for p in (tmp_path / "r_videos").iterdir()) == ["a blue cube-0.mp4", "a red ball-0.mp4"]
+    assert sorted(p.name for p in (tmp_path / "r_videos").iterdir()) == [
+        "a blue cube-0.mp4", "a red ball-0.mp4", "generation.json"]
     assert len(builds) == 1
+    # run again with other steps: the videos in the folder were made otherwise, nothing is scored
+    code, _, err = run(["eval-vbench", "--prompt-file", str(prompts), "--preset", "tiny", "--random-weights",
+                        "--samples", "1", "--seed", "7", "--seconds", "0.3", "--set", "video.height=64",
+                        "--set", "video.width=64", "--steps", "2", "--dimensions", "temporal_flickering",
+                        "--out", str(tmp_path / "r2.json"), "--videos-dir", str(tmp_path / "r_videos"),
+                        "--device", "cpu", "--cache-dir", str(tmp_path)], capsys)
+    assert code == 2 and "stream.sampling_steps: 4 there, 2 now" in one_line_error(err)
+    assert len(builds) == 1 and not (tmp_path / "r2.json").exists()
     provenance = json.loads((tmp_path / "r.provenance.json").read_text())
     assert provenance["seeds"] == {"a red ball-0": 7, "a blue cube-0": 7}
     assert provenance["prompt_file_sha256"] == __import__("hashlib").sha256(prompts.read_bytes()).hexdigest()

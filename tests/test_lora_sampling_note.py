@@ -54,3 +54,18 @@ def test_generate_prints_the_note_before_the_video(tmp_path, capsys):
     assert main(["generate", "x", "--preset", "tiny", "--random-weights", "--height", "32", "--width", "32",
                  "--frames", "8", "--steps", "2", "--lora", str(path), "-o", str(out)]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--preset", "tiny", "--frames-per-block", "2", "--window", "6", "--sink", "2", "--frames", "10",
+     "--device", "cpu", "--json"],
+    ["eval-vbench", "--suite", "shapes", "--preset", "tiny", "--random-weights", "--device", "cpu",
+     "--max-prompts", "1", "--seconds", "0.5", "--dimensions", "prompts", "--set", "video.height=32",
+     "--set", "video.width=32", "--set", "stream.frames_per_block=2"],
+])
+def test_bench_and_the_eval_suite_print_the_note_too(tmp_path, capsys, command):
+    path = _lora(tmp_path, ".safetensors", 2)
+    extra = ["--out", str(tmp_path / "r.json")] if command[0] == "eval-vbench" else []
+    assert main([*command, *extra, "--lora", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"note: the LoRA {path} was distilled for 2 steps without guidance; this run samples 4 steps " in err

@@ -83,3 +83,47 @@ def test_too_short_shots_are_one_line_exit_2(tmp_path, capsys, shapes_vae):  # n
                  "--set", "data.synthetic_stream=true", *SMALL, "--set", "data.synthetic_shot_frames=8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "data.synthetic_shot_frames=8" in err, err
+
+
+def test_sink_gap_moves_the_first_shots_later_chunks_ahead():
+    make = lambda gap: ShapesStream(1, 16, 4, 32, 32, 2, 200, seed=5, device=torch.device("cpu"),  # noqa: E731
+                                    sink_gap=gap)
+    plain, gapped, half = make(0.0), make(1.0), make(0.5)
+    moved = 0
+    for index in range(40):
+        (base, prompts), (jumped, gapped_prompts) = plain.plan(index), gapped.plan(index)
+        assert prompts == gapped_prompts  # the captions do not change, only the moment shown
+        assert jumped[0] == base[0]  # the sink chunk stays where the item starts
+        first_shot = base[0][:2]
+        shifts = {j[2][0] - b[2][0] for b, j in zip(base[1:], jumped[1:], strict=True) if b[:2] == first_shot}
+        for b, j in zip(base[1:], jumped[1:], strict=True):
+            assert j[:2] == b[:2]
+            if b[:2] == first_shot:  # one constant jump for every later chunk of the first shot
+                assert [f - b[2][0] for f in b[2]] == [f - j[2][0] for f in j[2]]
+            else:
+                assert j[2] == b[2]  # another shot's chunks are untouched
+        assert len(shifts) <= 1 and all(1 <= s <= 60 * 24 for s in shifts)
+        moved += bool(shifts)
+        moved_half = half.plan(index)[0] != base
+        assert not moved_half or bool(shifts)  # an item the half stream moves has a first shot to move
+    assert moved >= 20  # most items continue their first shot after the sink chunk
+    halves = sum(half.plan(i)[0] != plain.plan(i)[0] for i in range(200))
+    assert 60 <= halves <= 140, halves
+    # the rendered batch shows the jumped frames: the sink chunk is equal, the later ones are not
+    index = next(i for i in range(40) if gapped.plan(i)[0][1][:2] == gapped.plan(i)[0][0][:2])
+    a, b = plain.batch(index).video, gapped.batch(index).video
+    assert torch.equal(a[:, :, :13], b[:, :, :13]) and not torch.equal(a[:, :, 13:29], b[:, :, 13:29])
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["data.synthetic_stream=true", "data.synthetic_sink_gap=1.5"], "data.synthetic_sink_gap must be in [0, 1]"),
+    (["data.synthetic_sink_gap=0.5"], "data.synthetic_sink_gap needs data.synthetic_stream=true"),
+])
+def test_bad_sink_gap_is_one_line_exit_2(tmp_path, capsys, shapes_vae, sets, needle):  # noqa: F811
+    args = ["train-ar", "train_ar_shapes", "--logdir", str(tmp_path / "run"), "--set", f"data.vae_path={shapes_vae}",
+            *SMALL]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

@@ -281,7 +281,8 @@ class Trainer:
 
             stream = ShapesStream(d.batch_size, d.latent_frames, self.fpb, d.height, d.width, d.synthetic_shots,
                                   d.synthetic_shot_frames or raw_frames(d.latent_frames), self.recipe.runtime.seed,
-                                  self.device, d.max_chunks_per_shot or None, self.plan.dp_rank, self.plan.dp_size)
+                                  self.device, d.max_chunks_per_shot or None, self.plan.dp_rank, self.plan.dp_size,
+                                  sink_gap=d.synthetic_sink_gap)
             return stream, stream  # shots too short for a chunk failed in its constructor
         root = dataset_root(self.recipe, self.logdir, self.plan, self.recipe.data.num_workers)
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,

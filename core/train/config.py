@@ -54,6 +54,11 @@ class DataConfig(ClipSource):
     # render shapes-world items on the training device as they are needed (core/train/shapes_stream.py:
     # the items `synthetic` would write, never repeated, no video decoding) instead of reading videos
     synthetic_stream: bool = False
+    # with synthetic_stream: the share of items whose chunks after the first are drawn from a random
+    # later moment of the same shot (a gap of 1 to 60 s), as the rolling KV window shows them once a
+    # video is longer than the window (the first chunk stays as the sink, the history jumps ahead of
+    # it); 0: every item is one continuous stretch of time
+    synthetic_sink_gap: float = 0.0
     allow_padding: bool = True
     num_workers: int = 2
     batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP
@@ -76,6 +81,10 @@ class DataConfig(ClipSource):
         require(self.batch_size >= 1, f"data.batch_size must be >= 1 (got {self.batch_size})")
         require(0 <= self.caption_dropout < 1,
                 f"data.caption_dropout must be in [0, 1) (got {self.caption_dropout})")
+        require(0 <= self.synthetic_sink_gap <= 1,
+                f"data.synthetic_sink_gap must be in [0, 1] (got {self.synthetic_sink_gap})")
+        require(self.synthetic_sink_gap == 0 or self.synthetic_stream,
+                "data.synthetic_sink_gap needs data.synthetic_stream=true (it shapes the rendered items): set both")
         require(not self.vae_path or self.vae == "shapes",
                 f"data.vae_path is for data.vae=shapes (got data.vae={self.vae}): remove vae_path or set vae=shapes")
 

@@ -8,6 +8,11 @@ no epochs, so a run sees as many different samples as it takes steps. Rendering 
 own formulas in float64 on tensors (`render_frames`), batched over every frame of a batch, so the
 data costs the GPU microseconds where decoding written videos costs the CPU ~0.1 s per sample.
 
+`sink_gap` (a probability) moves, for that share of items, every chunk after the first that shows
+the first chunk's shot to a random later moment of that shot (1 to `MAX_SINK_GAP_FRAMES` frames
+on): the layout a rolling KV window attends to once a video outgrows it (the first chunk kept as
+the sink, the history ahead of it by any time), which continuous clips never show the model.
+
 The stream also plays the trainer's sampler: `advance(n)` after a step, `state_dict()` in every
 checkpoint, so a resumed run continues with the next unseen item.
 """
@@ -35,6 +40,7 @@ from core.train.synthetic import (
     shape_size,
 )
 
+MAX_SINK_GAP_FRAMES = 60 * VIDEO_FPS  # a minute: the shapes world's motion wraps, any gap draws a valid frame
 FRAMES_PER_RENDER = 512  # frames rendered at once: bounds the float64 temporaries (~70 MB each at 128x128)
 
 
@@ -78,8 +84,12 @@ class ShapesStream:
 
     def __init__(self, batch_size: int, latent_frames: int, frames_per_block: int, height: int, width: int,
                  shots: int, shot_frames: int, seed: int, device: torch.device,
-                 max_chunks_per_shot: int | None = None, dp_rank: int = 0, dp_size: int = 1):
+                 max_chunks_per_shot: int | None = None, dp_rank: int = 0, dp_size: int = 1,
+                 sink_gap: float = 0.0):
+        if not 0 <= sink_gap <= 1:
+            raise ValueError(f"sink_gap is a probability (got {sink_gap})")
         self.batch_size, self.height, self.width = batch_size, height, width
+        self.sink_gap = sink_gap
         self.latent_frames, self.shots, self.shot_frames = latent_frames, shots, shot_frames
         self.seed, self.device = seed, device
         self.max_chunks_per_shot = max_chunks_per_shot or None
@@ -115,10 +125,21 @@ class ShapesStream:
         shots = random_shots(np.random.default_rng([self.seed, index]), self.shots)
         rng = np.random.default_rng([self.seed, 0, index])  # VideoClipDataset's draw at epoch 0
         segments = self._segments[self._starts[int(rng.integers(len(self._starts)))]]
-        chunks = [(shots[s.span_index][0], shots[s.span_index][1], s.frame_indices) for s in segments]
+        gap = self._gap(index)
+        chunks = [(shots[s.span_index][0], shots[s.span_index][1],
+                   tuple(f + gap for f in s.frame_indices) if k > 0 and s.span_index == segments[0].span_index
+                   else s.frame_indices)
+                  for k, s in enumerate(segments)]
         prompts = [SCENE_CUT_PREFIX + spec.caption if s.scene_cut else spec.caption
                    for s, (spec, _, _) in zip(segments, chunks, strict=True)]
         return chunks, prompts
+
+    def _gap(self, index: int) -> int:
+        """Frames by which item `index`'s later chunks of its first shot jump ahead (0: none)."""
+        if self.sink_gap == 0:
+            return 0  # no draw: the items stay those of `make_synthetic_dataset`
+        rng = np.random.default_rng([self.seed, 1, index])
+        return int(rng.integers(1, MAX_SINK_GAP_FRAMES + 1)) if rng.random() < self.sink_gap else 0
 
     def batch(self, first: int) -> TrainBatch:
         """The batch of this rank's items `first ... first + batch_size - 1`, video in [-1, 1] on the device."""

@@ -5,7 +5,10 @@
 #   INIT=gpu_in/dit.safetensors PROFILE=1 bash docs/benchmarks/shapes_continue_gpu.sh   (carry .whlav and gpu_in)
 # INIT: the DiT to continue (default: the committed warm start); RECYCLE=true turns error recycling
 # on; DEADLINE: seconds from the start by which the training is done (default 565); WARMUP: lr warm-up
-# steps (default 50: each call starts a fresh optimizer; 0 = the calls of model card 5h/5i).
+# steps (default 50: each call starts a fresh optimizer; 0 = the calls of model card 5h/5i);
+# LATENT_FRAMES: latent frames per training clip (default 32 = 4 chunks, the whole
+# inference window, so the last window slot's positions are trained too); SINK_GAP: data.synthetic_sink_gap
+# (default 0: the share of items whose history jumps ahead of the sink chunk, as in a rolling window).
 # PROFILE=1 first runs the step profile eagerly and compiled (recipe defaults, 13 steps each) and
 # trains compiled only if that pays within this call; PROFILE=0 trains compiled (COMPILE=never: eager).
 # Writes into $OUT (<= 8 files come back): dit.safetensors, logs.tgz (metrics, loss curve,
@@ -17,7 +20,7 @@ INIT=${INIT:-$PWD/core/assets/shapes/dit.safetensors}
 source .whlav/env.sh
 export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=0 PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
 export VAE_INIT=$PWD/core/assets/shapes/vae.safetensors
-export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128 --set optim.warmup_steps=${WARMUP:-50}"
+export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128 --set optim.warmup_steps=${WARMUP:-50} --set data.latent_frames=${LATENT_FRAMES:-32} --set data.synthetic_sink_gap=${SINK_GAP:-0}"
 if [ "${PROFILE:-0}" = 1 ]; then
   for c in never always; do
     timeout 90 python docs/benchmarks/train_step_profile.py --at 12 --steps 2 -- train_ar_shapes --logdir /tmp/prof-$c \
