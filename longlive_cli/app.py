@@ -31,11 +31,31 @@ def _root() -> None:
 @contextlib.contextmanager
 def interrupted(kept: str) -> Iterator[None]:
     """Turn Ctrl-C inside the block into one line, "interrupted; <kept>" (what was or was not
-    written), and exit code 130."""
+    written), and exit code 130. A Ctrl-C that lands while a finalizer (`__del__`) runs is
+    swallowed there by Python ("Exception ignored in ..."), and the work would go on: it is raised
+    again, as a fresh SIGINT, where the work is."""
+    import _thread
+    import threading
+
+    previous = sys.unraisablehook
+
+    def redeliver(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            # a moment later, from another thread: raised in this hook it would be swallowed once
+            # more (and should it land in a finalizer again, this hook sends it again)
+            timer = threading.Timer(0.05, _thread.interrupt_main)
+            timer.daemon = True
+            timer.start()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = redeliver
     try:
         yield
     except KeyboardInterrupt:
         raise Interrupted(kept) from None
+    finally:
+        sys.unraisablehook = previous
 
 
 # Subcommands register themselves on `app` when imported; only commands that work are listed.

@@ -330,9 +330,9 @@ class SuiteSource:
                          "precision": str(recipe.quant.precision), "random_weights": options.random_weights}
         self.stamp_settings = generation_settings(options)
 
-    def generate(self, videos) -> None:
-        """Videos already written are kept (a run can resume) when they were made as this run
-        makes them (longlive_cli.suite_videos); otherwise one line, before any generation."""
+    def claim(self, videos) -> None:
+        """Videos already written may be kept only when made as this run makes them
+        (longlive_cli.suite_videos); otherwise one line, before any generation."""
         from longlive_cli.suite_videos import claim_folder, jsonable
 
         for folder in sorted({v.output.parent for v in videos}):
@@ -340,6 +340,9 @@ class SuiteSource:
             claim_folder(folder, self.stamp_settings, {
                 v.output.stem: {"seed": v.seed, "schedule": jsonable(v.schedule), "interactive": v.interactive}
                 for v in videos if v.output.parent == folder})
+
+    def generate(self, videos) -> None:
+        """Videos already written (and claimed) are kept: a run can resume."""
         jobs = [GenerationJob(v.schedule.shots[0].prompt, v.seed, v.output, v.schedule, v.interactive)
                 for v in videos if not v.output.exists()]
         console = Console(stderr=True)

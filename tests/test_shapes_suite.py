@@ -27,6 +27,9 @@ class RenderedSource:
         self.settings = {"preset": "ground truth", "steps": 0}
         self.asked = []
 
+    def claim(self, videos) -> None:
+        pass  # renders every video anew: nothing to keep
+
     def generate(self, videos) -> None:
         self.asked += list(videos)  # one call per part
         rng = np.random.default_rng(0)

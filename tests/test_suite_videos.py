@@ -102,3 +102,15 @@ def test_eval_suite_refuses_a_folder_made_with_other_steps(tmp_path, capsys):
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
         assert not (tmp_path / "c.json").exists() and video.stat().st_mtime_ns == made
+
+
+def test_every_part_is_checked_before_the_first_is_generated(tmp_path, capsys):
+    """A later part's videos made otherwise stop the run before the earlier parts generate."""
+    base = ["eval-vbench", "--suite", "shapes", "--preset", "tiny", "--random-weights", "--device", "cpu",
+            "--max-prompts", "1", "--seconds", "0.5", "--set", "video.height=64", "--set", "video.width=64",
+            "--set", "stream.frames_per_block=2", "--videos-dir", str(tmp_path / "v")]
+    assert main([*base, "--out", str(tmp_path / "a.json"), "--dimensions", "multishot"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "b.json"), "--dimensions", "prompts,multishot", "--seed", "3"]) == 2
+    assert "multishot-000.mp4 was made otherwise (seed: 0 there, 3 now)" in capsys.readouterr().err
+    assert not (tmp_path / "v" / "prompts-000.mp4").exists()

@@ -525,6 +525,7 @@ def run_eval_suite(out: Path, device: str, dimensions: Sequence[str] | None, *, 
     folder = videos_dir or out.with_name(out.stem + "_videos")
     planned = plan_suite(parts, source.frames_per_block, folder, seconds or DEFAULT_SECONDS, seed, max_prompts)
     folder.mkdir(parents=True, exist_ok=True)
+    source.claim([p.video for p in planned])  # every part's videos, before the first is generated
     results: dict[str, Any] = {"suite": "shapes", "settings": _settings(source, device, seconds, seed, folder),
                                "parts": {}, "seconds": {}}
     for part in parts:

@@ -58,6 +58,10 @@ class VideoSource(Protocol):
     frames_per_block: int
     settings: dict  # JSON-ready: at least the resolved `preset` and sampling `steps`
 
+    def claim(self, videos: Sequence[SuiteVideo]) -> None:
+        """Before any part is generated: refuse (UserError) videos already written that this run
+        would make otherwise, and record this run's (a source that keeps nothing may do nothing)."""
+
     def generate(self, videos: Sequence[SuiteVideo]) -> None:
         """Write every video (checked before the first; the models built once)."""
 
