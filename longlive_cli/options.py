@@ -22,11 +22,25 @@ def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], 
              for section, values in flags.items()}
     try:
         result = load_recipe(recipe, sets, preset=preset)
+        _check_flags_agree_with_sets(result, sets, given)
         result = overlay(result, {section: values for section, values in given.items() if values})
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     check_device(result.runtime.device)
     return result
+
+
+def _check_flags_agree_with_sets(loaded: Recipe, sets: Sequence[str], given: Flags) -> None:
+    """A flag and a --set that name the same value must agree (the flag would win silently, e.g.
+    `--steps 4 --set stream.sampling_steps=32` sampling 4 steps)."""
+    named = {item.split("=", 1)[0].strip() for item in sets}
+    for section, values in given.items():
+        for key, value in values.items():
+            if f"{section}.{key}" in named:
+                from_set = getattr(getattr(loaded, section), key)
+                if from_set != value:
+                    raise ValueError(f"--set {section}.{key}={from_set} disagrees with the option that sets it to "
+                                     f"{value} (e.g. --steps, --seconds, --device): give one of them")
 
 
 def resolve_generation_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags, *,

@@ -118,10 +118,22 @@ def test_bad_checkpoint_or_lora_fails_before_any_model(tmp_path, capsys, never_b
     (["generate", "x", *SMALL[:-2], "--seconds", "inf"], "--seconds inf: give a positive length, e.g. --seconds 10"),
     (["bench", "--preset", "tiny", "--device", "cpu", "--frames", "16"],
      "frames must exceed the 32 frames that fill the window, to reach steady state (got 16)"),
+    (["generate", "x", *SMALL, "--steps", "4", "--set", "stream.sampling_steps=32"],
+     "--set stream.sampling_steps=32 disagrees with the option that sets it to 4 (e.g. --steps, --seconds, "
+     "--device): give one of them"),
+    (["bench", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--set", "stream.sampling_steps=4"],
+     "--set stream.sampling_steps=4 disagrees with the option that sets it to 2 (e.g. --steps, --seconds, "
+     "--device): give one of them"),
 ])
 def test_bad_options_fail_before_any_model(capsys, never_build, args, line):
     assert main(args) == 2
     assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_a_flag_and_a_set_that_agree_are_fine(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "x", *SMALL, "--steps", "2", "--set", "stream.sampling_steps=2", "-o", str(out)]) == 0
+    assert out.is_file()
 
 
 def _sparse_5b_safetensors(path: Path, wrong: str) -> Path:
