@@ -17,6 +17,7 @@ Every bad file is a one-line `UserError` naming the file, the problem and the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -279,6 +280,17 @@ def _generator_entry(checkpoint: Mapping[str, Any], path: PathLike, use_ema: boo
         raise UserError(f"{path} is a LoRA-only checkpoint (generator_lora): pass it as the LoRA "
                         f"(--lora) and give the base generator weights as the checkpoint")
     return checkpoint
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file; of a shard folder, of its *.safetensors files concatenated in name order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    for part in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        with part.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:

@@ -101,7 +101,7 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
          gpu_busy: bool = False) -> None:
     from core.benchmark import run_benchmark, run_vae_benchmark
     from core.runtime import resolve_device, resolve_dtype
-    from longlive_cli.build import DiTSpec, build_dit, check_dit_spec, lora_sampling_note
+    from longlive_cli.build import DiTSpec, build_dit, check_dit_spec, show_lora_sampling_note
 
     target = resolve_device(chosen.runtime.device)
     if chosen.preset != "tiny" and target.type != "cuda":
@@ -125,8 +125,7 @@ def _run(chosen, frames, checkpoint, lora, decode, vae: bool, json_output: bool,
                                lora=Path(lora) if lora else None,
                                compile=wants_compile(chosen.runtime.compile, target))
     check_dit_spec(spec)
-    if (note := lora_sampling_note(spec.lora, chosen.stream)) is not None:  # a timing of the wrong setting
-        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+    show_lora_sampling_note(spec.lora, chosen.stream)  # else: a timing of a setting nobody runs
     if layout.requested:  # several processes (longlive_cli/parallel_inference.py)
         from longlive_cli.parallel_inference import run_bench
 

@@ -88,6 +88,14 @@ def lora_sampling_note(lora: Path | None, stream: StreamConfig) -> str | None:
             f"(for the distilled setting: {' '.join(fix)})")
 
 
+def show_lora_sampling_note(lora: Path | None, stream: StreamConfig) -> None:
+    """`lora_sampling_note` on stderr, before any model, when there is one."""
+    if (note := lora_sampling_note(lora, stream)) is not None:
+        from rich.console import Console
+
+        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+
+
 def check_dit_spec(spec: DiTSpec) -> None:
     """Every check that needs no model, one line each (UserError)."""
     for path, flag in ((spec.checkpoint, "--checkpoint"), (spec.lora, "--lora")):

@@ -243,12 +243,12 @@ def generation_recipe(options: GenerationOptions, seed: int):
         random_weights=options.random_weights, checkpoint=options.checkpoint)
 
 
-def generation_settings(options: GenerationOptions) -> dict:
-    """What every video of a run shares (longlive_cli.suite_videos): the resolved recipe and the
-    fingerprints of the model files it reads."""
+def generation_settings(options: GenerationOptions, recipe=None) -> dict:
+    """What every video of a run shares (longlive_cli.suite_videos): the resolved recipe (given,
+    or resolved here) and the fingerprints of the model files it reads."""
     from longlive_cli.suite_videos import file_fingerprint, recipe_settings
 
-    recipe = generation_recipe(options, 0)
+    recipe = recipe or generation_recipe(options, 0)
     files = {"checkpoint": options.checkpoint, "lora": options.lora}
     if recipe.preset == "shapes" and not options.random_weights:
         from core.generate import shapes_files
@@ -296,7 +296,7 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
     same recipe but its own noise seed; the models (DiT, VAE, text encoder) are built once, from
     the first job's settings, and reused. Every request is checked before the first video."""
     from core.generate import generate_video, prepare
-    from longlive_cli.build import build_models, check_dit_spec, generation_spec, lora_sampling_note
+    from longlive_cli.build import build_models, check_dit_spec, generation_spec, show_lora_sampling_note
 
     requests = [_request(job, options) for job in jobs]
     placements = [prepare(request) for request in requests]
@@ -304,8 +304,7 @@ def generate_suite_videos(jobs: list[GenerationJob], options: GenerationOptions,
         return
     spec = generation_spec(requests[0], placements[0])
     check_dit_spec(spec)
-    if (note := lora_sampling_note(requests[0].lora, requests[0].recipe.stream)) is not None:
-        Console(stderr=True).print(note, highlight=False, markup=False, soft_wrap=True)
+    show_lora_sampling_note(requests[0].lora, requests[0].recipe.stream)
     models = build_models(requests[0], placements[0], spec)
     for done, (job, request, placement) in enumerate(zip(jobs, requests, placements, strict=True)):
         switches = scheduled_switches(job.schedule, models.text, placement.dtype, placement.device) \
@@ -328,7 +327,7 @@ class SuiteSource:
         self.settings = {"preset": recipe.preset, "steps": recipe.stream.sampling_steps,
                          "model_dir": options.model_dir, "checkpoint": options.checkpoint, "lora": options.lora,
                          "precision": str(recipe.quant.precision), "random_weights": options.random_weights}
-        self.stamp_settings = generation_settings(options)
+        self.stamp_settings = generation_settings(options, recipe)
 
     def claim(self, videos) -> None:
         """Videos already written may be kept only when made as this run makes them
@@ -348,8 +347,7 @@ class SuiteSource:
         console = Console(stderr=True)
         if len(jobs) < len(videos):
             console.print(f"{len(videos) - len(jobs)} of {len(videos)} videos already made with these settings: kept")
-        generate_suite_videos(jobs, self.options, lambda done, total: console.print(
-            f"generated {done}/{total} ({len(videos) - total} kept)"))
+        generate_suite_videos(jobs, self.options, lambda done, total: console.print(f"generated {done}/{total}"))
 
 
 def plan_suite(prompts, samples: int | None, base_seed: int, videos_dir: Path) -> tuple[list[GenerationJob],
@@ -436,7 +434,7 @@ def _default_device() -> str:
 
 def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOptions, settings, cache_dir,
                python, out: Path, max_prompts: int | None = None) -> None:
-    from core.eval.suites import file_sha256
+    from core.checkpoint import file_sha256
 
     if max_prompts is not None and max_prompts < 1:
         raise UserError(f"--max-prompts {max_prompts}: use 1 or more")
@@ -449,14 +447,14 @@ def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOpt
     jobs, videos = plan_suite(prompts, samples, seed, folder)
     from longlive_cli.suite_videos import claim_folder
 
-    claim_folder(folder, generation_settings(gen), {
-        v.name: {"prompt": v.prompt, "seed": seed + int(v.name.rsplit("-", 1)[1]), "seconds": gen.seconds}
-        for v in videos})
+    seeds = {v.name: seed + int(v.name.rsplit("-", 1)[1]) for v in videos}
+    claim_folder(folder, generation_settings(gen),
+                 {v.name: {"prompt": v.prompt, "seed": seeds[v.name], "seconds": gen.seconds} for v in videos})
     console = Console(stderr=True)
     console.print(f"{len(prompts)} prompts, {len(videos)} videos ({len(jobs)} to generate) in {folder}")
     generate_suite_videos(jobs, gen, lambda done, total: console.print(f"generated {done}/{total}"))
     provenance = {"source": "suite", "prompt_file": str(path), "prompt_file_sha256": file_sha256(path),
-                  "videos_dir": str(folder), "seeds": {v.name: seed + int(v.name.rsplit("-", 1)[1]) for v in videos},
+                  "videos_dir": str(folder), "seeds": seeds,
                   "generation": {k: v for k, v in vars(gen).items()}}
     evaluate(videos, settings, cache_dir, python, out, provenance)
 

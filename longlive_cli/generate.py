@@ -110,7 +110,7 @@ def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
 def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, latents_out, crf, *,
          command: str, interactive: bool = False, layout=None) -> None:
     from core.generate import GenerateRequest, generate_video, prepare
-    from longlive_cli.build import build_models, check_dit_spec, generation_spec, lora_sampling_note
+    from longlive_cli.build import build_models, check_dit_spec, generation_spec, show_lora_sampling_note
 
     console = Console(stderr=True)
     request = GenerateRequest(
@@ -122,8 +122,7 @@ def _run(recipe, schedule, output, model_dir, checkpoint, lora, image, decode, l
     placement = prepare(request)  # every cheap check, once, before any model or output
     spec = generation_spec(request, placement)
     check_dit_spec(spec)
-    if (note := lora_sampling_note(request.lora, recipe.stream)) is not None:
-        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    show_lora_sampling_note(request.lora, recipe.stream)
     if layout is not None and layout.requested:  # several processes (longlive_cli/parallel_inference.py)
         from longlive_cli.parallel_inference import run_generate
 

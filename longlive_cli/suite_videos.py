@@ -11,7 +11,6 @@ name: the run stops with one line before any generation.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ def file_fingerprint(path: str | Path) -> str:
     stat = p.stat()
     if stat.st_size > HASHED_BYTES:
         return f"size:{stat.st_size}:mtime_ns:{stat.st_mtime_ns}"
-    digest = hashlib.sha256()
-    with open(p, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+    from core.checkpoint import file_sha256
+
+    return f"sha256:{file_sha256(p)}"
 
 
 def jsonable(value: Any) -> Any:
@@ -98,8 +95,8 @@ def claim_folder(folder: Path, settings: dict[str, Any], records: dict[str, Any]
         if stamp["videos"][name] != records[name]:
             raise UserError(f"{folder / name}.mp4 was made otherwise "
                             f"({_differences(stamp['videos'][name], records[name])}): {fix}")
-    kept = {name: stamp["videos"][name] for name in present if name in stamp["videos"]}
-    text = json.dumps({"settings": settings, "videos": {**kept, **records}}, indent=1, sort_keys=True) + "\n"
     from core.checkpoint import atomic_write
 
+    kept = {name: stamp["videos"][name] for name in present if name in stamp["videos"]}
+    text = json.dumps({"settings": settings, "videos": {**kept, **records}}, indent=1, sort_keys=True) + "\n"
     atomic_write(stamp_path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))

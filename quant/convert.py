@@ -17,7 +17,6 @@ Legend: N out_features, K in_features.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.checkpoint import _load_file, check_shapes, read_shapes, read_state_dict
+from core.checkpoint import _load_file, check_shapes, file_sha256, read_shapes, read_state_dict
 from core.config import QuantMode
 from core.errors import UserError, first_line
 from quant.linear import NVFP4Config, nvfp4_layers, quantize_model, select_linears
@@ -97,17 +96,6 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
     noise = (ref - approx.double()).pow(2).sum().item()
     signal = ref.pow(2).sum().item()
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
-
-
-def file_sha256(path: PathLike) -> str:
-    """sha256 of a file; of a shard folder, of its *.safetensors files concatenated in name order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for part in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
-        with part.open("rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_paths(src: Path, dst: Path) -> None:

@@ -15,7 +15,6 @@ command's generation options (the one generation path, `longlive_cli/eval.py`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -64,10 +63,6 @@ class VideoSource(Protocol):
 
     def generate(self, videos: Sequence[SuiteVideo]) -> None:
         """Write every video (checked before the first; the models built once)."""
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def vbench_suite_file(python: Path) -> Path:
