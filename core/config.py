@@ -509,9 +509,12 @@ class Recipe:
             # the shipped shapes generator is an AR model, not distilled: it draws the shape only with
             # guidance against its unconditional (empty-prompt) mode, and 16 steps are the fewest at
             # which its probe meets every goal on the prompts (docs/models/shapes.md 5h-5j); a
-            # distilled LoRA runs with its own steps and guidance_scale=1
-            stream = StreamConfig(negative_prompt="", guidance_scale=3.0, sampling_steps=16) if name == "shapes" \
-                else StreamConfig(negative_prompt="")
+            # distilled LoRA runs with its own steps and guidance_scale=1. No RoPE shift at a scene
+            # cut: AR teacher forcing never shifts (as the official AR stage; the official +8 per shot
+            # is what its DMD rollouts teach), and with +8 a list's third shot fell back to the first
+            # shot's attributes (the multishot probe, 5k)
+            stream = StreamConfig(negative_prompt="", guidance_scale=3.0, sampling_steps=16, shot_rope_offset=0.0) \
+                if name == "shapes" else StreamConfig(negative_prompt="")
             return cls(preset=name, model=model, stream=stream,
                        video=VideoConfig(height=128, width=128, latent_frames=24))
         return cls(preset=name, model=model)

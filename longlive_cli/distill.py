@@ -21,8 +21,8 @@ from core.config import Precision, overlay
 from core.errors import UserError
 from core.train.metrics import RunEvents
 from longlive_cli.app import app
-from longlive_cli.options import NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
-from longlive_cli.training import TrainJob, main_process_events, run_job
+from longlive_cli.options import MaxSecondsOpt, NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
+from longlive_cli.training import TrainJob, check_max_seconds, main_process_events, run_job
 from sp.launcher import Launch, is_main_process, world_size
 
 
@@ -112,7 +112,8 @@ def _distill(recipe, job: TrainJob, plan, events):
                  for role, spec in specs.items()}
         return Networks(**built)
 
-    options = DistillOptions(job.logdir, job.max_steps, job.resume, recipe_name=job.recipe)
+    options = DistillOptions(job.logdir, job.max_steps, job.resume, recipe_name=job.recipe,
+                             max_seconds=job.max_seconds)
     result = DistillTrainer(recipe, options, plan, build_networks, events).run()
     if plan.is_main:
         write_outputs(recipe, job, result)
@@ -153,6 +154,7 @@ def distill(
         help="Checkpoints (each with the official LoRA model.pt), TensorBoard, metrics.jsonl, loss.png.",
     )] = "runs/distill",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the recipe's).")] = None,
+    max_seconds: MaxSecondsOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,
     export_lora: Annotated[str | None, typer.Option(
@@ -168,11 +170,12 @@ def distill(
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: use 1 or more")
+    check_max_seconds(max_seconds)
     outputs = tuple((flag, Path(value)) for flag, value in (("--export-lora", export_lora),
                                                              ("--merge-into", merge_into)) if value)
     job = TrainJob("distill", recipe=recipe, sets=tuple(set_ or ()), precision=precision, logdir=Path(logdir),
                    launch=Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), max_steps=max_steps,
-                   resume=resume, outputs=outputs)
+                   resume=resume, outputs=outputs, max_seconds=max_seconds)
     events = main_process_events("distill", PROGRESS_FIELDS)
     with events if events is not None else contextlib.nullcontext():
         result = run_distill(job, events)

@@ -95,6 +95,9 @@ def quant_flags(precision, quant_mode, kv_precision) -> dict[str, object]:
 
 
 # The process layout of multi-GPU commands (`sp.launcher.Launch`).
+MaxSecondsOpt = Annotated[float | None, typer.Option(
+    help="Stop at the first step that ends past this many seconds of training (start-up not counted), "
+         "with a checkpoint and the export as at the end; --resume continues.")]
 NprocOpt = Annotated[int, typer.Option(help="Processes (GPUs) per node; more than 1 re-executes under torchrun.")]
 NnodesOpt = Annotated[int, typer.Option(help="Number of nodes.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's rank (multi-node).")]

@@ -19,8 +19,8 @@ from core.config import Precision, overlay
 from core.errors import UserError
 from core.train.metrics import RunEvents
 from longlive_cli.app import app
-from longlive_cli.options import NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
-from longlive_cli.training import TrainJob, main_process_events, run_job
+from longlive_cli.options import MaxSecondsOpt, NnodesOpt, NodeRankOpt, NprocOpt, RdzvOpt
+from longlive_cli.training import TrainJob, check_max_seconds, main_process_events, run_job
 from sp.launcher import Launch, is_main_process, world_size
 
 
@@ -101,9 +101,7 @@ def train_ar(
     logdir: Annotated[str, typer.Option(
         help="Checkpoints, TensorBoard logs, metrics.jsonl, loss.png.")] = "runs/train-ar",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps (default: the recipe's).")] = None,
-    max_seconds: Annotated[float | None, typer.Option(
-        help="Stop at the first step that ends past this many seconds of training (start-up not counted), "
-             "with a checkpoint and the export as at the end; --resume continues.")] = None,
+    max_seconds: MaxSecondsOpt = None,
     resume: Annotated[bool, typer.Option(
         "--resume/--no-resume", help="Continue from the newest complete checkpoint.")] = True,
     export: Annotated[str | None, typer.Option(help="Write a generator file (.safetensors or .pt) at the end.")] = None,
@@ -116,8 +114,7 @@ def train_ar(
 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps {max_steps}: use 1 or more")
-    if max_seconds is not None and not max_seconds > 0:
-        raise UserError(f"--max-seconds {max_seconds}: use a positive number of seconds")
+    check_max_seconds(max_seconds)
     outputs = (("--export", Path(export)),) if export else ()
     job = TrainJob("train-ar", recipe=recipe, sets=tuple(set_ or ()), precision=precision, logdir=Path(logdir),
                    launch=Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint), max_steps=max_steps,

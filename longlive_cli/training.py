@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from core.config import Precision
+from core.errors import UserError
 from core.train.metrics import Curve, ProgressLines, RunEvents
 from sp.launcher import Launch, is_main_process, local_device, process_group, relaunch, under_torchrun
 
@@ -60,6 +61,11 @@ class TrainJob:
         for item in self.sets:
             args += ["--set", item]
         return args
+
+
+def check_max_seconds(max_seconds: float | None) -> None:
+    if max_seconds is not None and not max_seconds > 0:
+        raise UserError(f"--max-seconds {max_seconds}: use a positive number of seconds")
 
 
 def run_job(job: TrainJob, *, check: Callable[[], None], max_restarts: int, device_name: str,

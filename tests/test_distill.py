@@ -388,6 +388,36 @@ def test_i2v_score_inputs_keep_the_image_frame():
     assert not mask[:, 0].any() and mask[:, 1:].all()
 
 
+@pytest.mark.parametrize("draw_shift", [None, 1.0, 2.5])
+def test_score_timestep_shift_sets_the_draws_noise_follows_the_grid(draw_shift):
+    """dmd.score_timestep_shift shifts the score timesteps' draws (null: the stream's shift, the
+    official); the noised clip is x at the drawn sigma either way."""
+    from core.train.ar import TrainPlan
+    from core.train.distill import Conditioning, DistillOptions, DistillTrainer
+    from core.train.dmd import score_timesteps, sigma_grid
+
+    value = "null" if draw_shift is None else draw_shift
+    recipe = load_distill_recipe("distill_tiny", [f"dmd.score_timestep_shift={value}"])
+    trainer = DistillTrainer(recipe, DistillOptions(Path("unused")), TrainPlan(torch.device("cpu")), lambda: None)
+    trainer._seed()
+    cond = Conditioning([text_context(64, k) for k in range(4)], text_context(64, 9), None, None)
+    x = torch.randn(64, 8, 48, 2, 2)
+    t, noise, noisy = trainer._score_inputs(x, cond)
+    raw = torch.randint(0, 1000, (64, 1), generator=torch.Generator().manual_seed(recipe.runtime.seed))
+    shift = recipe.stream.timestep_shift if draw_shift is None else draw_shift
+    assert torch.equal(t, score_timesteps(raw.repeat_interleave(8, dim=1), shift=shift))
+    sigma = sigma_grid(t, shift=recipe.stream.timestep_shift)[:, :, None, None, None]
+    torch.testing.assert_close(noisy, (1 - sigma) * x + sigma * noise)
+    # the share of draws below sigma 0.3 (where fine detail is decided): u < 0.3 / (s - 0.3 (s - 1))
+    low = float((sigma[:, 0].flatten() < 0.3).float().mean())
+    assert abs(low - 0.3 / (shift - 0.3 * (shift - 1))) < 0.15, (low, shift)
+
+
+def test_score_timestep_shift_must_be_positive():
+    with pytest.raises(ValueError, match="dmd.score_timestep_shift must be > 0"):
+        load_distill_recipe("distill_tiny", ["dmd.score_timestep_shift=0"])
+
+
 def test_trainable_only_checkpoint_with_two_optimizers_round_trips(tmp_path):
     from core.train.lora import attach_lora
     from core.train.state import CheckpointManager
@@ -436,7 +466,7 @@ def test_recipes_hold_the_official_settings():
 
 def test_shapes_recipe_distills_the_shipped_generator():
     """distill_shapes must build the network the shapes preset loads, on the AR recipe's blocks."""
-    from core.config import ModelConfig
+    from core.config import ModelConfig, Recipe
     from core.train.config import load_train_recipe
 
     recipe, ar = load_distill_recipe("distill_shapes"), load_train_recipe("train_ar_shapes")
@@ -445,6 +475,11 @@ def test_shapes_recipe_distills_the_shipped_generator():
     assert (recipe.data.height, recipe.data.width, recipe.data.latent_frames) == (ar.data.height, ar.data.width,
                                                                                   ar.data.latent_frames)
     assert recipe.stream.frames_per_block == ar.train.frames_per_block
+    # the student's rollouts stream as the shapes preset samples (sink, window, no RoPE shift at a cut)
+    preset = Recipe.preset_recipe("shapes").stream
+    assert [getattr(recipe.stream, k) for k in ("sink_frames", "local_window_frames", "multi_shot_sink",
+                                                 "shot_rope_offset")] == \
+        [getattr(preset, k) for k in ("sink_frames", "local_window_frames", "multi_shot_sink", "shot_rope_offset")]
     # the teacher's guidance against the empty prompt: the shapes generator's unconditional mode
     assert recipe.dmd.real_guidance_scale > 1 and recipe.data.negative_prompt == ""
 
@@ -483,6 +518,29 @@ def test_nvfp4_networks_follow_the_official_dmd_config():
     critic = nets[Role.fake_score]
     assert not any(isinstance(m, (NVFP4Linear, NVFP4TrainLinear)) for m in critic.modules())
     assert all(".lora_" in n for n, p in critic.named_parameters() if p.requires_grad)
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_the_lora_then_resumes(tmp_path, one_thread):
+    """--max-seconds ends the run at the first step past the budget, saved and exported as at the
+    end; the same command with more time continues from that step."""
+    logdir, lora = tmp_path / "run", tmp_path / "lora.safetensors"
+    args = ["distill", "distill_tiny", "--logdir", str(logdir), "--max-steps", "3", "--export-lora", str(lora),
+            *FAST, "--set", "train.checkpoint_every=100"]
+    assert main([*args, "--max-seconds", "1e-6"]) == 0
+    assert [r["step"] for r in records(logdir)] == [1]
+    assert sorted(p.name for p in (logdir / "checkpoints").iterdir()) == ["step_00000001"]
+    first = load_file(lora)
+    assert main([*args, "--max-seconds", "3600"]) == 0
+    assert [r["step"] for r in records(logdir)] == [1, 2, 3]
+    assert any(not torch.equal(first[k], v) for k, v in load_file(lora).items())
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_distill_max_seconds_must_be_positive(capsys, tmp_path, value):
+    assert main(["distill", "distill_tiny", "--logdir", str(tmp_path / "run"), "--max-seconds", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-seconds" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("extra", [["--precision", "nvfp4"], ["--set", "data.i2v=true", "--set", "data.vae=tiny"]],

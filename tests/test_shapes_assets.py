@@ -69,3 +69,28 @@ def test_default_preset_obeys_two_prompts_when_the_trained_models_are_shipped(tm
         assert main(["generate", prompt, "--preset", "tiny", "--device", "cpu", "-o", str(out)]) == 0
         (shot,) = probe_video(read_video(out), prompt)
         assert all(shot["correct"].values()), (prompt, shot["read"])
+
+
+def test_default_preset_follows_a_three_shot_cut_list(tmp_path):
+    """`multishot` with the shipped models: every shot of a three-shot list of cuts (the probe's
+    multishot list 4, its seed) reads as its prompt, the third too (with the official RoPE shift of
+    +8 per shot, which the AR model never saw in training, it drew a circle moving up for a square
+    moving left), and each cut takes effect."""
+    import pytest
+
+    from core.assets import ShapesFiles
+    from core.eval.shapes import evaluation_schedules, probe_video, read_video
+    from longlive_cli.app import main
+
+    if not ShapesFiles.shipped().complete:
+        pytest.skip("the trained shapes models are not shipped yet (docs/benchmarks/train_shapes_gpu.sh)")
+    schedule = evaluation_schedules(5)[4]
+    shots_file, out = tmp_path / "shots.txt", tmp_path / "story.mp4"
+    shots_file.write_text("".join(shot.prompt + "\n" for shot in schedule.shots))
+    assert main(["multishot", str(shots_file), "--preset", "tiny", "--device", "cpu", "--seed", "4",
+                 "--seconds", str(schedule.num_video_frames / 24), "-o", str(out)]) == 0
+    shots = probe_video(read_video(out), schedule)
+    assert [s["transition"] for s in shots] == ["first", "cut", "cut"]
+    for shot in shots:
+        assert all(shot["correct"].values()), (shot["prompt"], shot["read"])
+    assert all(s["frames_to_obey"] is not None and s["frames_to_obey"] < 32 for s in shots[1:])

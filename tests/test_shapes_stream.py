@@ -115,7 +115,48 @@ def test_sink_gap_moves_the_first_shots_later_chunks_ahead():
     assert torch.equal(a[:, :, :13], b[:, :, :13]) and not torch.equal(a[:, :, 13:29], b[:, :, 13:29])
 
 
+def shots_per_item(stream: ShapesStream, index: int) -> int:
+    chunks, _ = stream.plan(index)
+    return len({(spec, phase) for spec, phase, _ in chunks})
+
+
+def test_shot_frames_choices_mix_item_lengths():
+    make = lambda frames: ShapesStream(1, 16, 4, 32, 32, 3, frames, seed=5, device=torch.device("cpu"))  # noqa: E731
+    short, long, mixed = make(32), make(200), make((32, 200))
+    assert make((32,)).plan(3) == short.plan(3)  # one length is that length: no extra draw
+    picked = []
+    for index in range(60):
+        plan = mixed.plan(index)
+        assert plan in (short.plan(index), long.plan(index))  # each item is the item of one length
+        picked.append(plan == short.plan(index))
+        # within a shot the frames stay continuous: each chunk follows its shot's previous one
+        chunks = plan[0]
+        for a, b in zip(chunks, chunks[1:], strict=False):
+            if a[:2] == b[:2]:
+                assert b[2][0] == a[2][-1] + 1
+    assert 15 <= sum(picked) <= 45, sum(picked)  # both lengths drawn, about evenly
+    # short shots put two cuts into one clip (three shots), long ones at most one
+    assert max(shots_per_item(short, i) for i in range(60)) == 3
+    assert max(shots_per_item(long, i) for i in range(60)) <= 2
+    # the prompts follow: a scene-cut prefix exactly where the shot changes
+    for index in range(20):
+        chunks, prompts = mixed.plan(index)
+        for k in range(1, len(chunks)):
+            assert prompts[k].startswith(SCENE_CUT_PREFIX) == (chunks[k][:2] != chunks[k - 1][:2])
+
+
+def test_train_ar_with_shot_frames_choices(tmp_path, shapes_vae):  # noqa: F811
+    logdir = tmp_path / "run"
+    assert main(["train-ar", "train_ar_shapes", "--logdir", str(logdir), "--set", f"data.vae_path={shapes_vae}",
+                 "--set", "data.synthetic_stream=true", *SMALL,
+                 "--set", "data.synthetic_shot_frames_choices=[20,40]", "--max-steps", "1"]) == 0
+    assert (logdir / "metrics.jsonl").read_text().count("\n") == 1
+
+
 @pytest.mark.parametrize("sets, needle", [
+    (["data.synthetic_shot_frames_choices=[64,0]", "data.synthetic_stream=true"],
+     "data.synthetic_shot_frames_choices must be positive"),
+    (["data.synthetic_shot_frames_choices=[64,128]"], "data.synthetic_shot_frames_choices needs data.synthetic_stream"),
     (["data.synthetic_stream=true", "data.synthetic_sink_gap=1.5"], "data.synthetic_sink_gap must be in [0, 1]"),
     (["data.synthetic_sink_gap=0.5"], "data.synthetic_sink_gap needs data.synthetic_stream=true"),
 ])

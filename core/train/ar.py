@@ -40,7 +40,15 @@ from core.train.config import TrainRecipe
 from core.train.metrics import Curve, MetricsLog, RunEvents
 from core.train.objective import FlowMatchSchedule, ar_targets, flow_loss, prediction_errors
 from core.train.recycle import ErrorRecycler
-from core.train.state import EMA, CheckpointManager, rng_state, set_lr, set_rng_state, warmup_fraction
+from core.train.state import (
+    EMA,
+    CheckpointManager,
+    deadline_clock,
+    rng_state,
+    set_lr,
+    set_rng_state,
+    warmup_fraction,
+)
 
 log = logging.getLogger("longlive.train")
 
@@ -279,10 +287,10 @@ class Trainer:
         if d.synthetic_stream:  # rendered on the device: the stream is the dataset and the sampler
             from core.train.shapes_stream import ShapesStream
 
+            shot_frames = d.synthetic_shot_frames_choices or d.synthetic_shot_frames or raw_frames(d.latent_frames)
             stream = ShapesStream(d.batch_size, d.latent_frames, self.fpb, d.height, d.width, d.synthetic_shots,
-                                  d.synthetic_shot_frames or raw_frames(d.latent_frames), self.recipe.runtime.seed,
-                                  self.device, d.max_chunks_per_shot or None, self.plan.dp_rank, self.plan.dp_size,
-                                  sink_gap=d.synthetic_sink_gap)
+                                  shot_frames, self.recipe.runtime.seed, self.device, d.max_chunks_per_shot or None,
+                                  self.plan.dp_rank, self.plan.dp_size, sink_gap=d.synthetic_sink_gap)
             return stream, stream  # shots too short for a chunk failed in its constructor
         root = dataset_root(self.recipe, self.logdir, self.plan, self.recipe.data.num_workers)
         dataset = VideoClipDataset(root, d.latent_frames, d.height, d.width, frames_per_block=self.fpb,
@@ -389,7 +397,7 @@ class Trainer:
         history: list[StepStats] = []
         batches = self._batches(dataset, sampler)
         self.events.started(start_step, self.max_steps, self.recipe.train.log_every)
-        out_of_time = self._clock()
+        out_of_time = deadline_clock(self.options.max_seconds, self.plan.world_mean, self.device)
         for step in range(start_step, self.max_steps):
             stats = self._step(step, model, optimizer, ema, batches, sampler)
             history.append(stats)
@@ -409,19 +417,6 @@ class Trainer:
             metrics.plot(LOSS_CURVES, f"train-ar {self.options.recipe_name}: {self.logdir.name}")
         return TrainResult(steps_run=len(history), final_step=start_step + len(history),
                            history=history, export=export, resumed_from=resumed)
-
-    def _clock(self) -> Callable[[], bool]:
-        """`out_of_time()`: True once the loop has run `max_seconds` on any rank, the same answer on
-        every rank (ranks stopping at different steps would leave collectives waiting)."""
-        if self.options.max_seconds is None:
-            return lambda: False
-        deadline = time.monotonic() + self.options.max_seconds
-
-        def out_of_time() -> bool:
-            passed = torch.tensor(float(time.monotonic() >= deadline), device=self.device)
-            return bool(self.plan.world_mean(passed) > 0)
-
-        return out_of_time
 
     def _recycler(self) -> ErrorRecycler | None:
         config = self.recipe.error_recycling

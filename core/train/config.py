@@ -59,6 +59,10 @@ class DataConfig(ClipSource):
     # video is longer than the window (the first chunk stays as the sink, the history jumps ahead of
     # it); 0: every item is one continuous stretch of time
     synthetic_sink_gap: float = 0.0
+    # with synthetic_stream: each item's shots last one of these frame counts (drawn per item); long
+    # shots teach a shot's continuation, short ones two cuts in one window, as a multi-shot video's
+    # window holds them from its second cut on; empty: every item's shots last synthetic_shot_frames
+    synthetic_shot_frames_choices: tuple[int, ...] = ()
     allow_padding: bool = True
     num_workers: int = 2
     batch_size: int = 1  # samples per micro-step (the official: 1); > 1 only without SP
@@ -85,6 +89,12 @@ class DataConfig(ClipSource):
                 f"data.synthetic_sink_gap must be in [0, 1] (got {self.synthetic_sink_gap})")
         require(self.synthetic_sink_gap == 0 or self.synthetic_stream,
                 "data.synthetic_sink_gap needs data.synthetic_stream=true (it shapes the rendered items): set both")
+        require(all(f >= 1 for f in self.synthetic_shot_frames_choices),
+                f"data.synthetic_shot_frames_choices must be positive frame counts (got "
+                f"{list(self.synthetic_shot_frames_choices)})")
+        require(not self.synthetic_shot_frames_choices or self.synthetic_stream,
+                "data.synthetic_shot_frames_choices needs data.synthetic_stream=true (it shapes the rendered items): "
+                "set both")
         require(not self.vae_path or self.vae == "shapes",
                 f"data.vae_path is for data.vae=shapes (got data.vae={self.vae}): remove vae_path or set vae=shapes")
 

@@ -24,6 +24,7 @@ Legend: B batch, F latent frames, C latent channels, H/W latent size, K chunks (
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -42,7 +43,9 @@ from core.train.distill_config import DistillRecipe
 from core.train.dmd import add_noise, critic_loss, dmd_gradient, generator_loss, rollout, score_timesteps
 from core.train.lora import lora_state_dict
 from core.train.metrics import Curve, MetricsLog, RunEvents
-from core.train.state import CheckpointManager, rng_state, set_rng_state
+from core.train.state import CheckpointManager, deadline_clock, rng_state, set_rng_state
+
+log = logging.getLogger("longlive.train")
 
 LOSS_CURVES = (
     Curve("critic_loss", "critic", "critic flow loss\n(MSE, latent units²)"),
@@ -78,6 +81,7 @@ class DistillOptions:
     max_steps: int | None = None  # overrides train.max_steps
     resume: bool = True
     recipe_name: str = ""  # for the plot's title
+    max_seconds: float | None = None  # wall-clock budget of the loop: stop (checkpoint, export) past it
 
 
 @dataclass
@@ -222,7 +226,9 @@ class DistillTrainer:
         draws = frames // self.fpb if per_block else 1
         raw_t = torch.randint(0, stream.num_train_timesteps, (batch, draws), generator=self.generator,
                               device=self.device)
-        t = score_timesteps(raw_t.repeat_interleave(frames // draws, dim=1), shift=stream.timestep_shift,
+        draw_shift = self.recipe.dmd.score_timestep_shift
+        t = score_timesteps(raw_t.repeat_interleave(frames // draws, dim=1),
+                            shift=stream.timestep_shift if draw_shift is None else draw_shift,
                             num_train_timesteps=stream.num_train_timesteps)
         noise = self._randn(x.shape, x.dtype)
         if cond.image is not None:
@@ -330,6 +336,7 @@ class DistillTrainer:
             metrics.start(start)
         self.events.started(start, self.max_steps, self.recipe.train.log_every)
         history, batches = [], self._batches(dataset, sampler)
+        out_of_time = deadline_clock(self.options.max_seconds, self.plan.world_mean, self.device)
         for step in range(start, self.max_steps):
             record = self.iteration(step, nets, optimizers, next(batches))
             history.append(record)
@@ -337,13 +344,17 @@ class DistillTrainer:
                 metrics.append(record)
                 self.events.stepped(record)
             self._check_finite(record)
-            if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps:
+            stop = out_of_time()
+            if (step + 1) % self.recipe.train.checkpoint_every == 0 or step + 1 == self.max_steps or stop:
                 self._save(manager, step + 1, state, optimizers, sampler)
+            if stop:
+                log.info("distill: --max-seconds %s reached after step %d", self.options.max_seconds, step + 1)
+                break
         metrics.close()
         if self.plan.is_main and history:
             metrics.plot(LOSS_CURVES, f"distill {self.options.recipe_name}: {self.logdir.name}", LR_KEYS)
         lora = lora_state_dict(nets.generator)
-        return DistillResult(len(history), max(start, self.max_steps), history,
+        return DistillResult(len(history), start + len(history) if history else max(start, self.max_steps), history,
                              lora if self.plan.is_main else None, resumed)
 
     @staticmethod

@@ -135,11 +135,17 @@ class DMDConfig:
     real_guidance_scale: float = 3.0
     fake_guidance_scale: float = 0.0
     exit_step: int | None = None
+    # the shift of the score models' timestep draws, sigma = s u / (1 + (s - 1) u) for u ~ U[0, 1);
+    # null: stream.timestep_shift (the official, 5: ~8 % of the draws below sigma 0.3, where a small
+    # world's fine detail is decided); 1: uniform sigma
+    score_timestep_shift: float | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
         require(self.real_guidance_scale >= 0 and self.fake_guidance_scale >= 0,
                 f"dmd: guidance scales must be >= 0 (got {self.real_guidance_scale}, {self.fake_guidance_scale})")
+        require(self.score_timestep_shift is None or self.score_timestep_shift > 0,
+                f"dmd.score_timestep_shift must be > 0 or null (got {self.score_timestep_shift})")
 
     @property
     def uses_negative_prompt(self) -> bool:

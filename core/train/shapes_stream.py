@@ -13,13 +13,18 @@ the first chunk's shot to a random later moment of that shot (1 to `MAX_SINK_GAP
 on): the layout a rolling KV window attends to once a video outgrows it (the first chunk kept as
 the sink, the history ahead of it by any time), which continuous clips never show the model.
 
+`shot_frames` may be several lengths: each item then draws one of them (uniformly, from its own
+seed) for all its shots. Long shots teach a shot's continuation; short ones put two or three shots
+in one clip, as a multi-shot video's window holds them after its second cut (the first chunk from
+the first shot as the sink, the second shot as history, the third starting).
+
 The stream also plays the trainer's sampler: `advance(n)` after a step, `state_dict()` in every
 checkpoint, so a resumed run continues with the next unseen item.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,7 @@ from torch import Tensor
 from core.config import VIDEO_FPS
 from core.errors import UserError
 from core.shots import SCENE_CUT_PREFIX
-from core.train.data import Clip, Span, TrainBatch, plan_segments, segment_lengths, start_candidates
+from core.train.data import Clip, Segment, Span, TrainBatch, plan_segments, segment_lengths, start_candidates
 from core.train.synthetic import (
     COLOURS,
     ClipSpec,
@@ -83,28 +88,33 @@ class ShapesStream:
     Rank `dp_rank` of `dp_size` takes items `dp_rank, dp_rank + dp_size, ...` in order."""
 
     def __init__(self, batch_size: int, latent_frames: int, frames_per_block: int, height: int, width: int,
-                 shots: int, shot_frames: int, seed: int, device: torch.device,
+                 shots: int, shot_frames: int | Sequence[int], seed: int, device: torch.device,
                  max_chunks_per_shot: int | None = None, dp_rank: int = 0, dp_size: int = 1,
                  sink_gap: float = 0.0):
         if not 0 <= sink_gap <= 1:
             raise ValueError(f"sink_gap is a probability (got {sink_gap})")
         self.batch_size, self.height, self.width = batch_size, height, width
         self.sink_gap = sink_gap
-        self.latent_frames, self.shots, self.shot_frames = latent_frames, shots, shot_frames
+        self.latent_frames, self.shots = latent_frames, shots
+        self.shot_frames = (shot_frames,) if isinstance(shot_frames, int) else tuple(shot_frames)
+        if not self.shot_frames:
+            raise ValueError("shot_frames needs at least one length")
         self.seed, self.device = seed, device
         self.max_chunks_per_shot = max_chunks_per_shot or None
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.lengths = segment_lengths(latent_frames, frames_per_block)
         self.position = 0  # items this rank has consumed
-        # every item's shots span the same frames, so its possible starts and their chunk plans are
-        # the same for all items (only the captions differ): planned once
-        spans = [Span(Clip(Path(f"shot_{n}"), ""), 0, shot_frames, VIDEO_FPS) for n in range(shots)]
-        self._starts = start_candidates(spans, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
-        self._segments = {start: plan_segments(spans, *start, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
-                          for start in self._starts}
-        if not self._starts:
-            raise UserError(f"data.synthetic_shot_frames={shot_frames}: shots this short cannot hold a first "
-                            f"chunk of {self.lengths[0]} frames (raise it to at least {self.lengths[0]})")
+        # all shots of an item span the same frames, so its possible starts and their chunk plans
+        # depend only on the item's shot length (the captions differ): planned once per length
+        self._plans: dict[int, list[list[Segment]]] = {}
+        for frames in self.shot_frames:
+            spans = [Span(Clip(Path(f"shot_{n}"), ""), 0, frames, VIDEO_FPS) for n in range(shots)]
+            starts = start_candidates(spans, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
+            if not starts:
+                raise UserError(f"data.synthetic_shot_frames={frames}: shots this short cannot hold a first "
+                                f"chunk of {self.lengths[0]} frames (raise it to at least {self.lengths[0]})")
+            self._plans[frames] = [plan_segments(spans, *start, self.lengths, VIDEO_FPS, self.max_chunks_per_shot)
+                                   for start in starts]
 
     # -- the sampler's part
 
@@ -124,7 +134,8 @@ class ShapesStream:
         the per-chunk prompts."""
         shots = random_shots(np.random.default_rng([self.seed, index]), self.shots)
         rng = np.random.default_rng([self.seed, 0, index])  # VideoClipDataset's draw at epoch 0
-        segments = self._segments[self._starts[int(rng.integers(len(self._starts)))]]
+        plans = self._plans[self._shot_frames(index)]
+        segments = plans[int(rng.integers(len(plans)))]
         gap = self._gap(index)
         chunks = [(shots[s.span_index][0], shots[s.span_index][1],
                    tuple(f + gap for f in s.frame_indices) if k > 0 and s.span_index == segments[0].span_index
@@ -133,6 +144,13 @@ class ShapesStream:
         prompts = [SCENE_CUT_PREFIX + spec.caption if s.scene_cut else spec.caption
                    for s, (spec, _, _) in zip(segments, chunks, strict=True)]
         return chunks, prompts
+
+    def _shot_frames(self, index: int) -> int:
+        """Item `index`'s shot length (no draw with one length: the items stay those of
+        `make_synthetic_dataset`)."""
+        if len(self.shot_frames) == 1:
+            return self.shot_frames[0]
+        return self.shot_frames[int(np.random.default_rng([self.seed, 2, index]).integers(len(self.shot_frames)))]
 
     def _gap(self, index: int) -> int:
         """Frames by which item `index`'s later chunks of its first shot jump ahead (0: none)."""

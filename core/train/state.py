@@ -55,6 +55,22 @@ CHECKPOINT_NAME = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 
 
+def deadline_clock(max_seconds: float | None, world_mean: Callable[[Tensor], Tensor],
+                   device: torch.device) -> Callable[[], bool]:
+    """`out_of_time()`: True once `max_seconds` have passed since this call on any rank, the same
+    answer on every rank (`world_mean` over the ranks: ranks stopping at different steps would
+    leave collectives waiting). No budget: never."""
+    if max_seconds is None:
+        return lambda: False
+    deadline = time.monotonic() + max_seconds
+
+    def out_of_time() -> bool:
+        passed = torch.tensor(float(time.monotonic() >= deadline), device=device)
+        return bool(world_mean(passed) > 0)
+
+    return out_of_time
+
+
 def bare_name(name: str) -> str:
     """A parameter name without wrapper tokens (checkpointing, compile): the EMA's keys."""
     for token in WRAPPER_TOKENS:

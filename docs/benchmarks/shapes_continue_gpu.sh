@@ -8,7 +8,12 @@
 # steps (default 50: each call starts a fresh optimizer; 0 = the calls of model card 5h/5i);
 # LATENT_FRAMES: latent frames per training clip (default 32 = 4 chunks, the whole
 # inference window, so the last window slot's positions are trained too); SINK_GAP: data.synthetic_sink_gap
-# (default 0: the share of items whose history jumps ahead of the sink chunk, as in a rolling window).
+# (default 0: the share of items whose history jumps ahead of the sink chunk, as in a rolling window);
+# SHOT_FRAMES: frames per shot of the rendered items (default 128), or a list such as [64,128] drawn
+# per item (data.synthetic_shot_frames_choices: short shots put two cuts into one window).
+# DECODER=1 also tunes the VAE's decoder beside the generator (encoder frozen: the generator's latents
+# stay), DECODER_NOISE its objective.latent_noise (default the recipe's 0.1), DECODER_LR (5e-4);
+# it writes vae-decoder.safetensors and its metrics into logs.tgz.
 # PROFILE=1 first runs the step profile eagerly and compiled (recipe defaults, 13 steps each) and
 # trains compiled only if that pays within this call; PROFILE=0 trains compiled (COMPILE=never: eager).
 # Writes into $OUT (<= 8 files come back): dit.safetensors, logs.tgz (metrics, loss curve,
@@ -18,9 +23,9 @@ INIT=${INIT:-$PWD/core/assets/shapes/dit.safetensors}
 # an ignored folder (gpu_in/) reaches the device only when carried: stop before any work without it
 [ -f "$INIT" ] || { echo "INIT $INIT: no such file (carry its folder to the device, or give a committed DiT)"; exit 2; }
 source .whlav/env.sh
-export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=0 PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
+export TOTAL_SECONDS=450 VAE_SECONDS=0 DECODER=${DECODER:-0} PROBE=0 AR_BATCH=64 AR_SECONDS=600 EVAL_RESERVE=10 CALIBRATION_STEPS=10
 export VAE_INIT=$PWD/core/assets/shapes/vae.safetensors
-export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} --set data.synthetic_shot_frames=128 --set optim.warmup_steps=${WARMUP:-50} --set data.latent_frames=${LATENT_FRAMES:-32} --set data.synthetic_sink_gap=${SINK_GAP:-0}"
+export AR_SET="train.init=$(realpath "$INIT") --set optim.lr=5e-4 --set data.caption_dropout=0.1 --set error_recycling.enabled=${RECYCLE:-false} $(case "${SHOT_FRAMES:-128}" in \[*) echo "--set data.synthetic_shot_frames_choices=$SHOT_FRAMES";; *) echo "--set data.synthetic_shot_frames=${SHOT_FRAMES:-128}";; esac) --set optim.warmup_steps=${WARMUP:-50} --set data.latent_frames=${LATENT_FRAMES:-32} --set data.synthetic_sink_gap=${SINK_GAP:-0}"
 if [ "${PROFILE:-0}" = 1 ]; then
   for c in never always; do
     timeout 90 python docs/benchmarks/train_step_profile.py --at 12 --steps 2 -- train_ar_shapes --logdir /tmp/prof-$c \
@@ -55,4 +60,5 @@ fi
 export TOTAL_SECONDS=$(( ${DEADLINE:-565} - SECONDS ))
 timeout $(( TOTAL_SECONDS + 15 )) bash docs/benchmarks/train_shapes_gpu.sh "$PWD/build/shapes" > "$OUT/train.log" 2>&1
 cp build/shapes/dit.safetensors "$OUT/"
+[ -f build/shapes/vae-decoder.safetensors ] && cp build/shapes/vae-decoder.safetensors "$OUT/"
 tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude=checkpoints -C build/shapes . $( [ "${PROFILE:-0}" = 1 ] && echo /tmp/prof-never/metrics.jsonl /tmp/prof-always/metrics.jsonl )

@@ -21,7 +21,8 @@
 # fine-tuning beside it under `timeout`. The AR data writer needs PyAV: prepare the wheels with
 #   ../shared/tools/gpu-prep.sh --with-av      and run   source .whl/env.sh && bash ... "$OUT"
 # Options (environment): VAE_INIT=FILE starts the VAE from an export (VAE_SECONDS=0 keeps it as it
-# is; VAE_LR=X its learning rate, lower when continuing one); DECODER=0 skips the decoder fine-tuning; AR_SET=key=value adds one generator override;
+# is; VAE_LR=X its learning rate, lower when continuing one); DECODER=0 skips the decoder fine-tuning
+# (DECODER_LR, DECODER_NOISE: its lr and objective.latent_noise); AR_SET=key=value adds one generator override;
 # RESUME_SECONDS=N (a later call on the same machine) gives the generator N more seconds; PROBE=0.
 # CPU dry run of every step (a few minutes, nothing learnt): DRY_RUN=1 bash docs/benchmarks/train_shapes_gpu.sh /tmp/dry
 set -euo pipefail
@@ -76,7 +77,8 @@ decoder() {
     --set train.init_from="$2" --set train.train_encoder=false --set optim.warmup_steps=20 --set optim.lr="${DECODER_LR:-5e-4}" \
     --set train.max_steps="$steps" --set train.checkpoint_every="$steps" \
     --set train.eval_every=$(( steps / 4 > 0 ? steps / 4 : 1 )) \
-    --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( steps / 2 )) > "$out/vae-decoder.log" 2>&1 &
+    --set optim.ema_decay=0.995 --set optim.ema_start_step=$(( steps / 2 )) \
+    ${DECODER_NOISE:+--set objective.latent_noise="$DECODER_NOISE"} > "$out/vae-decoder.log" 2>&1 &
   decoder_pid=$!
 }
 decoder_pid=
