@@ -94,10 +94,12 @@ def quant_flags(precision, quant_mode, kv_precision) -> dict[str, object]:
     return {"precision": precision, "mode": quant_mode, "kv_precision": kv_precision}
 
 
-# The process layout of multi-GPU commands (`sp.launcher.Launch`).
+# The wall-clock budget of the training commands (train-ar, distill).
 MaxSecondsOpt = Annotated[float | None, typer.Option(
     help="Stop at the first step that ends past this many seconds of training (start-up not counted), "
          "with a checkpoint and the export as at the end; --resume continues.")]
+
+# The process layout of multi-GPU commands (`sp.launcher.Launch`).
 NprocOpt = Annotated[int, typer.Option(help="Processes (GPUs) per node; more than 1 re-executes under torchrun.")]
 NnodesOpt = Annotated[int, typer.Option(help="Number of nodes.")]
 NodeRankOpt = Annotated[int, typer.Option(help="This node's rank (multi-node).")]

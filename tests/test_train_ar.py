@@ -191,9 +191,10 @@ def test_max_seconds_stops_with_a_checkpoint_and_export_then_resumes(tmp_path):
     assert any(not torch.equal(first[k], v) for k, v in load_file(export).items())
 
 
+@pytest.mark.parametrize("command, recipe", [("train-ar", "train_ar_tiny"), ("distill", "distill_tiny")])
 @pytest.mark.parametrize("value", ["0", "-5"])
-def test_max_seconds_must_be_positive(capsys, tmp_path, value):
-    assert main(["train-ar", "train_ar_tiny", "--logdir", str(tmp_path / "run"), "--max-seconds", value]) == 2
+def test_max_seconds_must_be_positive(capsys, tmp_path, value, command, recipe):
+    assert main([command, recipe, "--logdir", str(tmp_path / "run"), "--max-seconds", value]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-seconds" in err, err
     assert not (tmp_path / "run").exists()
