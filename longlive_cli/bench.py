@@ -88,7 +88,7 @@ def bench(
         "runtime": {"device": device, "dtype": dtype, "attention": attention, "seed": seed,
                     "compile": None if compile is None else ("always" if compile else "never")},
         "quant": quant_flags(precision, quant_mode, kv_precision),
-    })
+    }, lora)
     from longlive_cli.parallel_inference import InferenceLayout, command_line
     from sp.launcher import Launch
 

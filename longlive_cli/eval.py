@@ -240,7 +240,7 @@ def generation_recipe(options: GenerationOptions, seed: int):
     return resolve_generation_recipe(options.preset, options.recipe, options.sets, {
         "stream": {"sampling_steps": options.steps}, "runtime": {"seed": seed, "device": options.device},
         "quant": quant_flags(options.precision, options.quant_mode, options.kv_precision)},
-        random_weights=options.random_weights, checkpoint=options.checkpoint)
+        random_weights=options.random_weights, checkpoint=options.checkpoint, lora=options.lora)
 
 
 def generation_settings(options: GenerationOptions, recipe=None) -> dict:

@@ -76,7 +76,7 @@ CrfOpt = Annotated[int, typer.Option(help="H.264 quality: 0 (lossless) .. 51; 18
 
 
 def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, random_weights=False, checkpoint=None,
-            attention=None):
+            attention=None, lora=None):
     from longlive_cli.options import resolve_generation_recipe
 
     if steps is not None and steps not in (2, 4):
@@ -85,7 +85,7 @@ def _recipe(preset, recipe, sets, height, width, steps, seed, device, quant, ran
     return resolve_generation_recipe(preset, recipe, sets or [], {
         "video": {"height": height, "width": width}, "stream": {"sampling_steps": steps},
         "runtime": {"seed": seed, "device": device, "attention": attention}, "quant": quant},
-        random_weights=random_weights, checkpoint=checkpoint)
+        random_weights=random_weights, checkpoint=checkpoint, lora=lora)
 
 
 def _chunks(recipe, seconds: float | None, frames: int | None) -> int | None:
@@ -230,7 +230,7 @@ def generate(
     from core.shots import single_prompt_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention)
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention, lora)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None:  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)
@@ -262,7 +262,7 @@ def multishot(
     from core.shots import load_schedule
 
     chosen = _recipe(preset, recipe, set_, height, width, steps, seed, device,
-                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention)
+                     quant_flags(precision, quant_mode, kv_precision), random_weights, checkpoint, attention, lora)
     chunks = _chunks(chosen, seconds, frames)
     if chunks is None and Path(shots_file).suffix.lower() == ".txt":  # the recipe's length
         chunks = max(1, chosen.video.latent_frames // chosen.stream.frames_per_block)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -15,19 +18,45 @@ from core.errors import UserError
 Flags = Mapping[str, Mapping[str, object]]
 
 
-def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags) -> Recipe:
-    """Preset < recipe file < --set < explicit flags. Flags are applied to the typed recipe as
-    they are (validated once by the configs), never turned back into text."""
+def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags,
+                   lora: str | os.PathLike | None = None) -> Recipe:
+    """Preset < a distilled `lora`'s own sampling < recipe file < --set < explicit flags. Flags are
+    applied to the typed recipe as they are (validated once by the configs), never turned back
+    into text."""
     given = {section: {key: value for key, value in values.items() if value is not None}
              for section, values in flags.items()}
     try:
         result = load_recipe(recipe, sets, preset=preset)
         _check_flags_agree_with_sets(result, sets, given)
         result = overlay(result, {section: values for section, values in given.items() if values})
+        if recipe is None:
+            result = _lora_sampling(result, lora, sets, given)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     check_device(result.runtime.device)
     return result
+
+
+def _lora_sampling(result: Recipe, lora: str | os.PathLike | None, sets: Sequence[str], given: Flags) -> Recipe:
+    """A LoRA from `distill --export-lora` samples as it was distilled (its recorded steps, no
+    guidance) where no flag or --set names that value: the preset's sampling is for the model
+    without it (the shapes preset's 16 steps with guidance 3 are its AR model's). Official LoRA
+    files record nothing; an unreadable one is left to the model checks."""
+    from core.checkpoint import read_lora_sampling_steps
+
+    if lora is None or not Path(lora).is_file():
+        return result
+    try:
+        steps = read_lora_sampling_steps(lora)
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return result  # unreadable: the LoRA checks before any model say so in one line
+    if steps is None:
+        return result
+    named = {item.split("=", 1)[0].strip() for item in sets} | {
+        f"{section}.{key}" for section, values in given.items() for key in values}
+    updates = {key: value for key, value in (("sampling_steps", steps), ("guidance_scale", 1.0))
+               if f"stream.{key}" not in named}
+    return overlay(result, {"stream": updates}) if updates else result
 
 
 def _check_flags_agree_with_sets(loaded: Recipe, sets: Sequence[str], given: Flags) -> None:
@@ -44,7 +73,8 @@ def _check_flags_agree_with_sets(loaded: Recipe, sets: Sequence[str], given: Fla
 
 
 def resolve_generation_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], flags: Flags, *,
-                              random_weights: bool = False, checkpoint: str | None = None) -> Recipe:
+                              random_weights: bool = False, checkpoint: str | None = None,
+                              lora: str | None = None) -> Recipe:
     """`resolve_recipe` for generation, where `tiny` means the trained shapes-world models when
     they are shipped (`core/assets/shapes`): the README's first command shows a model that obeys.
     Random tiny weights stay: `random_weights` (tests, or no shipped files), a `--checkpoint` of
@@ -52,14 +82,14 @@ def resolve_generation_recipe(preset: str | None, recipe: str | None, sets: Sequ
     from core.assets import ShapesFiles
     from core.config import ModelConfig
 
-    result = resolve_recipe(preset, recipe, sets, flags)
+    result = resolve_recipe(preset, recipe, sets, flags, lora)
     if random_weights:
         if result.preset != "tiny":
             raise UserError(f"--random-weights is for the tiny preset (got {result.preset}): add --preset tiny")
         return result
     if (result.preset == "tiny" and checkpoint is None and result.model == ModelConfig.preset("tiny")
             and ShapesFiles.shipped().complete):
-        return resolve_recipe("shapes", recipe, sets, flags)
+        return resolve_recipe("shapes", recipe, sets, flags, lora)
     return result
 
 

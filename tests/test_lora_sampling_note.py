@@ -1,9 +1,11 @@
-"""A distilled LoRA records the sampling steps it was distilled for (`distill --export-lora`), and
-`generate` says in one line, before any model, when a run samples otherwise (other steps, or with
+"""A distilled LoRA records the sampling steps it was distilled for (`distill --export-lora`): a run
+with it samples that way (those steps, no guidance) unless a flag or --set says otherwise, and then
+`generate` says in one line, before any model, that the run samples otherwise (other steps, or with
 guidance: the shapes preset's default is guidance 3 for its AR model)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -43,17 +45,37 @@ def test_note_names_what_differs_and_the_flags(tmp_path, suffix, recorded, steps
     assert ("with guidance 3" in note) == (guidance != 1.0) and "\n" not in note
 
 
-def test_generate_prints_the_note_before_the_video(tmp_path, capsys):
+@pytest.mark.parametrize("recorded, flags, sets, expected", [
+    (2, {}, [], (2, 1.0)),  # the LoRA's own sampling instead of the preset's 16 steps with guidance 3
+    (4, {}, [], (4, 1.0)),
+    (2, {"sampling_steps": 4}, [], (4, 1.0)),  # a flag wins for its value, the other stays the LoRA's
+    (2, {}, ["stream.guidance_scale=3"], (2, 3.0)),
+    (2, {}, ["stream.sampling_steps=8", "stream.guidance_scale=2"], (8, 2.0)),
+    (None, {}, [], (16, 3.0)),  # an official LoRA records nothing: the preset's sampling
+])
+def test_a_distilled_lora_samples_as_distilled_unless_told(tmp_path, recorded, flags, sets, expected):
+    from longlive_cli.options import resolve_recipe
+
+    path = _lora(tmp_path, ".safetensors", recorded)
+    stream = resolve_recipe("shapes", None, sets, {"stream": flags}, path).stream
+    assert (stream.sampling_steps, stream.guidance_scale) == expected
+    if not sets:  # without the LoRA: the preset's sampling (the flag aside)
+        plain = resolve_recipe("shapes", None, sets, {"stream": flags}).stream
+        assert (plain.sampling_steps, plain.guidance_scale) == (flags.get("sampling_steps", 16), 3.0)
+
+
+def test_generate_samples_the_loras_steps_and_notes_an_override(tmp_path, capsys):
     path = _lora(tmp_path, ".safetensors", 2)
     out = tmp_path / "v.mp4"
-    assert main(["generate", "x", "--preset", "tiny", "--random-weights", "--height", "32", "--width", "32",
-                 "--frames", "8", "--lora", str(path), "-o", str(out)]) == 0
+    args = ["generate", "x", "--preset", "tiny", "--random-weights", "--height", "32", "--width", "32",
+            "--frames", "8", "--lora", str(path), "-o", str(out)]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and out.is_file()
+    assert re.search(r"steps / precision\s*│\s*2 /", captured.out), captured.out  # the run's summary
+    assert main([*args, "--steps", "4"]) == 0
     err = capsys.readouterr().err
     assert f"note: the LoRA {path} was distilled for 2 steps without guidance; this run samples 4 steps " in err
-    assert out.is_file()
-    assert main(["generate", "x", "--preset", "tiny", "--random-weights", "--height", "32", "--width", "32",
-                 "--frames", "8", "--steps", "2", "--lora", str(path), "-o", str(out)]) == 0
-    assert "note:" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [
@@ -66,6 +88,6 @@ def test_generate_prints_the_note_before_the_video(tmp_path, capsys):
 def test_bench_and_the_eval_suite_print_the_note_too(tmp_path, capsys, command):
     path = _lora(tmp_path, ".safetensors", 2)
     extra = ["--out", str(tmp_path / "r.json")] if command[0] == "eval-vbench" else []
-    assert main([*command, *extra, "--lora", str(path)]) == 0
+    assert main([*command, *extra, "--lora", str(path), "--steps", "4"]) == 0
     err = capsys.readouterr().err
     assert f"note: the LoRA {path} was distilled for 2 steps without guidance; this run samples 4 steps " in err
