@@ -29,20 +29,21 @@ def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], 
         result = load_recipe(recipe, sets, preset=preset)
         _check_flags_agree_with_sets(result, sets, given)
         result = overlay(result, {section: values for section, values in given.items() if values})
-        if recipe is None:
-            result = _lora_sampling(result, lora, sets, given)
+        result = _lora_sampling(result, lora, recipe, sets, given)
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     check_device(result.runtime.device)
     return result
 
 
-def _lora_sampling(result: Recipe, lora: str | os.PathLike | None, sets: Sequence[str], given: Flags) -> Recipe:
+def _lora_sampling(result: Recipe, lora: str | os.PathLike | None, recipe: str | None, sets: Sequence[str],
+                   given: Flags) -> Recipe:
     """A LoRA from `distill --export-lora` samples as it was distilled (its recorded steps, no
-    guidance) where no flag or --set names that value: the preset's sampling is for the model
-    without it (the shapes preset's 16 steps with guidance 3 are its AR model's). Official LoRA
-    files record nothing; an unreadable one is left to the model checks."""
+    guidance) where no flag, --set or recipe file sets that value: the preset's sampling is for the
+    model without it (the shapes preset's 16 steps with guidance 3 are its AR model's). Official
+    LoRA files record nothing; an unreadable one is left to the model checks."""
     from core.checkpoint import read_lora_sampling_steps
+    from core.config import read_recipe_data
 
     if lora is None or not Path(lora).is_file():
         return result
@@ -52,7 +53,8 @@ def _lora_sampling(result: Recipe, lora: str | os.PathLike | None, sets: Sequenc
         return result  # unreadable: the LoRA checks before any model say so in one line
     if steps is None:
         return result
-    named = {item.split("=", 1)[0].strip() for item in sets} | {
+    written = read_recipe_data(recipe, sets)[0].get("stream") or {}  # the file and the --set values
+    named = {f"stream.{key}" for key in written} | {
         f"{section}.{key}" for section, values in given.items() for key in values}
     updates = {key: value for key, value in (("sampling_steps", steps), ("guidance_scale", 1.0))
                if f"stream.{key}" not in named}

@@ -53,11 +53,18 @@ def test_note_names_what_differs_and_the_flags(tmp_path, suffix, recorded, steps
     (2, {}, ["stream.sampling_steps=8", "stream.guidance_scale=2"], (8, 2.0)),
     (None, {}, [], (16, 3.0)),  # an official LoRA records nothing: the preset's sampling
 ])
-def test_a_distilled_lora_samples_as_distilled_unless_told(tmp_path, recorded, flags, sets, expected):
+@pytest.mark.parametrize("in_file", [False, True], ids=["set", "recipe-file"])
+def test_a_distilled_lora_samples_as_distilled_unless_told(tmp_path, recorded, flags, sets, expected, in_file):
     from longlive_cli.options import resolve_recipe
 
     path = _lora(tmp_path, ".safetensors", recorded)
-    stream = resolve_recipe("shapes", None, sets, {"stream": flags}, path).stream
+    recipe = None
+    if in_file:  # the same values from a recipe file instead of --set
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("preset: shapes\nstream:\n" + "".join(f"  {s.split('.', 1)[1].replace('=', ': ')}\n"
+                                                                 for s in sets) if sets else "preset: shapes\n")
+        recipe, sets = str(recipe), []
+    stream = resolve_recipe("shapes", recipe, sets, {"stream": flags}, path).stream
     assert (stream.sampling_steps, stream.guidance_scale) == expected
     if not sets:  # without the LoRA: the preset's sampling (the flag aside)
         plain = resolve_recipe("shapes", None, sets, {"stream": flags}).stream
