@@ -17,6 +17,7 @@ Every bad file is a one-line `UserError` naming the file, the problem and the fi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -415,8 +416,16 @@ def read_lora_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
 
 def read_lora_sampling_steps(path: PathLike) -> int | None:
     """The sampling steps a LoRA was distilled for, where its file records them (`longlive
-    distill --export-lora` writes `sampling_steps`; official files do not): None otherwise."""
+    distill --export-lora` writes `sampling_steps`; official files do not): None otherwise.
+    Read once per file version: a run asks twice (its sampling, its note), and a .pt is read whole."""
     path = Path(path)
+    stat = path.stat()
+    return _lora_sampling_steps(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _lora_sampling_steps(resolved: str, size: int, mtime_ns: int) -> int | None:
+    path = Path(resolved)
     if path.suffix == ".safetensors":
         value = _safetensors_header(path)[1].get("sampling_steps")
     else:

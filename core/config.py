@@ -543,8 +543,10 @@ def overlay(instance: Any, updates: dict[str, Any], prefix: str = "") -> Any:
         return dataclasses.replace(instance, **changes)
     except ConfigError as err:  # __post_init__ names the field; add the section path
         raise ConfigError(f"{prefix}{err.key}", err.detail) from None
-    except ValueError as err:
-        raise ValueError(f"{prefix}{err}" if prefix else str(err)) from None
+    except ValueError as err:  # the section path, unless the message already names it ("data.x ...", "dmd: ...")
+        section, message = prefix.rstrip("."), str(err)
+        named = not prefix or message.startswith((f"{section}.", f"{section}:"))
+        raise ValueError(message if named else f"{prefix}{message}") from None
 
 
 def find_recipe(name_or_path: str) -> Path:

@@ -350,13 +350,13 @@ class SuiteSource:
         generate_suite_videos(jobs, self.options, lambda done, total: console.print(f"generated {done}/{total}"))
 
 
-def plan_suite(prompts, samples: int | None, base_seed: int, videos_dir: Path) -> tuple[list[GenerationJob],
-                                                                                         list[EvalVideo]]:
-    """Sample i of each prompt: `{prompt}-{i}.mp4` (VBench's naming) with seed `base_seed + i`;
-    videos already there are kept (a run can resume)."""
+def plan_suite(prompts, samples: int | None, base_seed: int, videos_dir: Path) -> tuple[
+        list[GenerationJob], list[EvalVideo], dict[str, int]]:
+    """Sample i of each prompt: `{prompt}-{i}.mp4` (VBench's naming) with seed `base_seed + i`
+    (the seeds by video name are returned too); videos already there are kept (a run can resume)."""
     from core.eval.suites import samples_for, video_stem
 
-    jobs, videos = [], []
+    jobs, videos, seeds = [], [], {}
     for prompt in prompts:
         for i in range(samples_for(prompt, samples)):
             stem = video_stem(prompt.prompt, i)
@@ -364,10 +364,10 @@ def plan_suite(prompts, samples: int | None, base_seed: int, videos_dir: Path) -
             if not path.exists():
                 jobs.append(GenerationJob(prompt.prompt, base_seed + i, path))
             videos.append(EvalVideo(stem, path, prompt.prompt, prompt.auxiliary, prompt.dimensions))
-    names = [v.name for v in videos]
-    if len(set(names)) != len(names):
+            seeds[stem] = base_seed + i
+    if len(seeds) != len(videos):
         raise UserError("the prompt suite repeats a prompt: each prompt must be unique (videos are named after it)")
-    return jobs, videos
+    return jobs, videos, seeds
 
 
 def suite_prompts(suite: str | None, prompt_file: str | None, dimensions: tuple[str, ...], python: Path):
@@ -444,10 +444,9 @@ def _run_suite(suite, prompt_file, samples, seed, videos_dir, gen: GenerationOpt
     if samples is not None and samples < 1:
         raise UserError(f"--samples {samples}: generate at least one video per prompt")
     folder.mkdir(parents=True, exist_ok=True)
-    jobs, videos = plan_suite(prompts, samples, seed, folder)
+    jobs, videos, seeds = plan_suite(prompts, samples, seed, folder)
     from longlive_cli.suite_videos import claim_folder
 
-    seeds = {v.name: seed + int(v.name.rsplit("-", 1)[1]) for v in videos}
     claim_folder(folder, generation_settings(gen),
                  {v.name: {"prompt": v.prompt, "seed": seeds[v.name], "seconds": gen.seconds} for v in videos})
     console = Console(stderr=True)

@@ -97,3 +97,23 @@ def test_compile_policy(setting, device, chunks, want):
     from core.optimize import DIT_BREAK_EVEN_CHUNKS, wants_compile
 
     assert wants_compile(setting, torch.device(device), chunks, DIT_BREAK_EVEN_CHUNKS) is want
+
+
+@pytest.mark.parametrize("load, override, message", [
+    ("train", "data.caption_dropout=2", "data.caption_dropout must be in [0, 1) (got 2.0)"),
+    ("distill", "dmd.real_guidance_scale=-1", "dmd: guidance scales must be >= 0 (got -1.0, 0.0)"),
+    ("recipe", "stream.sink_frames=-1", "stream.sink_frames must be an integer >= 0 (got -1)"),
+])
+def test_a_section_is_named_once_in_an_error(load, override, message):
+    """A nested config's message that already names its section keeps it as it is; one that does
+    not gets the section path (never both: "data.data.caption_dropout")."""
+    from core.train.config import load_train_recipe
+    from core.train.distill_config import load_distill_recipe
+
+    loader = {"train": lambda: load_train_recipe("train_ar_tiny", [override]),
+              "distill": lambda: load_distill_recipe("distill_tiny", [override]),
+              "recipe": lambda: load_recipe(None, [override], preset="tiny")}[load]
+    with pytest.raises(ValueError) as caught:
+        loader()
+    section = override.split(".")[0]
+    assert str(caught.value).endswith(message) and f"{section}.{section}" not in str(caught.value)
