@@ -68,6 +68,10 @@ class BenchResult:
     e2e_fps: float | None = None
     e2e_over_dit: float | None = None  # e2e fps / DiT fps (1.0: decoding fully hidden)
     vae_peak_memory_gib: float | None = None
+    # the H.264 writer's encode time per chunk (median over the same chunks): when it is as long as
+    # e2e_seconds_per_block, the writer bounds the run, not the GPU. Random weights decode to
+    # noise, x264's worst case (~6.7x the time of smooth content: docs/BENCHMARKS.md)
+    writer_seconds_per_block: float | None = None
     # with --gpu-busy: the last chunk under the CUDA profiler (not in the steady statistics): the share
     # of its span (first kernel start to last kernel end) in which a kernel ran, i.e. at most what
     # CUDA graphs could recover is 1 - gpu_busy_fraction; kernels launched in that chunk
@@ -128,11 +132,12 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
         raise ValueError("--gpu-busy profiles the last chunk and needs two steady chunks: give more --frames")
     timer = SpanTimer(device)
     deliveries: list[float] = []
+    encodes: list[float] = []  # the writer's own list (filled by its thread)
     profiler = None
     with contextlib.ExitStack() as scope:
         decoder = None
         if decode is not None:
-            decoder = _decode_to_throwaway_video(scope, recipe, decode, device, dtype, deliveries)
+            decoder, encodes = _decode_to_throwaway_video(scope, recipe, decode, device, dtype, deliveries)
         timer.start()
         with sdpa_backend(runtime.attention):
             for chunk in stream_latents(model, noise, [context] * chunks, stream, negative_context=negative,
@@ -157,6 +162,8 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
     e2e = statistics.median([b - a for a, b in zip(deliveries[window_chunks:-1], deliveries[window_chunks + 1:],
                                                    strict=True)]) if decode is not None else None
     result = _result(recipe, dit, chunks, seconds, steady, e2e, decode)
+    if encodes:
+        result.writer_seconds_per_block = statistics.median(encodes[window_chunks:] or encodes)
     if profiler is not None:
         kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -222,7 +229,8 @@ def _result(recipe: Recipe, dit: BuiltDiT, chunks: int, seconds: list[float], st
 
 def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, decode: DecodeMode,
                                device: torch.device, dtype: torch.dtype, deliveries: list[float]):
-    """A random-weight VAE decoder feeding an mp4 in a temp folder; records delivery times."""
+    """A random-weight VAE decoder feeding an mp4 in a temp folder; records delivery times. Returns
+    the decoder and the writer's per-chunk encode times (filled as it works)."""
     from core.decode import VideoWriter, make_decoder
     from core.vae import random_vae
 
@@ -245,7 +253,7 @@ def _decode_to_throwaway_video(scope: contextlib.ExitStack, recipe: Recipe, deco
     decoder = make_decoder(decode, vae, sink)
     if hasattr(decoder, "close"):
         scope.callback(decoder.close)
-    return decoder
+    return decoder, writer.encode_seconds
 
 
 @dataclass

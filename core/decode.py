@@ -21,6 +21,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -273,6 +274,9 @@ class VideoWriter:
         self.crf, self.preset = crf, preset
         self.metadata = dict(metadata or {})
         self.frames_written = 0
+        # wall seconds the writer thread spent encoding each chunk: at steady state this is the
+        # rate x264 sustains (it buffers about a chunk of frames, so a median over chunks)
+        self.encode_seconds: list[float] = []
         self._queue: queue.Queue = queue.Queue(maxsize=max_queued_chunks)
         self._error: BaseException | None = None
         self._temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.part")
@@ -332,7 +336,9 @@ class VideoWriter:
     def _encode_loop(self) -> None:
         try:
             while (frames := self._queue.get()) is not None:
+                started = time.perf_counter()
                 self._encode(frames)
+                self.encode_seconds.append(time.perf_counter() - started)
         except BaseException as err:
             self._error = err
             while True:

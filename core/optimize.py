@@ -41,13 +41,24 @@ def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT
 VAE_RECOMPILE_LIMIT = 32
 
 
-def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None) -> None:
+def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
+                        channels_last: bool | None = None) -> None:
     """torch.compile the VAE decoder's units (fuses each norm + SiLU + causal padding into one
     kernel, the sub-pixel interleave into the stage shortcut's add). The cell and slice loops, the
     feature cache and the first-frame rules stay eager Python; each unit compiles once per kind of
     slice (start of the video, steady state, and a first-cell remainder), with static shapes.
-    `backend="eager"` traces without code generation (CPU tests of the capture)."""
+    `backend="eager"` traces without code generation (CPU tests of the capture).
+
+    `channels_last` (None: when the decoder is on a GPU) stores the conv weights channels-last
+    first: inductor then writes every fused norm + SiLU straight into the layout cuDNN's 3-D
+    kernels compute in. Left channels-first, cuDNN transposes each conv's input and output, 20 %
+    of a compiled 720p chunk on an H100 (docs/BENCHMARKS.md). Eager decoders stay channels-first
+    (their elementwise ops are slower channels-last)."""
     decoder = vae.decoder
+    if channels_last is None:
+        channels_last = next(decoder.parameters()).device.type == "cuda"
+    if channels_last:
+        channels_last_vae_decoder(vae)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
     compile_unit = functools.partial(torch.compile, backend=backend, mode=mode, dynamic=False)
     # instance attributes shadow the methods; the modules keep their parameters and names

@@ -57,7 +57,8 @@ class DecodePlan:
         it (`UpStage.frames_per_slice`). None: whole cells. At 720p in bf16, 64 MiB keeps ~4.5 GiB
         of activations and feature cache (3.1 GiB of it the cache; 4.7 GiB at 256 MiB, ~6.7 GiB
         for the per-latent loop: tests/test_vae.py, on `meta`); compiled on an H100 the whole decode
-        peaks at 7.96 GiB with weights (8.12 at 256 MiB) for 0.7 % more time (docs/BENCHMARKS.md).
+        peaks at 7.96 GiB with weights (8.12 at 256 MiB) for 0.7 % more time, compiled channels-last
+        (the GPU default since) 8.15 GiB on an H200 (docs/BENCHMARKS.md).
     subpixel_upsample: compute "nearest 2x, then 3x3 conv" as a 2x2 conv with four phases on the
         small input (`subpixel_weight`): 2.25x fewer FLOPs in those convolutions.
     """

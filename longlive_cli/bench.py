@@ -170,6 +170,17 @@ def _gib(value: float | None) -> str:
     return "n/a (CPU)" if value is None else f"{value:.2f} GiB"
 
 
+def _writer_note(r) -> str:
+    """The H.264 writer's time per block, and a note when encoding, not the GPU, sets the
+    end-to-end rate (random weights decode to noise, x264's worst case)."""
+    if r.writer_seconds_per_block is None:
+        return ""
+    note = f"; H.264 writer {r.writer_seconds_per_block:.3f} s / block"
+    if r.writer_seconds_per_block >= 0.9 * r.e2e_seconds_per_block:
+        note += " (the writer bounds this run: noise from random weights is x264's worst case)"
+    return note
+
+
 def result_table(r) -> Table:
     table = Table(title="longlive bench", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -190,7 +201,8 @@ def result_table(r) -> Table:
         ("first chunk", f"{r.first_chunk_seconds:.3f} s"),
         ("peak GPU memory", _gib(r.peak_memory_gib)),
         *([("end-to-end", f"{r.e2e_seconds_per_block:.3f} s / block, {r.e2e_fps:.1f} fps with --decode "
-                          f"{r.decode} ({r.e2e_over_dit:.2f} x the DiT alone)")] if r.decode else []),
+                          f"{r.decode} ({r.e2e_over_dit:.2f} x the DiT alone){_writer_note(r)}")]
+          if r.decode else []),
         ("weights / KV cache", f"{r.weights_gib:.2f} GiB / {r.kv_cache_gib:.2f} GiB"),
         *([("GPU busy (last chunk)", f"{100 * r.gpu_busy_fraction:.1f} % of its span, {r.gpu_idle_ms_per_block:.1f} ms "
                                      f"idle, {r.gpu_kernels_per_block} kernels")]

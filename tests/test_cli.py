@@ -120,12 +120,25 @@ def test_bad_checkpoint_is_one_line_exit_2(tmp_path, capsys, kind):
     assert expected in err
 
 
+@pytest.mark.parametrize("writer, bound", [(0.5, False), (0.95, True), (1.2, True), (None, False)])
+def test_bench_table_names_a_writer_bound_run(writer, bound):
+    from types import SimpleNamespace
+
+    from longlive_cli.bench import _writer_note
+
+    note = _writer_note(SimpleNamespace(writer_seconds_per_block=writer, e2e_seconds_per_block=1.0))
+    assert ("writer bounds" in note) == bound
+    assert ("H.264 writer" in note) == (writer is not None)
+
+
 def test_bench_end_to_end_and_vae_modes(capsys):
     assert main(["bench", *FAST, "--height", "64", "--width", "64", "--decode", "sync", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["decode"] == "sync" and result["e2e_fps"] > 0
     # the DiT time excludes the in-line decode, so end-to-end is slower than the DiT alone
     assert result["e2e_over_dit"] < 1.0
+    # the writer's own time per chunk is reported beside it (64 x 64 frames: far from bounding it)
+    assert 0 < result["writer_seconds_per_block"] < result["e2e_seconds_per_block"]
     assert main(["bench", "--preset", "tiny", "--height", "64", "--width", "64", "--vae", "--json"]) == 0
     vae = json.loads(capsys.readouterr().out)
     assert vae["frames_per_chunk"] == 32 and vae["seconds_per_chunk"] > 0

@@ -318,6 +318,35 @@ def test_lora_adapter_equals_the_merged_weight_and_uses_the_official_keys():
     torch.testing.assert_close(merged(x, t, text_context(1, 0), frames_per_block=2), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("ranks", [(2, 3), (4, 4, 1)])
+def test_stacked_loras_equal_merging_them_one_after_another(ranks):
+    """A progressive student (a LoRA distilled on a base with another LoRA merged) as one LoRA."""
+    from core.checkpoint import block_linear_names, merge_lora
+    from core.train.lora import stack_loras
+
+    generator = torch.Generator().manual_seed(sum(ranks))
+    model = tiny_model()
+    loras = []
+    for rank in ranks:
+        lora = {}
+        for name in block_linear_names(len(model.blocks)):
+            linear = model.get_submodule(name)
+            lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator)
+            lora[f"base_model.model.{name}.lora_B.weight"] = 0.05 * torch.randn(linear.out_features, rank,
+                                                                                 generator=generator)
+        loras.append(lora)
+    one_after_another = tiny_model()
+    for lora in loras:
+        one_after_another = merge_lora(one_after_another, lora)
+    stacked = stack_loras(*loras)
+    assert {v.shape[0] for k, v in stacked.items() if ".lora_A." in k} == {sum(ranks)}
+    at_once = merge_lora(tiny_model(), stacked)
+    for (name, a), b in zip(one_after_another.state_dict().items(), at_once.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="different layers"):
+        stack_loras(loras[0], {k: v for k, v in loras[1].items() if ".blocks.0." not in k})
+
+
 def test_materialised_nvfp4_base_equals_per_call_quantization():
     from quant.nvfp4_train import NVFP4TrainingConfig, NVFP4TrainLinear
 

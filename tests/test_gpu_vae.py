@@ -110,6 +110,28 @@ def test_channels_last_cell_decoder_equals_default() -> None:
     assert_fp32_close(actual, expected, rel=2e-5)
 
 
+def test_compiled_decoder_runs_channels_last_on_a_gpu() -> None:
+    """`compile_vae_decoder` on a GPU: every up stage receives channels-last activations (cuDNN
+    follows the weights' layout, so no transposes around the convs) and decodes what eager does."""
+    vae = random_vae(VAEConfig.preset("tiny"), seed=15, device="cuda")
+    latents = _latents(6, seed=16, h=4, w=6)
+    layouts = []
+    with torch.no_grad():
+        expected = vae.decode(latents)
+        torch._dynamo.reset()
+        compile_vae_decoder(vae)
+        hooks = [stage.register_forward_pre_hook(lambda m, args: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last_3d))) for stage in vae.decoder.upsamples]
+        try:
+            actual = vae.decode(latents)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            torch._dynamo.reset()
+    assert layouts and all(layouts), layouts
+    assert_fp32_close(actual, expected, rel=1e-4)
+
+
 def test_720p_decode_peak_memory_is_capped() -> None:
     """bf16, two 8-latent chunks at 704 x 1280: peak allocated memory (weights included) <= 8 GiB,
     against ~10 GiB for the per-latent loop (docs/BENCHMARKS.md)."""

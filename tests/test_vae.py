@@ -678,6 +678,30 @@ def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: str | Non
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("channels_last", [None, False, True])
+def test_compiled_decoder_layout(channels_last: bool | None) -> None:
+    """`compile_vae_decoder` stores the conv weights channels-last when asked (None: on a GPU
+    only, so never here) and decodes what the channels-first one does. (Traced here the CPU's
+    reference conv3d returns channels-first activations; cuDNN follows the weights' layout:
+    tests/test_gpu_vae.py.)"""
+    model = random_vae(TINY, seed=7)
+    latents = randn(1, 48, 4, 2, 3, seed=42)
+    plan = DecodePlan(latents_per_cell=2, slice_bytes=None)
+    expected = model.decode(latents, plan)
+    torch._dynamo.reset()
+    compile_vae_decoder(model, backend="eager", channels_last=channels_last)
+    convs = [m.weight for m in model.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) > 10
+    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+    assert all(w.is_contiguous(memory_format=layout) for w in convs)
+    assert any(not w.is_contiguous() for w in convs) == bool(channels_last)
+    try:
+        actual = model.decode(latents, plan)
+    finally:
+        torch._dynamo.reset()
+    assert_fp32_close(actual, expected)
+
+
 @pytest.mark.parametrize("frames", [1, 9])
 def test_compiled_encoder_captures_the_first_and_the_steady_step(frames: int) -> None:
     """train-ar's `runtime.compile: always` path, traced on the CPU without code generation: the

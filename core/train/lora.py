@@ -84,6 +84,21 @@ def scaled_for_merge(lora: Mapping[str, Tensor], scale: float) -> dict[str, Tens
     return {key: value * scale if ".lora_B." in key else value for key, value in lora.items()}
 
 
+def stack_loras(*loras: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Adapters trained one on top of another (a student distilled from a merged student) as one
+    LoRA of the summed rank that adds up to the same update exactly: A's stacked along the rank,
+    B's side by side, so B @ A = sum B_i @ A_i. Every input at scale 1 (alpha = rank, as exported);
+    the result too."""
+    keys = set(loras[0])
+    if any(set(lora) != keys for lora in loras[1:]):
+        raise ValueError("the LoRAs target different layers")
+    stacked = {}
+    for key in keys:
+        dim = 0 if ".lora_A." in key else 1
+        stacked[key] = torch.cat([lora[key].float() for lora in loras], dim=dim)
+    return stacked
+
+
 def save_lora_file(lora: Mapping[str, Tensor], path: Path, *, step: int, metadata: Mapping[str, Any]) -> Path:
     """Write a generator LoRA atomically: `.safetensors` = the bare PEFT dict (metadata as
     strings), anything else = the official `{"generator_lora": ..., "step": n}` pickle."""

@@ -8,8 +8,10 @@
 # Writes into $OUT: lora_NAME.safetensors per run and logs.tgz (metrics and logs; not the
 # checkpoints: 28 MB for a LoRA critic, 71 MB for a full one, over the device's 16 MiB per file
 # returned, so a run does not continue across calls). BASE=FILE distils another generator (default:
-# the shipped one); BATCH (8); DEVICE=cpu BUDGET=5 runs the same steps on a CPU (batch 1, fp32) to
-# check the plumbing.
+# the shipped one); MERGE=1 also writes dit_NAME.safetensors (the generator with its LoRA merged,
+# for --checkpoint: what a run started from another generator, checkpoints.generator=FILE, gives;
+# docs/benchmarks/stack_loras.py makes it one --lora file); BATCH (8); DEVICE=cpu BUDGET=5 runs the
+# same steps on a CPU (batch 1, fp32) to check the plumbing.
 set -uo pipefail
 device=${DEVICE:-cuda}
 [ "$device" != cpu ] && source .whlav/env.sh
@@ -22,7 +24,8 @@ for spec in "$@"; do
   extra=(); IFS=, read -ra pairs <<< "${sets:-}"
   for pair in "${pairs[@]}"; do extra+=(--set "$pair"); done
   python -m longlive_cli distill distill_shapes --logdir "$runs/$name" --no-resume --max-seconds "${BUDGET:-330}" \
-    --export-lora "$OUT/lora_$name.safetensors" --set runtime.device="$device" --set runtime.dtype="$dtype" \
+    --export-lora "$OUT/lora_$name.safetensors" ${MERGE:+--merge-into "$OUT/dit_$name.safetensors"} \
+    --set runtime.device="$device" --set runtime.dtype="$dtype" \
     --set data.batch_size="$batch" --set stream.sampling_steps="$steps" --set train.max_steps=1000000 \
     --set train.checkpoint_every=1000000 --set train.keep_checkpoints=1 \
     ${BASE:+--set checkpoints.base="$BASE"} "${extra[@]}" > "$runs/$name.log" 2>&1 &

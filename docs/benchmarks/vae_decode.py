@@ -11,7 +11,8 @@ Variants (name = path[-option...]):
   old            the official per-latent loop, op for op (`PER_LATENT_PLAN`), eager
   new            the cell decoder, `DecodePlan()` defaults (4-latent cells, 64 MiB slices, sub-pixel
                  upsampling), eager
-  ...-compiled   `core.optimize.compile_vae_decoder` (inductor); compiling happens in the first chunk
+  ...-compiled   `core.optimize.compile_vae_decoder` (inductor); compiling happens in the first chunk;
+                 channels-first here unless -cl (`generate` / `bench` compile channels-last on a GPU)
   ...-maxat      with -compiled: mode "max-autotune-no-cudagraphs" (as the official LLV2_COMPILE_VAE; slow to compile)
   ...-cl         `core.optimize.channels_last_vae_decoder` (channels-last weights and activations)
   ...-cudnnbench torch.backends.cudnn.benchmark = True
@@ -113,13 +114,14 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
         torch.cuda.reset_peak_memory_stats(device)
     vae = random_vae(VAEConfig.preset(args.preset), seed=0, device=device, dtype=latents.dtype)
     weights_gib = sum(p.numel() * p.element_size() for p in vae.parameters()) / 2**30
-    if "cl" in options:
+    if "cl" in options:  # (compiled: compile_vae_decoder below applies it)
         channels_last_vae_decoder(vae)
     if "taps" in options or "stack" in options:
         frame_taps_vae_decoder(vae, stacked="stack" in options)
     if "compiled" in options:
         torch._dynamo.reset()  # each compiled variant compiles from scratch (and within the recompile limit)
-        compile_vae_decoder(vae, mode="max-autotune-no-cudagraphs" if "maxat" in options else None)
+        compile_vae_decoder(vae, mode="max-autotune-no-cudagraphs" if "maxat" in options else None,
+                            channels_last="cl" in options)  # -cl explicit, as for the eager variants
     decoder, timer = vae.streaming_decoder(plan), Timer(device)
     seconds: list[float] = []
     outputs = []

@@ -1,0 +1,34 @@
+"""Write a progressive student as one LoRA file for `--lora`: the adapters of a chain of
+distillations (e.g. a 2-step LoRA distilled on the shipped generator with a 4-step LoRA merged,
+`distill ... --set checkpoints.generator=MERGED`) stacked along the rank, which adds up to the
+same weights exactly (`core.train.lora.stack_loras`). The file records the last LoRA's sampling
+steps, so it samples as that student was distilled.
+
+    PYTHONPATH=. python docs/benchmarks/stack_loras.py OUT.safetensors FIRST.safetensors SECOND.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from core.checkpoint import _safetensors_header, read_lora_state_dict
+from core.train.lora import save_lora_file, stack_loras
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("loras", type=Path, nargs="+", help="in the order they were trained")
+    args = parser.parse_args()
+    stacked = stack_loras(*(read_lora_state_dict(path) for path in args.loras))
+    last = _safetensors_header(args.loras[-1])[1]
+    rank = next(v.shape[0] for k, v in stacked.items() if ".lora_A." in k)
+    metadata = {"source": "stack_loras: " + " + ".join(path.name for path in args.loras), "rank": str(rank),
+                "sampling_steps": last["sampling_steps"], "preset": last.get("preset", "")}
+    save_lora_file(stacked, args.out, step=int(last.get("step", 0)), metadata=metadata)
+    print(args.out, rank, metadata)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The small scripts of docs/benchmarks/ that made committed model files or benchmark figures:
+merge_lora.py (a progressive distillation's warm start), stack_loras.py (a progressive student as
+one `--lora` file) and writer_speed.py (the H.264 writer's rate per content)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import block_linear_names, merge_lora, read_lora_sampling_steps, read_state_dict, save_generator
+from core.train.lora import save_lora_file
+from tests.conftest import tiny_model
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
+
+
+def run_script(name: str, args: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *args])
+    runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+
+
+def random_lora(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    generator, model, lora = torch.Generator().manual_seed(seed), tiny_model(), {}
+    for name in block_linear_names(len(model.blocks)):
+        linear = model.get_submodule(name)
+        lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator)
+        lora[f"base_model.model.{name}.lora_B.weight"] = 0.02 * torch.randn(linear.out_features, rank,
+                                                                             generator=generator)
+    return lora
+
+
+def test_merge_then_stack_reproduce_a_progressive_student(tmp_path, monkeypatch):
+    base = save_generator(tiny_model(seed=3), tmp_path / "base.safetensors")
+    first, second = random_lora(3, seed=1), random_lora(2, seed=2)
+    first_file = save_lora_file(first, tmp_path / "four.safetensors", step=9, metadata={"sampling_steps": 4})
+    second_file = save_lora_file(second, tmp_path / "two.safetensors", step=7, metadata={"sampling_steps": 2})
+
+    run_script("merge_lora.py", [str(base), str(first_file), str(tmp_path / "merged.safetensors"),
+                                 "--preset", "tiny"], monkeypatch)
+    merged = read_state_dict(tmp_path / "merged.safetensors")
+    expected = merge_lora(tiny_model(seed=3), first).state_dict()
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(merged[name], value, rtol=0, atol=0, msg=name)
+
+    stacked_file = tmp_path / "stacked.safetensors"
+    run_script("stack_loras.py", [str(stacked_file), str(first_file), str(second_file)], monkeypatch)
+    assert read_lora_sampling_steps(stacked_file) == 2  # samples as the last student was distilled
+    at_once = merge_lora(tiny_model(seed=3), read_state_dict_lora(stacked_file)).state_dict()
+    one_after_another = merge_lora(merge_lora(tiny_model(seed=3), first), second).state_dict()
+    for name, value in one_after_another.items():
+        torch.testing.assert_close(at_once[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def read_state_dict_lora(path: Path) -> dict[str, torch.Tensor]:
+    from core.checkpoint import read_lora_state_dict
+
+    lora = read_lora_state_dict(path)
+    assert {v.shape[0] for k, v in lora.items() if ".lora_A." in k} == {5}  # ranks 3 + 2
+    return lora
+
+
+@pytest.mark.parametrize("preset", ["medium", "ultrafast"])
+def test_writer_speed_script_times_noise_and_smooth_content(preset, monkeypatch, capsys):
+    run_script("writer_speed.py", ["--height", "64", "--width", "64", "--chunks", "2", "--frames-per-chunk", "4",
+                                   "--preset", preset], monkeypatch)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["content"] for r in rows] == ["noise", "smooth"]
+    assert all(r["seconds_per_chunk"] > 0 and r["preset"] == preset for r in rows)
+    assert rows[0]["bytes"] > rows[1]["bytes"]  # noise is what x264 cannot compress
