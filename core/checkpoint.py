@@ -414,27 +414,39 @@ def read_lora_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in read_lora_state_dict(path).items()}
 
 
-def read_lora_sampling_steps(path: PathLike) -> int | None:
-    """The sampling steps a LoRA was distilled for, where its file records them (`longlive
-    distill --export-lora` writes `sampling_steps`; official files do not): None otherwise.
-    Read once per file version: a run asks twice (its sampling, its note), and a .pt is read whole."""
+def read_lora_sampling(path: PathLike) -> dict[str, float]:
+    """The sampling a LoRA was distilled for, where its file records it (`longlive distill
+    --export-lora` writes `sampling_steps` and, since 2026-12-06, `timestep_shift`; official files
+    record nothing): {"sampling_steps": int, "timestep_shift": float}, either key absent when not
+    recorded. Read once per file version: a run asks twice (its sampling, its note), and a .pt is
+    read whole."""
     path = Path(path)
     stat = path.stat()
-    return _lora_sampling_steps(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return dict(_lora_sampling(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+
+
+def read_lora_sampling_steps(path: PathLike) -> int | None:
+    """The sampling steps of `read_lora_sampling`, or None."""
+    return read_lora_sampling(path).get("sampling_steps")
 
 
 @functools.lru_cache(maxsize=8)
-def _lora_sampling_steps(resolved: str, size: int, mtime_ns: int) -> int | None:
+def _lora_sampling(resolved: str, size: int, mtime_ns: int) -> tuple[tuple[str, float], ...]:
     path = Path(resolved)
     if path.suffix == ".safetensors":
-        value = _safetensors_header(path)[1].get("sampling_steps")
+        stored = _safetensors_header(path)[1]
     else:
         stored = _load_file(path)
-        value = stored.get("sampling_steps") if isinstance(stored, Mapping) else None
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+        stored = stored if isinstance(stored, Mapping) else {}
+    found = []
+    for key, kind in (("sampling_steps", int), ("timestep_shift", float)):
+        try:
+            value = kind(stored[key]) if stored.get(key) is not None else None
+        except (TypeError, ValueError):
+            value = None
+        if value is not None and value > 0:
+            found.append((key, value))
+    return tuple(found)
 
 
 def check_lora(model: nn.Module, lora: Mapping[str, Tensor | tuple[int, ...]], source: str) -> int:

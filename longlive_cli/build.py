@@ -24,7 +24,7 @@ from core.checkpoint import (
     check_state_dict,
     load_generator,
     merge_lora,
-    read_lora_sampling_steps,
+    read_lora_sampling,
     read_lora_shapes,
     read_lora_state_dict,
     read_shapes,
@@ -74,18 +74,25 @@ def is_packed(path: Path | None) -> bool:
 
 def lora_sampling_note(lora: Path | None, stream: StreamConfig) -> str | None:
     """One line when a distilled LoRA runs with other sampling than it was distilled for (its file
-    records the steps; a student always samples without guidance): not an error, a user may mean it."""
-    steps = read_lora_sampling_steps(lora) if lora is not None else None
-    if steps is None or (stream.sampling_steps == steps and not stream.uses_guidance):
+    records the steps and, since 2026-12-06, the timestep shift; a student always samples without
+    guidance): not an error, a user may mean it."""
+    recorded = read_lora_sampling(lora) if lora is not None else {}
+    steps, shift = recorded.get("sampling_steps"), recorded.get("timestep_shift", stream.timestep_shift)
+    if steps is None or (stream.sampling_steps == steps and stream.timestep_shift == shift
+                         and not stream.uses_guidance):
         return None
     now, fix = f"{stream.sampling_steps} steps", []
     if stream.sampling_steps != steps:
         fix.append(f"--steps {steps}" if steps in (2, 4) else f"--set stream.sampling_steps={steps}")
+    if stream.timestep_shift != shift:
+        now += f" at timestep shift {stream.timestep_shift:g}"
+        fix.append(f"--set stream.timestep_shift={shift:g}")
     if stream.uses_guidance:
         now += f" with guidance {stream.guidance_scale:g}"
         fix.append("--set stream.guidance_scale=1")
-    return (f"note: the LoRA {lora} was distilled for {steps} steps without guidance; this run samples {now} "
-            f"(for the distilled setting: {' '.join(fix)})")
+    at_shift = f" at timestep shift {shift:g}" if "timestep_shift" in recorded else ""
+    return (f"note: the LoRA {lora} was distilled for {steps} steps{at_shift} without guidance; this run "
+            f"samples {now} (for the distilled setting: {' '.join(fix)})")
 
 
 def show_lora_sampling_note(lora: Path | None, stream: StreamConfig) -> None:

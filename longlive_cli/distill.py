@@ -131,7 +131,8 @@ def write_outputs(recipe, job: TrainJob, result) -> None:
     if export is not None:
         save_lora_file(lora, export, step=result.final_step,
                        metadata={"source": "longlive distill", "rank": recipe.adapter.rank,
-                                 "preset": recipe.preset, "sampling_steps": recipe.stream.sampling_steps})
+                                 "preset": recipe.preset, "sampling_steps": recipe.stream.sampling_steps,
+                                 "timestep_shift": recipe.stream.timestep_shift})
     merge_into = job.output("--merge-into")
     if merge_into is not None:
         from core.checkpoint import merge_lora, save_generator

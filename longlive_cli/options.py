@@ -38,25 +38,25 @@ def resolve_recipe(preset: str | None, recipe: str | None, sets: Sequence[str], 
 
 def _lora_sampling(result: Recipe, lora: str | os.PathLike | None, recipe: str | None, sets: Sequence[str],
                    given: Flags) -> Recipe:
-    """A LoRA from `distill --export-lora` samples as it was distilled (its recorded steps, no
-    guidance) where no flag, --set or recipe file sets that value: the preset's sampling is for the
-    model without it (the shapes preset's 16 steps with guidance 3 are its AR model's). Official
-    LoRA files record nothing; an unreadable one is left to the model checks."""
-    from core.checkpoint import read_lora_sampling_steps
+    """A LoRA from `distill --export-lora` samples as it was distilled (its recorded steps and
+    timestep shift, no guidance) where no flag, --set or recipe file sets that value: the preset's
+    sampling is for the model without it (the shapes preset's 16 steps with guidance 3 are its AR
+    model's). Official LoRA files record nothing; an unreadable one is left to the model checks."""
+    from core.checkpoint import read_lora_sampling
     from core.config import read_recipe_data
 
     if lora is None or not Path(lora).is_file():
         return result
     try:
-        steps = read_lora_sampling_steps(lora)
+        recorded = read_lora_sampling(lora)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
         return result  # unreadable: the LoRA checks before any model say so in one line
-    if steps is None:
+    if "sampling_steps" not in recorded:
         return result
     written = read_recipe_data(recipe, sets)[0].get("stream") or {}  # the file and the --set values
     named = {f"stream.{key}" for key in written} | {
         f"{section}.{key}" for section, values in given.items() for key in values}
-    updates = {key: value for key, value in (("sampling_steps", steps), ("guidance_scale", 1.0))
+    updates = {key: value for key, value in {**recorded, "guidance_scale": 1.0}.items()
                if f"stream.{key}" not in named}
     return overlay(result, {"stream": updates}) if updates else result
 

@@ -99,9 +99,10 @@ def test_tiny_recipe_lowers_both_losses_and_its_lora_changes_2_step_generation(t
         assert official[part]["base_model.model.blocks.1.ffn.0.lora_A.weight"].shape == (8, 128)
         assert official[part]["base_model.model.blocks.1.ffn.0.lora_B.weight"].shape == (256, 8)
     exported = load_file(lora)
-    from core.checkpoint import read_lora_sampling_steps
+    from core.checkpoint import read_lora_sampling
 
-    assert read_lora_sampling_steps(lora) == 2  # distill_tiny's stream.sampling_steps, for generate's note
+    # distill_tiny's stream.sampling_steps and timestep_shift: how generate --lora samples it by default
+    assert read_lora_sampling(lora) == {"sampling_steps": 2, "timestep_shift": 5.0}
     assert exported.keys() == official["generator_lora"].keys()
     assert all(torch.equal(exported[k], official["generator_lora"][k]) for k in exported)
 

@@ -20,9 +20,39 @@ TINY_LORA = {"base_model.model.blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 128
              "base_model.model.blocks.0.ffn.0.lora_B.weight": torch.zeros(256, 4)}
 
 
-def _lora(folder: Path, suffix: str, steps: int | None) -> Path:
+def _lora(folder: Path, suffix: str, steps: int | None, shift: float | None = None) -> Path:
     metadata = {"source": "longlive distill"} | ({"sampling_steps": steps} if steps is not None else {})
+    metadata |= {"timestep_shift": shift} if shift is not None else {}
     return save_lora_file(TINY_LORA, folder / f"lora{suffix}", step=3, metadata=metadata)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+@pytest.mark.parametrize("shift, steps, fixes", [
+    (2.0, 2, ["--set stream.timestep_shift=2"]),
+    (2.0, 4, ["--steps 2", "--set stream.timestep_shift=2"]),
+    (5.0, 2, None),  # the run's shift is the recorded one
+])
+def test_note_names_a_timestep_shift_that_differs(tmp_path, suffix, shift, steps, fixes):
+    path = _lora(tmp_path, suffix, 2, shift)
+    note = lora_sampling_note(path, StreamConfig(sampling_steps=steps, guidance_scale=1.0, timestep_shift=5.0))
+    if fixes is None:
+        assert note is None
+        return
+    assert note.startswith(f"note: the LoRA {path} was distilled for 2 steps at timestep shift {shift:g} "
+                           f"without guidance; this run samples {steps} steps at timestep shift 5"), note
+    assert note.endswith(f"(for the distilled setting: {' '.join(fixes)})"), note
+
+
+@pytest.mark.parametrize("shift, sets, expected", [
+    (2.0, [], 2.0),  # the recorded schedule, not the preset's shift 5
+    (2.0, ["stream.timestep_shift=3"], 3.0),  # --set wins
+    (None, [], 5.0),  # a LoRA that records only its steps: the preset's shift
+])
+def test_a_distilled_lora_samples_its_recorded_timestep_shift(tmp_path, shift, sets, expected):
+    from longlive_cli.options import resolve_recipe
+
+    stream = resolve_recipe("shapes", None, sets, {"stream": {}}, _lora(tmp_path, ".safetensors", 2, shift)).stream
+    assert (stream.sampling_steps, stream.timestep_shift, stream.guidance_scale) == (2, expected, 1.0)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import block_linear_names, merge_lora, read_lora_sampling_steps, read_state_dict, save_generator
+from core.checkpoint import block_linear_names, merge_lora, read_lora_sampling, read_state_dict, save_generator
 from core.train.lora import save_lora_file
 from tests.conftest import tiny_model
 
@@ -38,7 +38,8 @@ def test_merge_then_stack_reproduce_a_progressive_student(tmp_path, monkeypatch)
     base = save_generator(tiny_model(seed=3), tmp_path / "base.safetensors")
     first, second = random_lora(3, seed=1), random_lora(2, seed=2)
     first_file = save_lora_file(first, tmp_path / "four.safetensors", step=9, metadata={"sampling_steps": 4})
-    second_file = save_lora_file(second, tmp_path / "two.safetensors", step=7, metadata={"sampling_steps": 2})
+    second_file = save_lora_file(second, tmp_path / "two.safetensors", step=7,
+                                 metadata={"sampling_steps": 2, "timestep_shift": 2.0})
 
     run_script("merge_lora.py", [str(base), str(first_file), str(tmp_path / "merged.safetensors"),
                                  "--preset", "tiny"], monkeypatch)
@@ -50,7 +51,8 @@ def test_merge_then_stack_reproduce_a_progressive_student(tmp_path, monkeypatch)
 
     stacked_file = tmp_path / "stacked.safetensors"
     run_script("stack_loras.py", [str(stacked_file), str(first_file), str(second_file)], monkeypatch)
-    assert read_lora_sampling_steps(stacked_file) == 2  # samples as the last student was distilled
+    # samples as the last student was distilled
+    assert read_lora_sampling(stacked_file) == {"sampling_steps": 2, "timestep_shift": 2.0}
     at_once = merge_lora(tiny_model(seed=3), read_state_dict_lora(stacked_file)).state_dict()
     one_after_another = merge_lora(merge_lora(tiny_model(seed=3), first), second).state_dict()
     for name, value in one_after_another.items():

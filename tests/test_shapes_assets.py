@@ -105,6 +105,8 @@ DISTILLED_LORAS: dict[str, tuple[str, int]] = {  # path: (sha256, the sampling s
         ("ba698efad027b85df00e97ff80c3382edc26850120837661d7b78baa0b8c134e", 4),
     "docs/models/shapes/distill_2026-12-06h/lora2_progressive.safetensors":
         ("f64f44045cb9e2024b14d3e7164e284c4ed107a207c0e589d125d7ba7bd7c810", 2),
+    "docs/models/shapes/distill_2026-12-06h/lora2_shift2.safetensors":
+        ("4ab4a18ccfc789d113725bda8f5887863cf7091888a9c438c6e1befb31fe86e2", 2),
 }
 
 

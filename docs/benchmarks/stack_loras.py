@@ -2,7 +2,7 @@
 distillations (e.g. a 2-step LoRA distilled on the shipped generator with a 4-step LoRA merged,
 `distill ... --set checkpoints.generator=MERGED`) stacked along the rank, which adds up to the
 same weights exactly (`core.train.lora.stack_loras`). The file records the last LoRA's sampling
-steps, so it samples as that student was distilled.
+steps (and timestep shift, where recorded), so it samples as that student was distilled.
 
     PYTHONPATH=. python docs/benchmarks/stack_loras.py OUT.safetensors FIRST.safetensors SECOND.safetensors
 """
@@ -20,12 +20,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("loras", type=Path, nargs="+", help="in the order they were trained")
+    parser.add_argument("--timestep-shift", type=float, default=None,
+                        help="record this shift (the last LoRA's stream.timestep_shift) where its file does not: "
+                             "files exported before 2026-12-06's eighth session record only the steps")
     args = parser.parse_args()
     stacked = stack_loras(*(read_lora_state_dict(path) for path in args.loras))
     last = _safetensors_header(args.loras[-1])[1]
     rank = next(v.shape[0] for k, v in stacked.items() if ".lora_A." in k)
     metadata = {"source": "stack_loras: " + " + ".join(path.name for path in args.loras), "rank": str(rank),
                 "sampling_steps": last["sampling_steps"], "preset": last.get("preset", "")}
+    if args.timestep_shift is not None:
+        metadata["timestep_shift"] = str(args.timestep_shift)
+    elif "timestep_shift" in last:
+        metadata["timestep_shift"] = last["timestep_shift"]
     save_lora_file(stacked, args.out, step=int(last.get("step", 0)), metadata=metadata)
     print(args.out, rank, metadata)
 
