@@ -422,7 +422,7 @@ def read_lora_sampling(path: PathLike) -> dict[str, float]:
     read whole."""
     path = Path(path)
     stat = path.stat()
-    return dict(_lora_sampling(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
+    return dict(_cached_lora_sampling(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
 def read_lora_sampling_steps(path: PathLike) -> int | None:
@@ -431,7 +431,7 @@ def read_lora_sampling_steps(path: PathLike) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _lora_sampling(resolved: str, size: int, mtime_ns: int) -> tuple[tuple[str, float], ...]:
+def _cached_lora_sampling(resolved: str, size: int, mtime_ns: int) -> tuple[tuple[str, float], ...]:
     path = Path(resolved)
     if path.suffix == ".safetensors":
         stored = _safetensors_header(path)[1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.checkpoint import _safetensors_header, read_lora_state_dict
+from core.checkpoint import read_lora_sampling, read_lora_state_dict
 from core.train.lora import save_lora_file, stack_loras
 
 
@@ -24,16 +24,15 @@ def main() -> None:
                         help="record this shift (the last LoRA's stream.timestep_shift) where its file does not: "
                              "files exported before 2026-12-06's eighth session record only the steps")
     args = parser.parse_args()
+    recorded = read_lora_sampling(args.loras[-1])
+    if "sampling_steps" not in recorded:
+        raise SystemExit(f"{args.loras[-1]} records no sampling steps: give the last LoRA a distill export")
     stacked = stack_loras(*(read_lora_state_dict(path) for path in args.loras))
-    last = _safetensors_header(args.loras[-1])[1]
     rank = next(v.shape[0] for k, v in stacked.items() if ".lora_A." in k)
-    metadata = {"source": "stack_loras: " + " + ".join(path.name for path in args.loras), "rank": str(rank),
-                "sampling_steps": last["sampling_steps"], "preset": last.get("preset", "")}
     if args.timestep_shift is not None:
-        metadata["timestep_shift"] = str(args.timestep_shift)
-    elif "timestep_shift" in last:
-        metadata["timestep_shift"] = last["timestep_shift"]
-    save_lora_file(stacked, args.out, step=int(last.get("step", 0)), metadata=metadata)
+        recorded["timestep_shift"] = args.timestep_shift
+    metadata = {"source": "stack_loras: " + " + ".join(path.name for path in args.loras), "rank": rank, **recorded}
+    save_lora_file(stacked, args.out, step=0, metadata=metadata)
     print(args.out, rank, metadata)
 
 
