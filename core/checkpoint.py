@@ -425,11 +425,6 @@ def read_lora_sampling(path: PathLike) -> dict[str, float]:
     return dict(_cached_lora_sampling(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
-def read_lora_sampling_steps(path: PathLike) -> int | None:
-    """The sampling steps of `read_lora_sampling`, or None."""
-    return read_lora_sampling(path).get("sampling_steps")
-
-
 @functools.lru_cache(maxsize=8)
 def _cached_lora_sampling(resolved: str, size: int, mtime_ns: int) -> tuple[tuple[str, float], ...]:
     path = Path(resolved)

@@ -27,6 +27,20 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return random_init_(model, seed).to(dtype)
 
 
+def random_lora(rank: int, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """A random LoRA (official keys) for every block linear of `tiny_model()`: A ~ N(0, 1),
+    B ~ N(0, scale^2)."""
+    from core.checkpoint import block_linear_names
+
+    generator, model, lora = torch.Generator().manual_seed(seed), tiny_model(), {}
+    for name in block_linear_names(len(model.blocks)):
+        linear = model.get_submodule(name)
+        lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator)
+        lora[f"base_model.model.{name}.lora_B.weight"] = scale * torch.randn(linear.out_features, rank,
+                                                                              generator=generator)
+    return lora
+
+
 @pytest.fixture
 def model() -> CausalWanDiT:
     return tiny_model()

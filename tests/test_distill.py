@@ -322,20 +322,11 @@ def test_lora_adapter_equals_the_merged_weight_and_uses_the_official_keys():
 @pytest.mark.parametrize("ranks", [(2, 3), (4, 4, 1)])
 def test_stacked_loras_equal_merging_them_one_after_another(ranks):
     """A progressive student (a LoRA distilled on a base with another LoRA merged) as one LoRA."""
-    from core.checkpoint import block_linear_names, merge_lora
+    from core.checkpoint import merge_lora
     from core.train.lora import stack_loras
+    from tests.conftest import random_lora
 
-    generator = torch.Generator().manual_seed(sum(ranks))
-    model = tiny_model()
-    loras = []
-    for rank in ranks:
-        lora = {}
-        for name in block_linear_names(len(model.blocks)):
-            linear = model.get_submodule(name)
-            lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator)
-            lora[f"base_model.model.{name}.lora_B.weight"] = 0.05 * torch.randn(linear.out_features, rank,
-                                                                                 generator=generator)
-        loras.append(lora)
+    loras = [random_lora(rank, seed=sum(ranks) + i, scale=0.05) for i, rank in enumerate(ranks)]
     one_after_another = tiny_model()
     for lora in loras:
         one_after_another = merge_lora(one_after_another, lora)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.checkpoint import block_linear_names, merge_lora, read_lora_sampling, read_state_dict, save_generator
+from core.checkpoint import merge_lora, read_lora_sampling, read_state_dict, save_generator
 from core.train.lora import save_lora_file
-from tests.conftest import tiny_model
+from tests.conftest import random_lora, tiny_model
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 
@@ -22,16 +22,6 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 def run_script(name: str, args: list[str], monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *args])
     runpy.run_path(str(SCRIPTS / name), run_name="__main__")
-
-
-def random_lora(rank: int, seed: int) -> dict[str, torch.Tensor]:
-    generator, model, lora = torch.Generator().manual_seed(seed), tiny_model(), {}
-    for name in block_linear_names(len(model.blocks)):
-        linear = model.get_submodule(name)
-        lora[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator)
-        lora[f"base_model.model.{name}.lora_B.weight"] = 0.02 * torch.randn(linear.out_features, rank,
-                                                                             generator=generator)
-    return lora
 
 
 def test_merge_then_stack_reproduce_a_progressive_student(tmp_path, monkeypatch):

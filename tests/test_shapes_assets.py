@@ -113,7 +113,7 @@ DISTILLED_LORAS: dict[str, tuple[str, int]] = {  # path: (sha256, the sampling s
 def test_committed_students_are_recorded_and_fit_the_shapes_generator():
     from pathlib import Path
 
-    from core.checkpoint import check_lora, read_lora_sampling_steps, read_lora_shapes
+    from core.checkpoint import check_lora, read_lora_sampling, read_lora_shapes
     from core.config import ModelConfig
     from longlive_cli.build import meta_dit
 
@@ -125,7 +125,7 @@ def test_committed_students_are_recorded_and_fit_the_shapes_generator():
         path = root / name
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, name
         assert check_lora(model, read_lora_shapes(path), name) in (32, 64)
-        assert read_lora_sampling_steps(path) == steps, name
+        assert read_lora_sampling(path).get("sampling_steps") == steps, name
 
 
 def test_the_two_step_student_draws_background_colour_and_motion(tmp_path):

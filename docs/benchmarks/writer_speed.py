@@ -1,8 +1,8 @@
 """How fast `core.decode.VideoWriter` (libx264, yuv420p) takes frames at a given size, per content:
 `noise` (what a random-weight model decodes to: the worst case for x264) and `smooth` (moving
 gradients, closer to a real video). Seconds per 32-frame chunk: the
-wall time from the first frame to the closed file over the chunks (x264 buffers frames in its own
-threads, so one chunk's `encode` calls do not show its cost).
+wall time from the first frame to the closed file over the chunks (the writer encodes on its own
+thread and x264 buffers frames, so only the closed file shows the whole cost).
 
     PYTHONPATH=. python docs/benchmarks/writer_speed.py --height 704 --width 1280 --chunks 4
 """
@@ -47,7 +47,7 @@ def main() -> None:
             started = time.perf_counter()
             with VideoWriter(path, args.width, args.height, preset=args.preset) as writer:
                 for chunk in chunks:
-                    writer._encode(chunk)  # on this thread: the writer's own work, x264's threads included
+                    writer.write(chunk)
             seconds = (time.perf_counter() - started) / len(chunks)  # to the closed file (x264 buffers frames)
             size = path.stat().st_size
         print(json.dumps({"content": kind, "preset": args.preset, "height": args.height, "width": args.width,
