@@ -263,15 +263,17 @@ class VideoWriter:
     full, read-only folder, file too large) is an `OutputError` naming `path` and the cause. `crf`
     is x264's quality (0 lossless .. 51 worst; 18 is visually lossless). `metadata` (title,
     comment, ...) may change until the block ends (`update_metadata`); a change made after the
-    first packet costs a remux at the end (packets copied, nothing re-encoded)."""
+    first packet costs a remux at the end (packets copied, nothing re-encoded). `thread_type` is
+    how x264 spreads over the cores: "frame" (the ffmpeg command's default; for throughput),
+    "slice" (PyAV's default; for latency) or "auto"."""
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, *, fps: int = VIDEO_FPS,
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
-                 max_queued_chunks: int = 2):
+                 max_queued_chunks: int = 2, thread_type: str = "frame"):
         check_crf(crf)
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
-        self.crf, self.preset = crf, preset
+        self.crf, self.preset, self.thread_type = crf, preset, thread_type
         self.metadata = dict(metadata or {})
         self.frames_written = 0
         # wall seconds the writer thread spent encoding each chunk: at steady state this is the
@@ -296,6 +298,7 @@ class VideoWriter:
         stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
         stream.options = {"crf": str(self.crf), "preset": self.preset}
+        stream.codec_context.thread_type = self.thread_type.upper()
         self._stream = stream
         self._thread = threading.Thread(target=self._encode_loop, name="longlive-writer", daemon=True)
         self._thread.start()

@@ -109,6 +109,20 @@ def test_writer_produces_h264_at_24_fps(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
 
 
+@pytest.mark.parametrize("thread_type", ["frame", "slice", "auto"])
+def test_writer_threading_writes_every_frame(tmp_path, thread_type):
+    """x264's frame threads (the default) hold frames back until the flush: none may be lost."""
+    path = tmp_path / "out.mp4"
+    with VideoWriter(path, 32, 16, thread_type=thread_type) as writer:
+        assert writer._stream.codec_context.thread_type.name == thread_type.upper()
+        for value in range(0, 250, 10):
+            writer.write(np.full((3, 16, 32, 3), value, np.uint8))
+    with av.open(str(path)) as container:
+        means = [int(f.to_ndarray(format="rgb24").mean()) for f in container.decode(video=0)]
+    assert len(means) == 75
+    assert all(abs(m - 10 * (i // 3)) <= 3 for i, m in enumerate(means))  # in order
+
+
 def test_interrupt_leaves_no_file(tmp_path):
     path = tmp_path / "out.mp4"
     with pytest.raises(KeyboardInterrupt):

@@ -60,8 +60,9 @@ def read_state_dict_lora(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("preset", ["medium", "ultrafast"])
 def test_writer_speed_script_times_noise_and_smooth_content(preset, monkeypatch, capsys):
     run_script("writer_speed.py", ["--height", "64", "--width", "64", "--chunks", "2", "--frames-per-chunk", "4",
-                                   "--preset", preset], monkeypatch)
+                                   "--preset", preset, "--thread-type", "slice,frame"], monkeypatch)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["content"] for r in rows] == ["noise", "smooth"]
+    assert [(r["content"], r["thread_type"]) for r in rows] == [
+        ("noise", "slice"), ("noise", "frame"), ("smooth", "slice"), ("smooth", "frame")]
     assert all(r["seconds_per_chunk"] > 0 and r["preset"] == preset for r in rows)
-    assert rows[0]["bytes"] > rows[1]["bytes"]  # noise is what x264 cannot compress
+    assert rows[0]["bytes"] > rows[2]["bytes"]  # noise is what x264 cannot compress

@@ -18,7 +18,7 @@ Variants (name = path[-option...]):
   ...-cudnnbench torch.backends.cudnn.benchmark = True
   ...-taps       `core.optimize.frame_taps_vae_decoder` (each temporal conv as per-tap 2-D convs)
   ...-stack      the same with `stacked=True` (one 2-D conv over the taps stacked into channels)
-  ...-k8 / -64M / -128M / -256M / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 64 MiB
+  ...-k8 / -32M / -64M / -128M / -256M / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 32 MiB, 64 MiB
                  (the default), 128 MiB, 256 MiB (the default before 2026-12-06), 512 MiB, 1 GiB, None /
                  subpixel_upsample=False
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
@@ -44,7 +44,8 @@ from core.optimize import channels_last_vae_decoder, compile_vae_decoder, frame_
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 
 DEFAULT_VARIANTS = "old,new,new-512M,new-512M-cl,new-compiled"
-PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "64M": {"slice_bytes": 2**26}, "128M": {"slice_bytes": 2**27},
+PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "32M": {"slice_bytes": 2**25}, "64M": {"slice_bytes": 2**26},
+                "128M": {"slice_bytes": 2**27},
                 "256M": {"slice_bytes": 2**28}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
                 "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False}}
 OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", *PLAN_OPTIONS}
@@ -150,7 +151,7 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
     if reference is not None:
         result.update(compare(outputs, reference, device))
     if args.profile and name == args.profile_variant and cuda:
-        profile_chunk(decoder, latents[:, :, -args.latents_per_chunk:])
+        profile_chunk(decoder, latents[:, :, -args.latents_per_chunk:], args.profile_rows)
     del decoder, vae
     torch.backends.cudnn.benchmark = False
     return result, outputs
@@ -166,13 +167,13 @@ def compare(outputs: list[torch.Tensor], reference: list[torch.Tensor], device: 
     return {"max_abs_diff_vs_old": worst, "rms_diff_vs_old": (squares / count) ** 0.5, "max_abs_old": largest}
 
 
-def profile_chunk(decoder, chunk: torch.Tensor) -> None:
+def profile_chunk(decoder, chunk: torch.Tensor, rows: int = 25) -> None:
     """The kernels of one more (steady-state) chunk, by total device time."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.no_grad(), torch.profiler.profile(activities=activities) as prof:
         decoder.decode(chunk)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70),
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90),
           flush=True)
 
 
@@ -188,6 +189,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--profile", action="store_true", help="print the kernel table of one chunk")
     parser.add_argument("--profile-variant", default="new", help="the variant --profile profiles")
+    parser.add_argument("--profile-rows", type=int, default=25, help="kernels in the --profile table (default 25)")
     parser.add_argument("--flops", action="store_true",
                         help="print each variant's FLOPs per decoder stage (counted on meta) and stop")
     args = parser.parse_args()
