@@ -271,6 +271,8 @@ class VideoWriter:
                  crf: int = 18, preset: str = "medium", metadata: Mapping[str, str] | None = None,
                  max_queued_chunks: int = 2, thread_type: str = "frame"):
         check_crf(crf)
+        if thread_type not in ("frame", "slice", "auto"):  # before any file exists: no stray temp file
+            raise ValueError(f"thread_type must be frame, slice or auto (got {thread_type!r})")
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
         self.crf, self.preset, self.thread_type = crf, preset, thread_type

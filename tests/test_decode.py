@@ -133,6 +133,8 @@ def test_interrupt_leaves_no_file(tmp_path):
 def test_writer_rejects_bad_frames_and_quality(tmp_path):
     with pytest.raises(UserError, match="--crf 60"):
         VideoWriter(tmp_path / "x.mp4", 32, 16, crf=60)
+    with pytest.raises(ValueError, match="thread_type must be frame, slice or auto"):
+        VideoWriter(tmp_path / "x.mp4", 32, 16, thread_type="frames")
     with pytest.raises(ValueError, match=r"uint8 \[T, 16, 32, 3\]"):
         with VideoWriter(tmp_path / "x.mp4", 32, 16) as writer:
             writer.write(np.zeros((2, 16, 30, 3), np.uint8))
