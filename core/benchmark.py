@@ -78,6 +78,9 @@ class BenchResult:
     gpu_busy_fraction: float | None = None
     gpu_idle_ms_per_block: float | None = None
     gpu_kernels_per_block: int | None = None
+    # the same chunk's kernels grouped by name, longest total first (the first GPU_TOP_KERNELS):
+    # {"name", "ms", "calls", "share"}; where the block's time goes, for the next optimisation
+    gpu_top_kernels: list[dict] | None = None
     storage: str = "bf16"  # e.g. "nvfp4 w4a16 (mse), kv nvfp4 (mse)"
     # parallel runs (longlive_cli/parallel_inference.py): the layout, and fps summed over replicas
     sp: int = 1
@@ -165,13 +168,32 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
     if encodes:
         result.writer_seconds_per_block = statistics.median(encodes[window_chunks:] or encodes)
     if profiler is not None:
-        kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [(e.name, e.time_range.start, e.time_range.end) for e in profiler.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [(start, end) for _, start, end in events]
         busy_us, span_us = busy_time(kernels)
+        result.gpu_top_kernels = kernel_table(events, GPU_TOP_KERNELS)
         result.gpu_busy_fraction = busy_us / span_us if span_us else None
         result.gpu_idle_ms_per_block = (span_us - busy_us) / 1e3
         result.gpu_kernels_per_block = len(kernels)
     return result
+
+
+GPU_TOP_KERNELS = 25
+
+
+def kernel_table(events: list[tuple[str, float, float]], top: int) -> list[dict]:
+    """Kernels `(name, start_us, end_us)` grouped by name: the `top` longest in total, each with its
+    total milliseconds, number of calls and share of all kernel time (overlaps counted twice)."""
+    totals: dict[str, list[float]] = {}
+    for name, start, end in events:
+        entry = totals.setdefault(name, [0.0, 0])
+        entry[0] += end - start
+        entry[1] += 1
+    whole = sum(us for us, _ in totals.values())
+    ranked = sorted(totals.items(), key=lambda item: (-item[1][0], item[0]))[:top]
+    return [{"name": name, "ms": us / 1e3, "calls": int(calls), "share": us / whole if whole else 0.0}
+            for name, (us, calls) in ranked]
 
 
 def busy_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:

@@ -207,6 +207,8 @@ def result_table(r) -> Table:
         *([("GPU busy (last chunk)", f"{100 * r.gpu_busy_fraction:.1f} % of its span, {r.gpu_idle_ms_per_block:.1f} ms "
                                      f"idle, {r.gpu_kernels_per_block} kernels")]
           if r.gpu_busy_fraction is not None else []),
+        *[(f"  kernel {i + 1}", f"{k['ms']:.2f} ms, {k['calls']} calls, {100 * k['share']:.1f} %: {k['name'][:70]}")
+          for i, k in enumerate((r.gpu_top_kernels or [])[:8])],
         *([("parallel", f"sp {r.sp}{' x 2 CFG branch groups' if r.cfg_parallel else ''} x {r.replicas} "
                         f"replica(s): {r.total_fps:.1f} fps in all (per-rank cache above)")]
           if r.total_fps is not None else []),

@@ -142,3 +142,20 @@ def test_bench_end_to_end_and_vae_modes(capsys):
     assert main(["bench", "--preset", "tiny", "--height", "64", "--width", "64", "--vae", "--json"]) == 0
     vae = json.loads(capsys.readouterr().out)
     assert vae["frames_per_chunk"] == 32 and vae["seconds_per_chunk"] > 0
+
+
+def test_bench_table_lists_the_profiled_chunks_kernels(capsys):
+    from rich.console import Console
+
+    from core.benchmark import BenchResult
+    from longlive_cli.bench import result_table
+
+    assert main(["bench", *FAST, "--json"]) == 0
+    result = BenchResult(**json.loads(capsys.readouterr().out))
+    result.gpu_busy_fraction, result.gpu_idle_ms_per_block, result.gpu_kernels_per_block = 0.98, 11.0, 4247
+    result.gpu_top_kernels = [{"name": f"kernel_{i}", "ms": 10.0 - i, "calls": 90, "share": 0.1} for i in range(10)]
+    console = Console(width=200, record=True)
+    console.print(result_table(result))
+    text = console.export_text()
+    assert "GPU busy" in text and "kernel_0" in text and "kernel_7" in text
+    assert "kernel_8" not in text  # the first eight only; the JSON has them all
