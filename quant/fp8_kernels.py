@@ -1,4 +1,6 @@
-"""Triton per-row FP8 (E4M3) quantizer, bit-identical to `quant.fp8.quantize_rows_reference`.
+"""Triton FP8 (E4M3) kernels: the per-row quantizer, bit-identical to
+`quant.fp8.quantize_rows_reference`, and the FP8 KV cache's re-encoding of grown heads
+(`rescale_heads_triton`, bit-identical to `quant.fp8_kv.rescale_stored`).
 
 One program quantizes one row of a `[M, K]` matrix held whole in registers (K <= 16384 covers
 every DiT linear): the row's amax, its scale `max(amax, floor) / 448`, the codes
@@ -20,12 +22,13 @@ from core.errors import UserError
 MAX_ROW = 16384  # widest row one program holds (the 5B's ffn.2 input is 14336)
 
 _kernel = None
+_rescale_kernel = None
 tl = triton = None  # set by _load_kernel (the kernel looks names up in this module's globals)
 
 
 def _load_kernel():
-    """Import triton and define the kernel once."""
-    global _kernel
+    """Import triton and define the kernels once."""
+    global _kernel, _rescale_kernel
     if _kernel is not None:
         return _kernel
     try:
@@ -62,9 +65,50 @@ def _load_kernel():
         tl.store(codes_ptr + row * K + cols, (code | sign).to(tl.uint8), mask=live)
         tl.store(scales_ptr + row, scale)
 
+    @triton.jit
+    def rescale_heads_kernel(codes_ptr, ratio_ptr, K, N, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one program: BLOCK_T tokens of one (batch, head) of codes [B, K, N, D] (bytes). A head whose
+        # ratio is 1 keeps its codes: the program returns at once (masked-off loads were not free:
+        # 0.11 ms a call on an H100 for the index arithmetic alone, docs/BENCHMARKS.md).
+        head = tl.program_id(0)  # b * N + n
+        ratio = tl.load(ratio_ptr + head)
+        if ratio != 1.0:  # a head whose scale did not grow: nothing to read or write
+            b = (head // N).to(tl.int64)
+            n = head % N
+            t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+            d = tl.arange(0, BLOCK_D)
+            offsets = ((b * K + t[:, None]) * N + n) * D + d[None, :]
+            live = (t[:, None] < K) & (d[None, :] < D)
+            byte = tl.load(codes_ptr + offsets, mask=live, other=0).to(tl.int32)
+            # E4M3 byte -> fp32 bits: sign, exponent bias 7 -> 127, 3 mantissa bits; subnormals m * 2**-9
+            exponent = (byte >> 3) & 15
+            mantissa = byte & 7
+            normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+            magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+            scaled = magnitude * ratio  # a power of two <= 1: exact in fp32
+            code = _e4m3_code(scaled)  # <= the stored magnitude <= 448: no clamp
+            tl.store(codes_ptr + offsets, (code | (byte & 0x80)).to(tl.uint8), mask=live)
+
     globals()["_e4m3_code"] = _e4m3_code  # jit functions resolve helpers through the module globals
+    _rescale_kernel = rescale_heads_kernel
     _kernel = quantize_rows_kernel
     return _kernel
+
+
+def rescale_heads_triton(codes_BKND: torch.Tensor, ratio_BN: torch.Tensor) -> None:
+    """In place: every E4M3 code of head (b, n) of `codes [B, K, N, D]` times `ratio [B, N]` (a power
+    of two <= 1), re-rounded to E4M3. Heads whose ratio is exactly 1 are not read or written, so a
+    cache write whose scales did not grow costs nothing here. Equal byte for byte to
+    `quant.fp8_kv.rescale_stored`."""
+    _load_kernel()
+    B, K, N, D = codes_BKND.shape
+    if not codes_BKND.is_contiguous():
+        raise ValueError("the FP8 cache codes must be contiguous [B, K, N, D]")
+    ratio = ratio_BN.to(torch.float32).contiguous()
+    if codes_BKND.numel():
+        block_t = 128
+        _rescale_kernel[(B * N, triton.cdiv(K, block_t))](codes_BKND.view(torch.uint8), ratio, K, N, D,
+                                                          BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(D))
 
 
 def quantize_rows_triton(x: torch.Tensor, amax_floor: float,

@@ -11,9 +11,12 @@ Why one running scale: a kernel takes one descale per head for every key, so a h
 cover every stored token. It is the running max of `amax / 448`, rounded up to a power of two, over
 everything written since the stream began (or `reset`); when a write raises it, the stored codes of
 that head are re-encoded to the new scale (`codes * old / new`, a power of two: exact for every
-normal code, only codes below E4M3's normal range, < 2**-6 of the scale, round again). The
-re-encoding runs on every call as one fused pass, with ratio exactly 1 for a head whose scale did
-not grow, which leaves those codes bit for bit; no host sync, no branch.
+normal code, only codes below E4M3's normal range, < 2**-6 of the scale, round again). No host sync,
+no branch: the re-encoding runs on every call with ratio exactly 1 for a head whose scale did not
+grow, which leaves those codes bit for bit. On CUDA it is a Triton kernel that skips such heads
+without reading them (`quant.fp8_kernels.rescale_heads_triton`): once the scales settle, a write
+touches only the new tokens. (The whole-window pass it replaces took 16 % of a 2-step FP8 block on
+an H100: docs/BENCHMARKS.md, 2026-12-07.)
 
 Legend: B batch, K capacity (tokens), N heads, d head size, n new tokens.
 """
@@ -31,6 +34,8 @@ from core.eager import eager_method
 from core.kv_cache import LayerSpec, StorageFactory, slide_left
 from quant.fp8 import AMAX_FLOOR, E4M3_MAX
 from quant.fp8_attention import QuantizedQKV
+from quant.fp8_kernels import rescale_heads_triton
+from quant.kernels import triton_available
 from quant.kv import WindowBuffer
 
 FP8 = torch.float8_e4m3fn
@@ -54,13 +59,28 @@ def encode(x_BnND: Tensor, scale_BN: Tensor) -> Tensor:
     return (x_BnND.float() / scale_BN[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
 
 
-def write_step(codes_BKND: Tensor, scale_BN: Tensor, x_BnND: Tensor, start: int) -> None:
-    """One write of `x` at token `start`: grow the scale to cover `x`, re-encode the stored codes to
-    it (exact where it did not grow), store `x`'s codes. In place."""
+def grown_scales(scale_BN: Tensor, x_BnND: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(new scales covering `x`, ratio old / new (1 where a head did not grow), `x`'s codes at the new
+    scales): everything of a write that reads the new tokens only."""
     new_scale = torch.maximum(scale_BN, head_scales(x_BnND))
-    ratio = (scale_BN / new_scale)[:, None, :, None]
-    codes_BKND.copy_((codes_BKND.float() * ratio).to(FP8))  # x * 1 is x: unchanged heads keep their codes
-    codes_BKND[:, start:start + x_BnND.shape[1]] = encode(x_BnND, new_scale)
+    return new_scale, scale_BN / new_scale, encode(x_BnND, new_scale)
+
+
+def rescale_stored(codes_BKND: Tensor, ratio_BN: Tensor) -> None:
+    """Re-encode every stored code of head (b, n) at `ratio[b, n]` times its value. In place; x * 1 is
+    x, so heads with ratio 1 keep their codes."""
+    codes_BKND.copy_((codes_BKND.float() * ratio_BN[:, None, :, None]).to(FP8))
+
+
+def write_step(codes_BKND: Tensor, scale_BN: Tensor, x_BnND: Tensor, start: int, *,
+               grow: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] = grown_scales,
+               rescale: Callable[[Tensor, Tensor], None] = rescale_stored) -> None:
+    """One write of `x` at token `start`: grow the scale to cover `x`, re-encode the stored codes to
+    it (exact where it did not grow), store `x`'s codes. In place. (`grow` / `rescale`: other
+    implementations of the same two steps, see `fast_write_step`.)"""
+    new_scale, ratio, x_codes = grow(scale_BN, x_BnND)
+    rescale(codes_BKND, ratio)
+    codes_BKND[:, start:start + x_BnND.shape[1]] = x_codes
     scale_BN.copy_(new_scale)
 
 
@@ -70,13 +90,17 @@ FLOOR_SCALE = float(head_scales(torch.zeros(1, 1, 1, 1)))
 
 
 @functools.cache
-def _compiled_write_step():
-    return torch.compile(write_step, dynamic=None)
+def _compiled_grown_scales():
+    return torch.compile(grown_scales, dynamic=None)
 
 
 def fast_write_step(codes_BKND: Tensor, scale_BN: Tensor, x_BnND: Tensor, start: int) -> None:
-    """`write_step`, compiled on CUDA (a few fused passes instead of a dozen kernels)."""
-    (_compiled_write_step() if codes_BKND.is_cuda else write_step)(codes_BKND, scale_BN, x_BnND, start)
+    """`write_step`, bit for bit; on CUDA the new tokens' part compiled (a few fused passes instead of
+    a dozen kernels) and the stored codes re-encoded only for heads whose scale grew (Triton)."""
+    if codes_BKND.is_cuda and triton_available():
+        write_step(codes_BKND, scale_BN, x_BnND, start, grow=_compiled_grown_scales(), rescale=rescale_heads_triton)
+    else:
+        write_step(codes_BKND, scale_BN, x_BnND, start)
 
 
 class FP8LayerKV:
