@@ -12,8 +12,8 @@ cover every stored token. It is the running max of `amax / 448`, rounded up to a
 everything written since the stream began (or `reset`); when a write raises it, the stored codes of
 that head are re-encoded to the new scale (`codes * old / new`, a power of two: exact for every
 normal code, only codes below E4M3's normal range, < 2**-6 of the scale, round again). No host sync,
-no branch: the re-encoding runs on every call with ratio exactly 1 for a head whose scale did not
-grow, which leaves those codes bit for bit. On CUDA it is a Triton kernel that skips such heads
+no branch on the host: the re-encoding runs on every call with ratio exactly 1 for a head whose scale
+did not grow, which leaves those codes bit for bit. On CUDA it is a Triton kernel that skips such heads
 without reading them (`quant.fp8_kernels.rescale_heads_triton`): once the scales settle, a write
 touches only the new tokens. (The whole-window pass it replaces took 16 % of a 2-step FP8 block on
 an H100: docs/BENCHMARKS.md, 2026-12-07.)
