@@ -1,6 +1,7 @@
 """The small scripts of docs/benchmarks/ that made committed model files or benchmark figures:
 merge_lora.py (a progressive distillation's warm start), stack_loras.py (a progressive student as
-one `--lora` file) and writer_speed.py (the H.264 writer's rate per content)."""
+one `--lora` file), writer_speed.py (the H.264 writer's rate per content) and vae_decode.py's
+kernel classes."""
 
 from __future__ import annotations
 
@@ -66,3 +67,27 @@ def test_writer_speed_script_times_noise_and_smooth_content(preset, monkeypatch,
         ("noise", "slice"), ("noise", "frame"), ("smooth", "slice"), ("smooth", "frame")]
     assert all(r["seconds_per_chunk"] > 0 and r["preset"] == preset for r in rows)
     assert rows[0]["bytes"] > rows[2]["bytes"]  # noise is what x264 cannot compress
+
+
+def test_vae_decode_kernel_classes_sum_every_kernel_once():
+    script = runpy.run_path(str(SCRIPTS / "vae_decode.py"))
+    kernels = [
+        {"name": "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32", "ms": 300.0, "calls": 296},
+        {"name": "triton_poi_fused_convolution_7", "ms": 58.8, "calls": 240},
+        {"name": "triton_poi_fused_clone_slice_6", "ms": 22.9, "calls": 208},
+        {"name": "triton_red_fused_clamp_min_convolution_div_expand_linalg_vector_norm_mul_silu_8", "ms": 8.6,
+         "calls": 168},
+        {"name": "void cudnn::engines_precompiled::nchwToNhwcKernel<bf16>", "ms": 10.2, "calls": 112},
+        {"name": "triton_poi_fused_add_convolution_12", "ms": 3.4, "calls": 32},
+        {"name": "Memset (Device)", "ms": 0.5, "calls": 4},
+    ]
+    classes = script["kernel_classes"](kernels)
+    assert classes["cudnn convolution"] == {"ms": 300.0, "calls": 296}
+    assert classes["inductor bias / layout pass around a conv"]["calls"] == 240
+    assert classes["inductor causal-cache / slice copy"]["calls"] == 208
+    assert classes["inductor norm + SiLU (+ cache concat)"]["calls"] == 168  # not a conv pass: it normalises
+    assert classes["cudnn layout transpose"]["calls"] == 112
+    assert classes["inductor residual add"]["calls"] == 32
+    assert classes["other"]["calls"] == 4
+    assert sum(c["calls"] for c in classes.values()) == sum(k["calls"] for k in kernels)
+    assert list(classes) == sorted(classes, key=lambda name: -classes[name]["ms"])

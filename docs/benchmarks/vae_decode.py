@@ -40,6 +40,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.benchmark import kernel_table
 from core.optimize import channels_last_vae_decoder, compile_vae_decoder, frame_taps_vae_decoder
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 
@@ -175,6 +176,33 @@ def profile_chunk(decoder, chunk: torch.Tensor, rows: int = 25) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90),
           flush=True)
+    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = kernel_table(events, top=len(events))
+    print(json.dumps({"kernel_classes": kernel_classes(kernels), "kernels": kernels[:rows]}), flush=True)
+
+
+KERNEL_CLASSES = (  # (class, substrings of the kernel name), first match wins
+    ("cudnn convolution", ("fprop", "implicit_gemm", "conv2d", "conv3d", "winograd")),
+    ("cudnn layout transpose", ("nchwToNhwc", "nhwcToNchw")),
+    ("inductor bias / layout pass around a conv", ("triton_poi_fused_convolution_",)),
+    ("inductor causal-cache / slice copy", ("clone_slice",)),
+    ("inductor norm + SiLU (+ cache concat)", ("vector_norm", "silu")),
+    ("inductor residual add", ("triton_poi_fused_add",)),
+    ("GEMM / attention (the middle block)", ("gemm", "gemv", "nvjet", "fmha", "attention")),
+    ("other inductor", ("triton_",)),
+)
+
+
+def kernel_classes(kernels: list[dict]) -> dict[str, dict]:
+    """`kernel_table` rows summed by `KERNEL_CLASSES` (milliseconds, calls), the rest as "other"."""
+    out: dict[str, dict] = {}
+    for row in kernels:
+        name = next((cls for cls, keys in KERNEL_CLASSES if any(k in row["name"] for k in keys)), "other")
+        entry = out.setdefault(name, {"ms": 0.0, "calls": 0})
+        entry["ms"] += row["ms"]
+        entry["calls"] += row["calls"]
+    return dict(sorted(out.items(), key=lambda item: -item[1]["ms"]))
 
 
 def main() -> None:
