@@ -168,8 +168,7 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
     if encodes:
         result.writer_seconds_per_block = statistics.median(encodes[window_chunks:] or encodes)
     if profiler is not None:
-        events = [(e.name, e.time_range.start, e.time_range.end) for e in profiler.events()
-                  if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = cuda_kernel_events(profiler)
         kernels = [(start, end) for _, start, end in events]
         busy_us, span_us = busy_time(kernels)
         result.gpu_top_kernels = kernel_table(events, GPU_TOP_KERNELS)
@@ -180,6 +179,12 @@ def run_benchmark(recipe: Recipe, dit: BuiltDiT, frames: int | None = None,
 
 
 GPU_TOP_KERNELS = 25
+
+
+def cuda_kernel_events(profiler: torch.profiler.profile) -> list[tuple[str, float, float]]:
+    """`(name, start_us, end_us)` of every GPU kernel (and memcpy / memset) a finished profile saw."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in profiler.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def kernel_table(events: list[tuple[str, float, float]], top: int) -> list[dict]:

@@ -104,7 +104,7 @@ def rescale_heads_triton(codes_BKND: torch.Tensor, ratio_BN: torch.Tensor) -> No
     B, K, N, D = codes_BKND.shape
     if not codes_BKND.is_contiguous():
         raise ValueError("the FP8 cache codes must be contiguous [B, K, N, D]")
-    ratio = ratio_BN.to(torch.float32).contiguous()
+    ratio = ratio_BN.float().contiguous()  # (already fp32 [B, N] from quant.fp8_kv.grown_scales: no copy)
     if codes_BKND.numel():
         block_t = 128
         _rescale_kernel[(B * N, triton.cdiv(K, block_t))](codes_BKND.view(torch.uint8), ratio, K, N, D,

@@ -1,11 +1,9 @@
 """The Triton FP8 row quantizer, run by Triton's CPU interpreter in a subprocess (TRITON_INTERPRET=1
 must be set before triton is imported), gives quantize_rows_reference's codes and scales bit for bit."""
 
-import json
 
-import pytest
 
-from tests.test_nvfp4_kernels import run_python
+from tests.test_nvfp4_kernels import interpreter_result, run_python
 
 INTERPRETER_CHECKS = r"""
 import json
@@ -38,10 +36,7 @@ EXPECTED_CHECKS = 3 * 3 + 4
 
 
 def test_triton_quantizer_equals_reference_under_interpreter():
-    pytest.importorskip("triton")
-    proc = run_python(INTERPRETER_CHECKS, TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = interpreter_result(INTERPRETER_CHECKS)
     assert result["failures"] == []
     assert result["checked"] == EXPECTED_CHECKS
 
@@ -112,9 +107,6 @@ print(json.dumps({"checked": checked, "failures": failures}))
 
 
 def test_triton_rescale_of_grown_heads_equals_reference_under_interpreter():
-    pytest.importorskip("triton")
-    proc = run_python(RESCALE_CHECKS, TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = interpreter_result(RESCALE_CHECKS)
     assert result["failures"] == []
     assert result["checked"] == 2 + 4

@@ -94,11 +94,16 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-def test_kernels_equal_reference_under_interpreter():
+def interpreter_result(checks: str) -> dict:
+    """Run `checks` (code printing a JSON line last) under Triton's CPU interpreter; that line."""
     pytest.importorskip("triton")
-    proc = run_python(INTERPRETER_CHECKS, TRITON_INTERPRET="1")
+    proc = run_python(checks, TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_equal_reference_under_interpreter():
+    result = interpreter_result(INTERPRETER_CHECKS)
     assert result["failures"] == []
     assert result["checked"] == EXPECTED_CHECKS
 

@@ -40,7 +40,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.benchmark import kernel_table
+from core.benchmark import cuda_kernel_events, kernel_table
 from core.optimize import channels_last_vae_decoder, compile_vae_decoder, frame_taps_vae_decoder
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
 
@@ -176,8 +176,7 @@ def profile_chunk(decoder, chunk: torch.Tensor, rows: int = 25) -> None:
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=90),
           flush=True)
-    events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-              if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = cuda_kernel_events(prof)
     kernels = kernel_table(events, top=len(events))
     print(json.dumps({"kernel_classes": kernel_classes(kernels), "kernels": kernels[:rows]}), flush=True)
 
