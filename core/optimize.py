@@ -8,7 +8,7 @@ import torch
 
 from core.dit import CausalWanDiT
 from core.eager import apply_eager_methods
-from core.vae import CausalConv3d
+from core.vae import CausalConv3d, Upsample
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
 # per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.40 s per chunk against
@@ -59,6 +59,9 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
         channels_last = next(decoder.parameters()).device.type == "cuda"
     if channels_last:
         channels_last_vae_decoder(vae)
+    for module in decoder.modules():  # frozen from here on: the sub-pixel kernels once, not per call
+        if isinstance(module, Upsample):
+            module.freeze_subpixel()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
     compile_unit = functools.partial(torch.compile, backend=backend, mode=mode, dynamic=False)
     # instance attributes shadow the methods; the modules keep their parameters and names

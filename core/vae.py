@@ -175,14 +175,23 @@ class CausalConv3d(nn.Conv3d):
         """x with its `context` past frames in front; stores x's last frames as the next past."""
         if self.context == 0:
             return x
+        # The past is kept in the weight's layout, so that cat builds the padded input in it too
+        # (cat follows its inputs' layout, in eager and in inductor) and cuDNN gets channels-last
+        # input from a channels-last decoder (`core.optimize.channels_last_vae_decoder`). With a
+        # channels-first past, every compiled step built the padded input channels-first and
+        # transposed all of it before the conv (~0.1 s of a 720p chunk on an H200, docs/BENCHMARKS.md).
+        layout = torch.channels_last_3d if self.weight.is_contiguous(memory_format=torch.channels_last_3d) \
+            else torch.contiguous_format
         past = cache.take(self) if cache is not None else None
-        if past is None:  # zero frames, in x's layout
-            past = torch.zeros_like(x[:, :, :1]).expand(-1, -1, self.context, -1, -1)
+        if past is None:  # zero frames
+            B, C, _, H, W = x.shape
+            past = torch.zeros((B, C, self.context, H, W), dtype=x.dtype, device=x.device).contiguous(
+                memory_format=layout)
         x = torch.cat([past, x], dim=2)
         del past  # the old past goes before the new one is cloned
         if cache is not None:
             # clone: a view would keep the whole input alive until the next step
-            cache.put(self, x[:, :, -self.context:].clone())
+            cache.put(self, x[:, :, -self.context:].clone(memory_format=layout))
         return x
 
     def convolve(self, x_with_past: Tensor) -> Tensor:
@@ -334,20 +343,46 @@ class Upsample(nn.Module):
         doubled = doubled.flatten(2, 3)
         return doubled if first is None else torch.cat([first, doubled], dim=2)
 
-    def _subpixel_resample(self, x: Tensor) -> Tensor:
-        """nearest 2x then 3x3 conv, as one 2x2 conv with four phases (2.25x fewer FLOPs; the
-        same sums with the shared input's weights added first, so fp rounding differs)."""
+    def freeze_subpixel(self) -> None:
+        """Compute the sub-pixel phase kernels and bias once, for a decoder whose weights no longer
+        change (`core.optimize.compile_vae_decoder`); otherwise every call derives them (in fp32)
+        from the 3x3 weights. Non-persistent buffers: the state dict stays the checkpoint's."""
         conv = self.resample[1]
-        C = conv.out_channels
-        B, _, T, H, W = x.shape
         weight = subpixel_weight(conv.weight).unsqueeze(2)
         if conv.weight.is_contiguous(memory_format=torch.channels_last):  # channels-last weights: the
             weight = weight.contiguous(memory_format=torch.channels_last_3d)  # phase kernels too
-        phases = conv3d(x, weight, conv.bias.repeat(4), padding=(0, 1, 1))
+        self.register_buffer("subpixel_phase_weight", weight, persistent=False)
+        self.register_buffer("subpixel_phase_bias", conv.bias.repeat(4), persistent=False)
+
+    def _subpixel_params(self) -> tuple[Tensor, Tensor]:
+        if hasattr(self, "subpixel_phase_weight"):
+            return self.subpixel_phase_weight, self.subpixel_phase_bias
+        conv = self.resample[1]
+        weight = subpixel_weight(conv.weight).unsqueeze(2)
+        if conv.weight.is_contiguous(memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        return weight, conv.bias.repeat(4)
+
+    def _subpixel_resample(self, x: Tensor) -> Tensor:
+        """nearest 2x then 3x3 conv, as one 2x2 conv with four phases (2.25x fewer FLOPs; the
+        same sums with the shared input's weights added first, so fp rounding differs)."""
+        C = self.resample[1].out_channels
+        B, _, T, H, W = x.shape
+        weight, bias = self._subpixel_params()
+        phases = conv3d(x, weight, bias, padding=(0, 1, 1))
+        # phase 2a + b: its [H + 1, W + 1] map starts a rows and b columns early
+        if torch.compiler.is_compiling():
+            # one expression without writes into a buffer: inductor fuses the interleave into
+            # the stage's shortcut add (eager, stacking would copy twice)
+            rows = [torch.stack([phases[:, (2 * a + b) * C:(2 * a + b + 1) * C, :, a:a + H, b:b + W]
+                                 for b in range(2)], dim=-1) for a in range(2)]
+            out = torch.stack(rows, dim=4).reshape(B, C, T, 2 * H, 2 * W)  # [B, C, T, H, 2, W, 2]
+            return out.contiguous(memory_format=torch.channels_last_3d) \
+                if weight.is_contiguous(memory_format=torch.channels_last_3d) else out
         out = empty_like_layout(phases, (B, C, T, H, 2, W, 2))
         for a in range(2):
             for b in range(2):
-                phase = 2 * a + b  # its [H + 1, W + 1] map starts a rows and b columns early
+                phase = 2 * a + b
                 out[:, :, :, :, a, :, b] = phases[:, phase * C:(phase + 1) * C, :, a:a + H, b:b + W]
         return out.view(B, C, T, 2 * H, 2 * W)
 
@@ -716,5 +751,5 @@ def random_vae(config: VAEConfig, seed: int = 0, device: str | torch.device = "c
 
 __all__ = [
     "LATENT_MEAN", "LATENT_STD", "PER_LATENT_PLAN", "VAE_PRESETS", "CausalCache", "DecodePlan", "StreamingDecoder",
-    "VAEConfig", "WanVAE", "load_vae", "patchify", "random_vae", "subpixel_weight", "unpatchify",
+    "Upsample", "VAEConfig", "WanVAE", "load_vae", "patchify", "random_vae", "subpixel_weight", "unpatchify",
 ]

@@ -615,6 +615,31 @@ def test_channels_last_decoder_keeps_its_layout_and_values() -> None:
         hook.remove()
     assert layouts and all(layouts)  # every up stage output stayed channels-last
     assert_fp32_close(actual, expected)
+    # the causal cache too, whatever layout a conv's input came in (the latents, a one-frame slice):
+    # inductor builds each padded input in its past's layout (docs/BENCHMARKS.md, 2026-12-07)
+    stream = model.streaming_decoder(DecodePlan(slice_bytes=2**14))
+    pieces = [stream.decode(chunk) for chunk in latents.split([2, 3], dim=2)]
+    cached = [t for t in stream.cache._frames.values() if t is not None]
+    assert len(cached) > 20
+    assert all(t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous() for t in cached)
+    assert_fp32_close(torch.cat(pieces, dim=2), expected)
+
+
+def test_frozen_subpixel_kernels_decode_the_same_bits() -> None:
+    """`Upsample.freeze_subpixel` (what `compile_vae_decoder` does): the phase kernels computed
+    once give the bits of computing them per call, and stay out of the state dict."""
+    model = random_vae(TINY, seed=8)
+    latents = randn(1, 48, 5, 2, 3, seed=44)
+    names = list(model.state_dict())
+    expected = model.decode(latents)
+    upsamples = [m for m in model.decoder.modules() if isinstance(m, Upsample)]
+    for module in upsamples:
+        module.freeze_subpixel()
+    assert len(upsamples) == 3 and list(model.state_dict()) == names
+    assert torch.equal(model.decode(latents), expected)
+    with torch.no_grad():  # frozen means frozen: a later weight change is not seen
+        upsamples[0].resample[1].weight.mul_(2)
+    assert torch.equal(model.decode(latents), expected)
 
 
 @pytest.mark.parametrize("by_taps", [conv3d_by_frame_taps, conv3d_by_stacked_taps])
