@@ -138,7 +138,8 @@ class FrameTapsConv3d(CausalConv3d):
     """`CausalConv3d` whose convolution runs as per-tap 2-D convolutions (`conv3d_by_frame_taps`):
     2-D kernels are the most tuned in cuDNN. Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
+        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_frame_taps(x_with_past, self.weight, self.bias, self.padding)
 
 
@@ -146,7 +147,8 @@ class StackedTapsConv3d(CausalConv3d):
     """`CausalConv3d` run as one 2-D convolution over the taps stacked into channels
     (`conv3d_by_stacked_taps`). Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
+        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_stacked_taps(x_with_past, self.weight, self.bias, self.padding)
 
 
