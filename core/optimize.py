@@ -11,10 +11,10 @@ from core.eager import apply_eager_methods
 from core.vae import CausalConv3d, Upsample
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
-# per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.40 s per chunk against
-# it eager (H100, 2026-12-05).
+# per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.66 s per chunk against
+# it eager (H100: 0.862 s compiled on 2026-12-07, 1.521 s eager on 2026-12-05).
 DIT_BREAK_EVEN_CHUNKS = 40
-VAE_BREAK_EVEN_CHUNKS = 130
+VAE_BREAK_EVEN_CHUNKS = 78
 
 
 def wants_compile(setting: str, device: torch.device, chunks: int | None = None,
