@@ -423,8 +423,9 @@ class Upsample(nn.Module):
         phases = conv3d(x, weight, bias, padding=(0, 1, 1))
         # phase 2a + b: its [H + 1, W + 1] map starts a rows and b columns early
         if torch.compiler.is_compiling():
-            # one expression without writes into a buffer: inductor fuses the interleave into
-            # the stage's shortcut add (eager, stacking would copy twice)
+            # one expression without writes into a buffer: inductor computes it in one kernel with
+            # the phase conv's bias add (the shortcut add stays a second pass, per its generated
+            # code on an H100, 2026-12-07); eager, stacking would copy twice
             rows = [torch.stack([phases[:, (2 * a + b) * C:(2 * a + b + 1) * C, :, a:a + H, b:b + W]
                                  for b in range(2)], dim=-1) for a in range(2)]
             out = torch.stack(rows, dim=4).reshape(B, C, T, 2 * H, 2 * W)  # [B, C, T, H, 2, W, 2]
