@@ -199,10 +199,8 @@ class CausalConv3d(nn.Conv3d):
             frames, oldest = past
             past = frames.index_select(2, (oldest + torch.arange(1, self.context + 1, device=x.device))
                                        % (self.context + 1)).contiguous(memory_format=layout)
-        if past is None:  # zero frames
-            B, C, _, H, W = x.shape
-            past = torch.zeros((B, C, self.context, H, W), dtype=x.dtype, device=x.device).contiguous(
-                memory_format=layout)
+        if past is None:
+            past = self._zero_frames(x, self.context)
         x = torch.cat([past, x], dim=2)
         del past  # the old past goes before the new one is cloned
         if cache is not None:
@@ -222,9 +220,9 @@ class CausalConv3d(nn.Conv3d):
         if isinstance(entry, tuple):
             frames, oldest = entry
         else:  # start: the past (zeros at the start of the video) in front, the last slot free
-            B, C, _, H, W = x.shape
-            past = entry if entry is not None else x.new_zeros((B, C, self.context, H, W))
-            frames = torch.cat([past, x.new_zeros((B, C, 1, H, W))], dim=2).contiguous(memory_format=self._layout())
+            frames = self._zero_frames(x, slots)
+            if entry is not None:
+                frames[:, :, :self.context] = entry
             oldest = torch.tensor(self.context, device=x.device)
         frames.index_copy_(2, oldest.view(1), x)
         # slot j holds the frame at time position (j - oldest - 1) mod slots (x, the newest, at oldest)
@@ -238,6 +236,12 @@ class CausalConv3d(nn.Conv3d):
         if tap_order is not None:
             weight = weight.index_select(2, tap_order).contiguous(memory_format=self._layout())
         return conv3d(x_with_past, weight, self.bias, self.stride, self.padding)
+
+    def _zero_frames(self, x: Tensor, frames: int) -> Tensor:
+        """`frames` zero frames of x's size, in the weight's layout."""
+        B, C, _, H, W = x.shape
+        return torch.empty((B, C, frames, H, W), dtype=x.dtype, device=x.device,
+                           memory_format=self._layout()).zero_()
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last_3d if self.weight.is_contiguous(memory_format=torch.channels_last_3d) \
