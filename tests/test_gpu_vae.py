@@ -132,28 +132,8 @@ def test_compiled_decoder_runs_channels_last_on_a_gpu() -> None:
     assert layouts and all(layouts), layouts
     # the causal cache stays channels-last out of inductor's graphs: each padded conv input is built
     # channels-last, not built channels-first and transposed whole (docs/BENCHMARKS.md, 2026-12-07)
-    cached = [t[0] if isinstance(t, tuple) else t for t in stream.cache._frames.values() if t is not None]
+    cached = [t for t in stream.cache._frames.values() if t is not None]
     assert len(cached) > 20 and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in cached)
-    assert_fp32_close(actual, expected, rel=1e-4)
-
-
-def test_compiled_decoder_with_rings_decodes_what_eager_does() -> None:
-    """`DecodePlan(ring_past=True)` compiled by inductor on a GPU (one-frame slices, as at 720p):
-    the rings are written in place in the weights' layout and the decode is eager's."""
-    vae = random_vae(VAEConfig.preset("tiny"), seed=17, device="cuda")
-    latents = _latents(6, seed=18, h=8, w=8)
-    plan = DecodePlan(slice_bytes=2**14, ring_past=True)
-    with torch.no_grad():
-        expected = vae.decode(latents, plan)
-        torch._dynamo.reset()
-        compile_vae_decoder(vae)
-        try:
-            stream = vae.streaming_decoder(plan)
-            actual = torch.cat([stream.decode(chunk) for chunk in latents.split([3, 3], dim=2)], dim=2)
-        finally:
-            torch._dynamo.reset()
-    rings = [entry[0] for entry in stream.cache._frames.values() if isinstance(entry, tuple)]
-    assert len(rings) >= 5 and all(r.is_contiguous(memory_format=torch.channels_last_3d) for r in rings)
     assert_fp32_close(actual, expected, rel=1e-4)
 
 

@@ -225,50 +225,6 @@ def test_causal_conv_cache_continues_the_stream(split: list[int]) -> None:
     torch.testing.assert_close(torch.cat(outputs, dim=2), conv(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (2, 3, 3)])
-@pytest.mark.parametrize("split", [[1, 1, 1, 1, 1, 1, 1], [1, 1, 3, 1, 1], [2, 1, 1, 1, 2]])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_ring_steps_continue_the_stream(kernel: tuple[int, int, int], split: list[int], channels_last: bool,
-                                        monkeypatch) -> None:
-    """`CausalConv3d.ring_step` (one-frame steps of a compiled decoder), run eagerly here: the ring
-    written in place and the taps reordered give the causal convolution of the whole stream, also
-    when one-frame steps and wider steps alternate (ring -> padded past -> ring), and a cache copy
-    continues on its own frames without touching the original's."""
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # rings are for compiled steps
-    conv = randomize_(CausalConv3d(3, 4, kernel), seed=5).double()
-    if channels_last:
-        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
-    x = randn(1, 3, sum(split), 12, 10, seed=6).double()  # a frame (360 values) outweighs the weights (<= 324)
-    kt, kh, kw = kernel
-    expected = F.conv3d(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), conv.weight, conv.bias)
-    cache, outputs, rings = CausalCache(rings=True), [], 0
-    for index, chunk in enumerate(x.split(split, dim=2)):
-        if index == 2:  # a copy steps ahead on its own; the original must not see it
-            side = cache.copy()
-            for _ in range(2):  # two steps: the second overwrites a frame the original still needs
-                conv(torch.zeros_like(chunk[:, :, :1]), side)
-        outputs.append(conv(chunk, cache))
-        rings += isinstance(cache.get(conv), tuple)
-    assert rings == sum(n == 1 for n in split)
-    torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
-    ring, _ = cache.get(conv) if isinstance(cache.get(conv), tuple) else (None, None)
-    if ring is not None and channels_last:
-        assert ring.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def test_rings_need_a_compiled_one_frame_step_and_frames_larger_than_weights(monkeypatch) -> None:
-    conv = CausalConv3d(8, 8, 3)  # 1,728 weights
-    cache = CausalCache(rings=True)
-    small, large = torch.zeros(1, 8, 1, 4, 4), torch.zeros(1, 8, 1, 16, 16)  # 128 / 2,048 values a frame
-    assert not conv._rings_pay(large, cache)  # eager
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert conv._rings_pay(large, cache)
-    assert not conv._rings_pay(small, cache)
-    assert not conv._rings_pay(torch.zeros(1, 8, 2, 16, 16), cache)
-    assert not conv._rings_pay(large, CausalCache())  # the plan's `ring_past=False`
-    assert not conv._rings_pay(large, None)
-
-
 def _cell(index: int, fs: int) -> tuple[int, int, int]:
     """Channel offset inside a (t, s, s) cell -> (dt, row, column)."""
     dt, rest = divmod(index, fs * fs)
@@ -621,6 +577,23 @@ def test_subpixel_upsample_equals_nearest_then_conv(temporal: bool) -> None:
     torch.testing.assert_close(phases[1, 1, :, :, 0, 1], weight[:, :, :2, 2].sum(-1), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compiled_subpixel_interleave_is_eagers_copy_in_the_weights_layout(channels_last: bool, monkeypatch) -> None:
+    """The expression `torch.compile` traces for the phase interleave moves the same values as
+    eager's writes into a buffer (a pure copy: bit for bit), and comes out in the weights' layout
+    without a conversion of its own (channels-last: a permuted view of the stacked result)."""
+    up = randomize_(Upsample(6, temporal=False), seed=46)
+    if channels_last:
+        up.resample[1].to(memory_format=torch.channels_last)
+    x = randn(2, 6, 3, 5, 7, seed=47)
+    expected = up(x, CausalCache(), starts_video=True, subpixel=True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = up(x, CausalCache(), starts_video=True, subpixel=True)
+    assert torch.equal(traced, expected)
+    assert traced.is_contiguous(memory_format=torch.channels_last_3d) == channels_last
+    assert traced.is_contiguous() != channels_last
+
+
 def test_upsample_on_a_slice_equals_frame_steps() -> None:
     """The first-frame rule inside a multi-frame slice: frame 0 passes, frame 1 sees zeros."""
     up = randomize_(Upsample(4, temporal=True), seed=37)
@@ -636,8 +609,6 @@ def test_decode_plan_rejects_bad_values() -> None:
         DecodePlan(latents_per_cell=0)
     with pytest.raises(ValueError, match="slice_bytes must be a positive integer or None"):
         DecodePlan(slice_bytes=0)
-    with pytest.raises(ValueError, match="ring_past must be True or False"):
-        DecodePlan(ring_past="yes")
 
 
 def test_cell_decoder_in_bfloat16(latents: torch.Tensor) -> None:
@@ -747,33 +718,6 @@ def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: str | Non
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2 * 6  # low_res, 4 stages, head
     torch._dynamo.reset()
-
-
-def test_compiled_one_frame_steps_keep_rings() -> None:
-    """The 720p plan's shape on the tiny VAE: one-frame slices in every stage, traced on the CPU
-    without code generation. With `DecodePlan.ring_past` the widest layers keep rings, there are no
-    graph breaks, the decode is eager's up to fp32 rounding (the taps sum in another order), and
-    chunks that end inside a cell (cache copies) concatenate bit for bit to the whole decode."""
-    from torch._dynamo.utils import counters
-
-    model = random_vae(TINY, seed=9)
-    latents = randn(1, 48, 6, 4, 4, seed=45)
-    plan = DecodePlan(slice_bytes=2**12, ring_past=True)
-    expected = model.decode(latents, plan)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_vae_decoder(model, backend="eager", channels_last=True)
-        whole = model.decode(latents, plan)
-        stream = model.streaming_decoder(plan)
-        pieces = torch.cat([stream.decode(chunk) for chunk in latents.split([3, 3], dim=2)], dim=2)
-        assert not counters["graph_break"]
-    finally:
-        torch._dynamo.reset()
-    rings = sum(isinstance(entry, tuple) for entry in stream.cache._frames.values())
-    assert rings >= 3
-    assert torch.equal(pieces, whole)
-    assert_fp32_close(whole, expected)
 
 
 @pytest.mark.parametrize("channels_last", [None, False, True])
