@@ -372,7 +372,11 @@ class Upsample(nn.Module):
         B, _, T, H, W = x.shape
         weight, bias = self._subpixel_params()
         phases = conv3d(x, weight, bias, padding=(0, 1, 1))
-        # phase 2a + b: its [H + 1, W + 1] map starts a rows and b columns early
+
+        def phase(a: int, b: int) -> Tensor:  # output rows 2h + a, columns 2w + b: [B, C, T, H, W]
+            # phase 2a + b: its [H + 1, W + 1] map starts a rows and b columns early
+            return phases[:, (2 * a + b) * C:(2 * a + b + 1) * C, :, a:a + H, b:b + W]
+
         if torch.compiler.is_compiling():
             # one expression without writes into a buffer, which inductor fuses with the phase
             # conv's bias add (eager, stacking would copy twice). Channels-last, the stack runs over
@@ -380,18 +384,15 @@ class Upsample(nn.Module):
             # output: stacked channels-first, inductor converted the whole output in a second pass
             # (8 ms of a 720p chunk on an H100, docs/BENCHMARKS.md, 2026-12-07)
             if weight.is_contiguous(memory_format=torch.channels_last_3d):
-                by_pixel = phases.permute(0, 2, 3, 4, 1)  # [B, T, H + 1, W + 1, 4C], a view here
-                rows = [torch.stack([by_pixel[:, :, a:a + H, b:b + W, (2 * a + b) * C:(2 * a + b + 1) * C]
-                                     for b in range(2)], dim=4) for a in range(2)]
+                rows = [torch.stack([phase(a, b).permute(0, 2, 3, 4, 1) for b in range(2)], dim=4)
+                        for a in range(2)]  # [B, T, H, W, 2, C]
                 return torch.stack(rows, dim=3).reshape(B, T, 2 * H, 2 * W, C).permute(0, 4, 1, 2, 3)
-            rows = [torch.stack([phases[:, (2 * a + b) * C:(2 * a + b + 1) * C, :, a:a + H, b:b + W]
-                                 for b in range(2)], dim=-1) for a in range(2)]
+            rows = [torch.stack([phase(a, b) for b in range(2)], dim=-1) for a in range(2)]
             return torch.stack(rows, dim=4).reshape(B, C, T, 2 * H, 2 * W)  # [B, C, T, H, 2, W, 2]
         out = empty_like_layout(phases, (B, C, T, H, 2, W, 2))
         for a in range(2):
             for b in range(2):
-                phase = 2 * a + b
-                out[:, :, :, :, a, :, b] = phases[:, phase * C:(phase + 1) * C, :, a:a + H, b:b + W]
+                out[:, :, :, :, a, :, b] = phase(a, b)
         return out.view(B, C, T, 2 * H, 2 * W)
 
 
