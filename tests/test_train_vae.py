@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,6 +155,7 @@ def test_lr_schedule_warms_up_then_decays_to_the_final_fraction():
     (["--max-steps", "5000"], "beyond train.max_steps 4000"),
     (["--set", "train.init_from=missing.safetensors"], "no such file"),
     (["--set", "train.train_encoder=false"], "set train.init_from"),
+    (["--set", "train.init_decoder=false"], "set train.init_from"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, needle):
     assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "run"), *args]) == 2
@@ -188,3 +190,29 @@ def test_decoder_fine_tuning_keeps_the_encoder_and_so_the_latents(tmp_path):
     # the fine-tuning's first step starts from the export, not from the seed's random weights
     fresh = records(tmp_path / "a")[0]["mse"]
     assert records(tmp_path / "b")[0]["mse"] < fresh
+
+
+def test_a_new_decoder_of_other_widths_for_the_same_latents(tmp_path, capsys):
+    """train.init_decoder=false: the encoder side comes from the export bit for bit (so the latents
+    do), the decoder side at the recipe's own widths starts from the seed's random weights."""
+    first, wide = tmp_path / "first.safetensors", tmp_path / "wide.safetensors"
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "a"), "--export", str(first), *TINY]) == 0
+    wider = [*TINY, "--set", f"vae.decoder_base_dim={2 * TINY_CONFIG.decoder_base_dim}"]
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "b"), "--export", str(wide), *wider,
+                 "--set", f"train.init_from={first}", "--set", "train.train_encoder=false",
+                 "--set", "train.init_decoder=false"]) == 0
+    a, b = load_file(str(first)), load_file(str(wide))
+    encoder = [n for n in a if n.startswith(("encoder.", "conv1."))]
+    assert encoder and all(torch.equal(a[n], b[n]) for n in encoder)
+    widths = {n: (a[n].shape, b[n].shape) for n in a if n.startswith("decoder.") and a[n].shape != b[n].shape}
+    assert widths and set(b) == set(a)
+    wide_config = replace(TINY_CONFIG, decoder_base_dim=2 * TINY_CONFIG.decoder_base_dim)
+    video = held_out_clips(load_vae_recipe("train_vae_shapes", TINY[1::2]).data)[:1]
+    assert torch.equal(load_vae(first, TINY_CONFIG).encode(video), load_vae(wide, wide_config).encode(video))
+    # the encoder's widths must be the file's: one line, exit 2, before any step
+    other = [*TINY, "--set", f"vae.base_dim={2 * TINY_CONFIG.base_dim}"]
+    assert main(["train-vae", "train_vae_shapes", "--logdir", str(tmp_path / "c"), *other,
+                 "--set", f"train.init_from={first}", "--set", "train.init_decoder=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the encoder widths" in err, err
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()

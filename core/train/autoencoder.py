@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.checkpoint import check_shapes, read_state_dict
 from core.config import VAE_TEMPORAL_STRIDE, RuntimeConfig, VAEConfig, overlay, read_recipe_data, require
 from core.errors import UserError
 from core.runtime import resolve_device
@@ -52,6 +53,19 @@ PER_LATENT = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=
 log = logging.getLogger("longlive.train_vae")
 
 EXPORT_FORMAT = "longlive-vae-1"
+
+
+ENCODER_SIDE = ("encoder.", "conv1.")  # what makes the latents; "decoder.", "conv2." decode them
+
+
+def load_encoder_side(vae: WanVAE, path: str | Path) -> None:
+    """Copy an exported VAE's encoder side into `vae` (names and shapes exactly those of vae's),
+    whatever its decoder side is."""
+    expected = {name: tuple(t.shape) for name, t in vae.state_dict().items() if name.startswith(ENCODER_SIDE)}
+    found = {name: t for name, t in read_state_dict(path).items() if name.startswith(ENCODER_SIDE)}
+    check_shapes(expected, found, f"train.init_from={path}", "the recipe's encoder",
+                 "the encoder widths (vae.base_dim, vae.dim_mult, vae.num_res_blocks) must be the file's")
+    vae.load_state_dict(found, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +154,10 @@ class VAELoop:
     # False: the encoder (and its conv1) stays as initialised, so the latents do too: a generator
     # trained on the init VAE's latents stays valid while the decoder is fine-tuned.
     train_encoder: bool = True
+    # False: only the encoder side (encoder, conv1) comes from init_from, the decoder side starts
+    # from the seed's random weights, e.g. at other decoder widths (vae.decoder_base_dim): a new
+    # decoder for the same latents.
+    init_decoder: bool = True
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 1 and self.checkpoint_every >= 1 and self.keep_checkpoints >= 1
@@ -147,6 +165,8 @@ class VAELoop:
                 "train: max_steps, checkpoint_every, keep_checkpoints and eval_every must be >= 1")
         require(self.train_encoder or self.init_from,
                 "train.train_encoder=false keeps the encoder as initialised: set train.init_from=VAE.safetensors")
+        require(self.init_decoder or self.init_from,
+                "train.init_decoder=false takes the encoder from a VAE: set train.init_from=VAE.safetensors")
 
 
 @dataclass
@@ -370,10 +390,12 @@ class VAETrainer:
     def _build(self) -> tuple[WanVAE, torch.optim.Optimizer, EMA]:
         torch.manual_seed(self.recipe.runtime.seed)  # the initial weights
         loop = self.recipe.train
-        if loop.init_from:
+        if loop.init_from and loop.init_decoder:
             vae = load_vae(loop.init_from, self.recipe.vae, device=self.device).requires_grad_(True)
         else:
             vae = WanVAE(self.recipe.vae).to(self.device)
+            if loop.init_from:
+                load_encoder_side(vae, loop.init_from)
         vae.train()
         if not loop.train_encoder:
             for module in (vae.encoder, vae.conv1):
