@@ -175,6 +175,12 @@ def test_a_resumed_download_counts_the_files_already_there(tmp_path):
     assert hub.present_bytes(planned, tmp_path) == 5
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """Run in the child before exec: a suite started from a background job (`pytest &`, nohup)
+    passes SIGINT on ignored, and a Python started so never sees the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path):
     """SIGINT to a real run, after its first chunk: the video's temp file and the latents are
     gone, and stderr ends with the one line."""
@@ -182,7 +188,7 @@ def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "longlive_cli", "generate", "x", "--preset", "tiny", "--height", "32", "--width", "32",
          "--frames", "800", "-o", str(out), "--latents-out", str(tmp_path / "z.safetensors")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_at_a_terminal)
     seen = []
     for line in process.stderr:  # wait for the first finished chunk
         seen.append(line)
@@ -206,7 +212,8 @@ def test_ctrl_c_of_a_parallel_run_is_one_line_exit_130_and_writes_nothing(tmp_pa
     process = subprocess.Popen(
         [sys.executable, "-m", "longlive_cli", "generate", "x", "--preset", "tiny", "--height", "32", "--width", "32",
          "--frames", "800", "-o", str(out), "--nproc-per-node", "2", "--sp", "2"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_sigint_as_at_a_terminal)
     seen = []
     for line in process.stderr:  # wait for the first finished chunk
         seen.append(line)
@@ -240,7 +247,8 @@ def test_ctrl_c_while_training_is_one_line_exit_130(tmp_path):
     run = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "longlive_cli", "train-ar", "train_ar_tiny", "--logdir", str(run), "--max-steps",
-         "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_at_a_terminal)
     deadline = time.monotonic() + 240
     while not (run / "metrics.jsonl").is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # the first step's record: training is under way
