@@ -398,8 +398,9 @@ class VAETrainer:
                 load_encoder_side(vae, loop.init_from)
         vae.train()
         if not loop.train_encoder:
-            for module in (vae.encoder, vae.conv1):
-                module.requires_grad_(False)
+            for name, param in vae.named_parameters():
+                if name.startswith(ENCODER_SIDE):
+                    param.requires_grad_(False)
         o = self.recipe.optim
         optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=o.lr,
                                       betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)

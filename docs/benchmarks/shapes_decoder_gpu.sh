@@ -29,7 +29,7 @@ left=$(( budget - ($(date +%s) - started) - 45 ))
 steps=$(python -c "print(int($left / ($seconds * 1.2)))")
 echo "step $seconds s: $steps steps in $left s" | tee "$out/plan.txt"
 timeout $(( left + 60 )) python -m longlive_cli "${base[@]}" --logdir "$run/main" --no-resume \
-  --set train.max_steps="$steps" --set train.checkpoint_every="$steps" --set train.eval_every=$(( steps / 6 )) \
+  --set train.max_steps="$steps" --set train.checkpoint_every="$steps" --set train.eval_every=$(( steps / 6 > 0 ? steps / 6 : 1 )) \
   --set optim.ema_decay=0.998 --set optim.ema_start_step=$(( steps / 2 )) \
   --export "$out/vae.safetensors" > "$out/main.log" 2>&1
 cp "$run/main/metrics.jsonl" "$run/main/"*.png "$out/"
