@@ -118,12 +118,19 @@ class CrossAttention(Projections):
         return self.o(out)
 
 
+def _modulation(rows: int, dim: int) -> nn.Parameter:
+    values = torch.empty(1, rows, dim)
+    # Every model built to load a file is built on `meta`, where even randn goes through torch's
+    # Python references, whose first use imports sympy and torch._dynamo (~1.5 s of start-up).
+    return nn.Parameter(values if values.is_meta else torch.randn(1, rows, dim) / dim**0.5)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         dim, eps = config.dim, config.eps
         # Parameter order matches the official state dict: modulation, then submodules.
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = _modulation(6, dim)
         self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.self_attn = SelfAttention(dim, config.num_heads, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True)
@@ -153,7 +160,7 @@ class Head(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         dim = config.dim
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = _modulation(2, dim)
         self.norm = nn.LayerNorm(dim, eps=config.eps, elementwise_affine=False)
         self.head = nn.Linear(dim, config.patch_channels)
 

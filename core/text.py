@@ -1,4 +1,4 @@
-"""The umt5-xxl text encoder of Wan2.2 / LongLive 2.0, run through transformers' `UMT5EncoderModel`.
+"""The umt5-xxl text encoder of Wan2.2 / LongLive 2.0 (`core.umt5.UMT5Encoder`), its files and tokenizers.
 
 Prompts become the DiT's context (reference-systems.md §2):
 
@@ -6,9 +6,9 @@ Prompts become the DiT's context (reference-systems.md §2):
            --UMT5 encoder (per-layer relative bias, padding keys masked)--> [N, 512, d_model]
            --rows at and beyond each prompt's token count set to exactly 0--> context
 
-Weights come from the official `models_t5_umt5-xxl-enc-bf16.pth` (Wan names, mapped to the HF names
-by `wan_to_hf_keys`, the one name adapter), from a Hugging Face folder (config.json + weights), or,
-for the `tiny` preset, from a seeded random generator paired with the vocabulary-free
+Weights come from the official `models_t5_umt5-xxl-enc-bf16.pth` (Wan names, the model's own), from
+a Hugging Face folder (config.json + weights, its names mapped by `hf_to_wan_keys`, the one name
+adapter), or, for the `tiny` preset, from a seeded random generator paired with the vocabulary-free
 `ByteTokenizer`. The model is built on `meta` and takes the file's tensors with `assign=True`.
 
 `TextEncoder` caches one embedding per distinct (cleaned) prompt, and by default keeps the 5.7B
@@ -37,9 +37,10 @@ from core.checkpoint import check_shapes, read_state_dict
 from core.config import require as _require
 from core.errors import UserError, first_line, first_names
 from core.runtime import resolve_device, resolve_dtype
+from core.umt5 import UMT5Encoder
 
-if TYPE_CHECKING:  # transformers takes seconds to import: only the encoder's users pay for it
-    from transformers import UMT5Config, UMT5EncoderModel
+if TYPE_CHECKING:  # transformers takes seconds to import: only HF config conversions pay for it
+    from transformers import UMT5Config
 
 log = logging.getLogger(__name__)
 
@@ -120,21 +121,31 @@ class TextEncoderConfig:
         )
 
     @classmethod
-    def from_hf(cls, hf_config: UMT5Config, *, text_len: int = 512,
+    def from_hf(cls, hf_config: Mapping[str, Any] | UMT5Config, *, text_len: int = 512,
                 source: str = "config") -> TextEncoderConfig:
-        """Our config of a transformers UMT5 config; UserError if it is not the Wan encoder kind."""
-        model_type = getattr(hf_config, "model_type", None)
+        """Our config of a HF umt5 config (a `config.json`'s dict or a transformers `UMT5Config`;
+        absent keys take `UMT5Config`'s defaults); UserError if it is not the Wan encoder kind."""
+        hf = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+        model_type = hf.get("model_type", "umt5")
         if model_type != "umt5":
             raise UserError(f"{source} describes a {model_type!r} model, not umt5: give the folder "
                             f"of a UMT5 encoder (google/umt5-xxl kind)")
-        if not hf_config.is_gated_act or hf_config.dense_act_fn not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{source} has feed_forward_proj {hf_config.feed_forward_proj!r}; the Wan "
+        # transformers' reading of feed_forward_proj: "gated-gelu" is a GELU-tanh ("gelu_new") gate.
+        projection = hf.get("feed_forward_proj", "gated-gelu")
+        parts = str(projection).split("-")
+        activation = "gelu_new" if projection == "gated-gelu" else parts[-1]
+        if parts[0] != "gated" or len(parts) != 2 or activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{source} has feed_forward_proj {projection!r}; the Wan "
                             f"encoder needs 'gated-gelu': give a umt5 gated-gelu config")
-        return cls(vocab_size=hf_config.vocab_size, d_model=hf_config.d_model, d_kv=hf_config.d_kv,
-                   num_heads=hf_config.num_heads, d_ff=hf_config.d_ff, num_layers=hf_config.num_layers,
-                   relative_attention_num_buckets=hf_config.relative_attention_num_buckets,
-                   relative_attention_max_distance=hf_config.relative_attention_max_distance,
-                   eps=hf_config.layer_norm_epsilon, text_len=text_len)
+        try:
+            return cls(vocab_size=hf.get("vocab_size", 250112), d_model=hf.get("d_model", 512),
+                       d_kv=hf.get("d_kv", 64), num_heads=hf.get("num_heads", 6), d_ff=hf.get("d_ff", 1024),
+                       num_layers=hf.get("num_layers", 8),
+                       relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+                       relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+                       eps=hf.get("layer_norm_epsilon", 1e-6), text_len=text_len)
+        except ValueError as err:
+            raise UserError(f"{source}: {first_line(err)}") from err
 
 
 BYTE_VOCAB_SIZE = 256 + 3  # the ByteTokenizer's ids: pad, eos, unk, then the 256 byte values
@@ -150,7 +161,7 @@ TEXT_ENCODER_PRESETS: dict[str, TextEncoderConfig] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Names: the one adapter between the official (Wan) and the transformers parameter names.
+# Names: the one adapter between the official (Wan, the model's own) and the transformers names.
 
 # (Wan name inside `blocks.i.`, HF name inside `encoder.block.i.`)
 _BLOCK_NAMES = (
@@ -261,15 +272,15 @@ def random_wan_state_dict(config: TextEncoderConfig, seed: int = 0, *, device: t
 
 
 def read_wan_weights(path: PathLike, config: TextEncoderConfig) -> dict[str, Tensor]:
-    """The official encoder file (Wan names), checked against `config`, in HF names."""
+    """The official encoder file (Wan names), checked against `config`."""
     wan = read_state_dict(path)
     check_shapes(wan_state_dict_shapes(config), wan, f"text encoder weights {path}", "the text encoder config",
                  "give the umt5 encoder file that matches the config (umt5-xxl for Wan2.2)")
-    return wan_to_hf_keys(wan)
+    return wan
 
 
 def read_hf_weights(path: PathLike, config: TextEncoderConfig) -> dict[str, Tensor]:
-    """Weights of a HF folder (safetensors shards) or file (.safetensors / .bin), in HF names.
+    """Weights of a HF folder (safetensors shards) or file (.safetensors / .bin), in Wan names.
     A full encoder-decoder checkpoint is accepted: its decoder and LM head are dropped. When only
     one of the two tied embedding names is stored (save_pretrained dedups), it fills both."""
     tensors = {name: t for name, t in read_state_dict(path).items()
@@ -280,7 +291,7 @@ def read_hf_weights(path: PathLike, config: TextEncoderConfig) -> dict[str, Tens
             tensors[name] = embedding
     check_shapes(_hf_shapes(config), tensors, f"text encoder weights {path}", "the text encoder config",
                  "the weights do not belong to the config.json beside them: download the folder again")
-    return tensors
+    return hf_to_wan_keys(tensors)
 
 
 def _hf_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
@@ -289,16 +300,12 @@ def _hf_shapes(config: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in hf.items()}
 
 
-def build_umt5(config: TextEncoderConfig, hf_state_dict: Mapping[str, Tensor]) -> UMT5EncoderModel:
-    """A `UMT5EncoderModel` in eval mode holding `hf_state_dict`'s tensors (no copy): built on
-    `meta`, loaded with `assign=True`, its two embedding names re-tied to one parameter."""
-    from transformers import UMT5EncoderModel
-
+def build_umt5(config: TextEncoderConfig, wan_state_dict: Mapping[str, Tensor]) -> UMT5Encoder:
+    """A `UMT5Encoder` in eval mode holding `wan_state_dict`'s tensors (Wan names, no copy): built
+    on `meta`, loaded with `assign=True`."""
     with torch.device("meta"):
-        model = UMT5EncoderModel(config.to_hf())
-    model.load_state_dict(dict(hf_state_dict), strict=True, assign=True)
-    # assign gives each name its own Parameter; tie them so device moves copy the table once.
-    model.encoder.embed_tokens.weight = model.shared.weight
+        model = UMT5Encoder(config)
+    model.load_state_dict(dict(wan_state_dict), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
@@ -450,17 +457,14 @@ def find_text_encoder(model_dir: PathLike) -> TextEncoderFiles:
 
 def read_hf_config(path: PathLike, text_len: int = 512) -> TextEncoderConfig:
     """Our config of a HF `config.json`."""
-    from transformers import UMT5Config
-
     path = Path(path)
     try:
-        hf_config = UMT5Config.from_json_file(str(path))
-    except (OSError, ValueError, json.JSONDecodeError) as err:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
         raise UserError(f"cannot read {path} ({first_line(err)}): give a valid config.json") from err
-    try:
-        return TextEncoderConfig.from_hf(hf_config, text_len=text_len, source=str(path))
-    except ValueError as err:
-        raise UserError(f"{path}: {first_line(err)}") from err
+    if not isinstance(hf_config, dict):
+        raise UserError(f"cannot read {path} (not a JSON object): give a valid config.json")
+    return TextEncoderConfig.from_hf(hf_config, text_len=text_len, source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +482,7 @@ class TextEncoder:
     at most `batch_size`.
     """
 
-    def __init__(self, model: UMT5EncoderModel, tokenizer: Tokenizer, config: TextEncoderConfig, *,
+    def __init__(self, model: UMT5Encoder, tokenizer: Tokenizer, config: TextEncoderConfig, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                  keep_on_device: bool = False, batch_size: int = 16,
                  max_cached_prompts: int = 1024) -> None:
@@ -552,7 +556,7 @@ class TextEncoder:
         what the values are drawn (see `random_wan_state_dict`); the weights then live as `options`
         say, in host memory by default."""
         state = random_wan_state_dict(config, seed, device=init_device, dtype=init_dtype)
-        model = build_umt5(config, wan_to_hf_keys(state))
+        model = build_umt5(config, state)
         return cls(model, ByteTokenizer(config.text_len), config, **options)
 
     @classmethod
@@ -563,7 +567,7 @@ class TextEncoder:
     # -- placement ---------------------------------------------------------------------------
 
     def _tensors(self) -> list[tuple[str, Tensor]]:
-        """Parameters and buffers, each shared tensor once (the tied embedding)."""
+        """Parameters and buffers."""
         return [*self.model.named_parameters(), *self.model.named_buffers()]
 
     @property
@@ -593,7 +597,7 @@ class TextEncoder:
 
     @property
     def on_device(self) -> bool:
-        return self.model.shared.weight.device == self.device
+        return self.model.token_embedding.weight.device == self.device
 
     # -- encoding ----------------------------------------------------------------------------
 
@@ -648,8 +652,7 @@ class TextEncoder:
         full = [text[:40] for text, row in zip(texts, mask, strict=True) if row[-1] != 0]
         if full:  # longer prompts were cut to fit (the official truncates silently)
             log.info("prompts filling all %d text slots: %s", self.config.text_len, first_names(full))
-        hidden = self.model(input_ids=ids.to(self.device),
-                            attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.model(ids.to(self.device), mask.to(self.device))
         lengths = mask.sum(dim=1).tolist()
         # Clone: a view would keep the whole padded batch alive in the cache.
         return [hidden[i, :length].clone() for i, length in enumerate(lengths)]

@@ -375,6 +375,43 @@ def test_merge_lora_in_bf16_rounds_once():
         assert torch.equal(merged.get_submodule(target).weight, expected), target
 
 
+def peft_merge(model: CausalWanDiT, lora: dict[str, torch.Tensor], alpha: float) -> CausalWanDiT:
+    """The official route: PEFT wraps the model in fp32, loads the adapters, merges safely."""
+    import peft
+
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    rank = next(v for k, v in lora.items() if ".lora_A." in k).shape[0]
+    targets = sorted({k.split(".lora_")[0].removeprefix("base_model.model.") for k in lora})
+    wrapped = peft.get_peft_model(model.float(), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
+    peft.set_peft_model_state_dict(wrapped, lora)
+    merged = wrapped.merge_and_unload(safe_merge=True)
+    for name, param in merged.named_parameters():
+        param.data = param.data.to(dtypes[name])
+    return merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [None, 6.0])
+def test_merge_equals_peft_bit_for_bit(dtype, alpha):
+    rank = 4
+    lora, _ = lora_tensors(tiny_model(seed=2), rank, seed=7)
+    ours = ckpt.merge_lora(tiny_model(seed=2, dtype=dtype), lora, alpha=alpha).state_dict()
+    theirs = peft_merge(tiny_model(seed=2, dtype=dtype), lora, alpha or rank).state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    base = tiny_model(seed=2, dtype=dtype).state_dict()
+    assert not torch.equal(ours["blocks.0.self_attn.q.weight"], base["blocks.0.self_attn.q.weight"])
+
+
+def test_a_lora_that_breaks_the_weights_is_one_line():
+    lora, _ = lora_tensors(tiny_model(), 4)
+    key = next(k for k in lora if ".lora_B." in k)
+    lora[key] = torch.full_like(lora[key], float("inf"))
+    with pytest.raises(UserError, match="non-finite weights") as excinfo:
+        ckpt.merge_lora(tiny_model(), lora, source="x.safetensors")
+    assert "\n" not in str(excinfo.value) and "x.safetensors" in str(excinfo.value)
+
+
 def bad_lora(kind: str) -> dict[str, torch.Tensor]:
     lora, _ = lora_tensors(tiny_model(), 4)
     if kind == "mixed-ranks":

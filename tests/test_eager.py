@@ -3,8 +3,10 @@ torch._dynamo at import time."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,6 +15,8 @@ from core.eager import apply_eager_methods, eager_method
 from core.kv_cache import LayerKV
 from core.pipeline import generate_latents
 from tests.conftest import SMALL_STREAM, text_context, tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_cli_starts_without_importing_dynamo():
@@ -60,3 +64,29 @@ def test_compiled_blocks_stream_like_eager_and_do_not_retrace_per_chunk():
     assert torch.equal(short, expected[:, :6]) or torch.allclose(short, expected[:, :6], atol=1e-6)
     assert torch.allclose(compiled, expected, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == graphs_short
+
+
+def test_building_the_cpu_models_imports_nothing_heavy():
+    """What every generation builds (the text encoder and its first prompt, a DiT on meta for the
+    checkpoint check, a LoRA merge, the VAE) pulls in neither transformers, PEFT nor torch's
+    compiler stack: those imports cost seconds of each start-up (the README demo's included)."""
+    code = """
+import sys, torch
+from core.checkpoint import merge_lora
+from core.config import ModelConfig, VAEConfig
+from core.text import TextEncoder
+from core.vae import WanVAE
+from longlive_cli.build import meta_dit
+from tests.conftest import random_lora, tiny_model
+TextEncoder.tiny().encode(["a red circle moves left to right on a blue background"])
+meta_dit(ModelConfig.preset("shapes"))
+merge_lora(tiny_model(), random_lora(4, 0))
+with torch.device("meta"):
+    WanVAE(VAEConfig.preset("shapes"))
+heavy = ("transformers", "peft", "torch._dynamo", "sympy", "torch.distributed.checkpoint")
+print([name for name in heavy if name in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

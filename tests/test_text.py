@@ -30,6 +30,7 @@ from core.text import (
     wan_state_dict_shapes,
     wan_to_hf_keys,
 )
+from core.umt5 import relative_position_bucket
 
 TINY = TextEncoderConfig.preset("tiny")
 L = 512
@@ -182,11 +183,11 @@ def test_relative_bucket_against_slow_formula(buckets, max_distance):
     config = TextEncoderConfig(vocab_size=300, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1,
                                relative_attention_num_buckets=buckets,
                                relative_attention_max_distance=max_distance)
-    model = build_umt5(config, wan_to_hf_keys(random_wan(config)))
-    attention = model.encoder.block[0].layer[0].SelfAttention
+    model = build_umt5(config, random_wan(config))
+    table = model.blocks[0].pos_embedding
     rel = torch.cat([torch.arange(-1500, 1501), torch.tensor([-10**6, -4097, 4097, 10**6])])
     slow = torch.tensor([slow_bucket(int(r), buckets, max_distance) for r in rel])
-    assert torch.equal(attention._relative_position_bucket(rel), slow)  # what the encoder runs
+    assert torch.equal(relative_position_bucket(rel, table.num_buckets, table.max_distance), slow)  # the encoder's
     assert torch.equal(reference_bucket(rel, buckets, max_distance), slow)  # what the test uses
     assert set(slow.tolist()) == set(range(buckets)) - {buckets // 2}  # +0 is not a forward distance
 
@@ -304,9 +305,9 @@ def count_calls(encoder: TextEncoder) -> list[int]:
     calls: list[int] = []
     forward = encoder.model.forward
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return forward(*args, **kwargs)
+    def counted(ids, mask):
+        calls.append(ids.shape[0])
+        return forward(ids, mask)
 
     encoder.model.forward = counted
     return calls
@@ -356,6 +357,15 @@ def test_encode_rejects_a_bare_string():
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "runs", "in", "the", "snow", "at", "dusk"]
 
 
+def hf_umt5(config: TextEncoderConfig, wan: dict[str, Tensor]):
+    """transformers' own `UMT5EncoderModel` (eager attention) holding copies of `wan`."""
+    from transformers import UMT5EncoderModel
+
+    model = UMT5EncoderModel(config.to_hf()).eval()
+    model.load_state_dict(wan_to_hf_keys({k: v.clone() for k, v in wan.items()}), strict=True)
+    return model
+
+
 def write_hf_tokenizer(folder: Path) -> None:
     """A tiny word-level tokenizer saved the way AutoTokenizer reads it (tokenizer.json)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -384,7 +394,7 @@ def write_model_dir(root: Path, layout: str, wan: dict[str, Tensor]) -> Path:
         write_wan(base / "models_t5_umt5-xxl-enc-bf16.pth", wan, torch.float32)
         write_hf_tokenizer(base / "google" / "umt5-xxl")
         return root
-    model = build_umt5(TINY, wan_to_hf_keys({k: v.clone() for k, v in wan.items()}))
+    model = hf_umt5(TINY, wan)
     weights_dir = root / "text_encoder" if layout == "diffusers" else root
     model.save_pretrained(weights_dir, **({"max_shard_size": "100KB"} if layout == "hf-shards" else {}))
     write_hf_tokenizer(root / "tokenizer" if layout == "diffusers" else root)
@@ -405,7 +415,6 @@ def test_model_dir_layouts_match_reference(tmp_path, layout):
     ids, mask = word_ids([clean_text(p) for p in prompts])
     assert (got.double() - reference_encode(wan, ids, mask)).abs().max().item() <= TOL
     assert not any(p.requires_grad for p in encoder.model.parameters())
-    assert encoder.model.encoder.embed_tokens.weight is encoder.model.shared.weight
 
 
 def test_hf_tokenizer_truncation_keeps_eos(tmp_path):
@@ -526,7 +535,10 @@ def test_presets_and_hf_config():
     assert (hf.feed_forward_proj, hf.is_encoder_decoder, hf.pad_token_id, hf.eos_token_id) == (
         "gated-gelu", False, 0, 1)
     assert TextEncoderConfig.from_hf(hf) == xxl
-    assert TextEncoder.tiny().model.config._attn_implementation == "eager"  # the official op order
+    assert TextEncoderConfig.from_hf(hf.to_dict()) == xxl  # a config.json's dict reads the same
+    from transformers import UMT5Config
+
+    assert TextEncoderConfig.from_hf({"model_type": "umt5"}) == TextEncoderConfig.from_hf(UMT5Config())  # defaults
     with pytest.raises(ValueError, match="unknown text encoder preset"):
         TextEncoderConfig.preset("umt5-base")
 
