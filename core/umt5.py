@@ -74,16 +74,12 @@ class RMSNorm(nn.Module):
 class RelativePositionBias(nn.Module):
     """One block's table: bucket -> per-head additive attention bias."""
 
-    def __init__(self, num_buckets: int, num_heads: int, max_distance: int) -> None:
+    def __init__(self, num_buckets: int, num_heads: int) -> None:
         super().__init__()
-        self.num_buckets, self.max_distance = num_buckets, max_distance
         self.embedding = Embedding(num_buckets, num_heads)
 
-    def forward(self, length: int) -> Tensor:
-        """`[1, H, L, L]` (query, key)."""
-        position = torch.arange(length, device=self.embedding.weight.device)
-        buckets = relative_position_bucket(position[None, :] - position[:, None], self.num_buckets,
-                                           self.max_distance)
+    def forward(self, buckets: Tensor) -> Tensor:
+        """`buckets` `[L, L]` (query, key) -> `[1, H, L, L]`."""
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -140,12 +136,11 @@ class Block(nn.Module):
         self.attn = Attention(c.d_model, c.num_heads, c.d_kv)
         self.norm2 = RMSNorm(c.d_model, c.eps)
         self.ffn = GatedFFN(c.d_model, c.d_ff)
-        self.pos_embedding = RelativePositionBias(c.relative_attention_num_buckets, c.num_heads,
-                                                  c.relative_attention_max_distance)
+        self.pos_embedding = RelativePositionBias(c.relative_attention_num_buckets, c.num_heads)
 
-    def forward(self, x: Tensor, padding: Tensor) -> Tensor:
-        """`padding` `[N, 1, 1, L]`: True on padding keys."""
-        bias = self.pos_embedding(x.shape[1]).masked_fill(padding, torch.finfo(x.dtype).min)
+    def forward(self, x: Tensor, buckets: Tensor, padding: Tensor) -> Tensor:
+        """`buckets` `[L, L]`: relative-position buckets; `padding` `[N, 1, 1, L]`: True on padding keys."""
+        bias = self.pos_embedding(buckets).masked_fill(padding, torch.finfo(x.dtype).min)
         x = _clamp_fp16(x + self.attn(self.norm1(x), bias))
         return _clamp_fp16(x + self.ffn(self.norm2(x)))
 
@@ -164,7 +159,12 @@ class UMT5Encoder(nn.Module):
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         x = self.token_embedding(ids)
+        position = torch.arange(ids.shape[1], device=ids.device)
+        # One bucket map for every block (each looks it up in its own table).
+        buckets = relative_position_bucket(position[None, :] - position[:, None],
+                                           self.config.relative_attention_num_buckets,
+                                           self.config.relative_attention_max_distance)
         padding = (mask == 0)[:, None, None, :]
         for block in self.blocks:
-            x = block(x, padding)
+            x = block(x, buckets, padding)
         return self.norm(x)

@@ -114,3 +114,16 @@ def spawn_ranks(run, preload: str, world: int, out: Path) -> list[dict]:
     multiprocessing.set_forkserver_preload([preload])
     mp.start_processes(run, args=(world, free_port(), str(out)), nprocs=world, start_method="forkserver")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def hf_umt5(config, wan: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """transformers' own `UMT5EncoderModel` (eager attention) holding copies of the Wan-named
+    `wan` (a `core.text.TextEncoderConfig`'s shapes), in eval mode and `dtype`: the reference the
+    encoder of core/umt5.py is checked against, and the writer of HF folders in the tests."""
+    from transformers import UMT5EncoderModel
+
+    from core.text import wan_to_hf_keys
+
+    model = UMT5EncoderModel(config.to_hf()).eval()
+    model.load_state_dict(wan_to_hf_keys({k: v.clone() for k, v in wan.items()}), strict=True)
+    return model.to(dtype)

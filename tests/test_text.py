@@ -31,6 +31,7 @@ from core.text import (
     wan_to_hf_keys,
 )
 from core.umt5 import relative_position_bucket
+from tests.conftest import hf_umt5
 
 TINY = TextEncoderConfig.preset("tiny")
 L = 512
@@ -184,10 +185,10 @@ def test_relative_bucket_against_slow_formula(buckets, max_distance):
                                relative_attention_num_buckets=buckets,
                                relative_attention_max_distance=max_distance)
     model = build_umt5(config, random_wan(config))
-    table = model.blocks[0].pos_embedding
     rel = torch.cat([torch.arange(-1500, 1501), torch.tensor([-10**6, -4097, 4097, 10**6])])
     slow = torch.tensor([slow_bucket(int(r), buckets, max_distance) for r in rel])
-    assert torch.equal(relative_position_bucket(rel, table.num_buckets, table.max_distance), slow)  # the encoder's
+    assert torch.equal(relative_position_bucket(rel, model.config.relative_attention_num_buckets,
+                                                model.config.relative_attention_max_distance), slow)  # the encoder's
     assert torch.equal(reference_bucket(rel, buckets, max_distance), slow)  # what the test uses
     assert set(slow.tolist()) == set(range(buckets)) - {buckets // 2}  # +0 is not a forward distance
 
@@ -357,15 +358,6 @@ def test_encode_rejects_a_bare_string():
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "fox", "runs", "in", "the", "snow", "at", "dusk"]
 
 
-def hf_umt5(config: TextEncoderConfig, wan: dict[str, Tensor]):
-    """transformers' own `UMT5EncoderModel` (eager attention) holding copies of `wan`."""
-    from transformers import UMT5EncoderModel
-
-    model = UMT5EncoderModel(config.to_hf()).eval()
-    model.load_state_dict(wan_to_hf_keys({k: v.clone() for k, v in wan.items()}), strict=True)
-    return model
-
-
 def write_hf_tokenizer(folder: Path) -> None:
     """A tiny word-level tokenizer saved the way AutoTokenizer reads it (tokenizer.json)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -484,6 +476,15 @@ def make_case(tmp_path: Path, case: str) -> tuple[Path, str]:
         config = (root / "config.json").read_text().replace('"model_type": "umt5"', '"model_type": "t5"')
         (root / "config.json").write_text(config)
         return root, str(root / "config.json")
+    if case == "hf config not an object":
+        write_model_dir(root, "hf", wan)
+        (root / "config.json").write_text("[1, 2]")
+        return root, str(root / "config.json")
+    if case == "hf config with a bad width":
+        write_model_dir(root, "hf", wan)
+        config = (root / "config.json").read_text().replace('"d_ff": 128', '"d_ff": -4')
+        (root / "config.json").write_text(config)
+        return root, str(root / "config.json")
     if case == "hf without weights":
         write_model_dir(root, "hf", wan)
         (root / "model.safetensors").unlink()
@@ -507,6 +508,8 @@ def dataclass_replace(config: TextEncoderConfig, **changes) -> TextEncoderConfig
     ("empty tokenizer folder", "cannot load the tokenizer"),
     ("hf weights for another config", "wrong shape"),
     ("hf config of t5", "not umt5"),
+    ("hf config not an object", "not a JSON object"),
+    ("hf config with a bad width", "d_ff must be a positive integer"),
     ("hf without weights", "no weights"),
 ])
 def test_bad_input_is_one_line_user_error(tmp_path, case, needle):

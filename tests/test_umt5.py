@@ -15,8 +15,8 @@ from core.text import (
     build_umt5,
     clean_text,
     random_wan_state_dict,
-    wan_to_hf_keys,
 )
+from tests.conftest import hf_umt5
 
 PROMPTS = ["a red circle moves left to right on a blue background", "x", "雪中的狐狸  at dusk",
            "w" * 600]
@@ -26,14 +26,6 @@ CONFIGS = {
     "odd": TextEncoderConfig(vocab_size=300, d_model=40, d_kv=6, num_heads=5, d_ff=72, num_layers=3,
                              relative_attention_num_buckets=16, relative_attention_max_distance=40),
 }
-
-
-def theirs(config: TextEncoderConfig, wan: dict[str, torch.Tensor], dtype: torch.dtype):
-    from transformers import UMT5EncoderModel
-
-    model = UMT5EncoderModel(config.to_hf()).eval()
-    model.load_state_dict(wan_to_hf_keys(wan), strict=True)
-    return model.to(dtype)
 
 
 def ids_and_mask(prompts: list[str], text_len: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +41,7 @@ def test_equals_transformers_bit_for_bit_in_fp32(name, seed):
     ids, mask = ids_and_mask(PROMPTS)
     ids = ids % config.vocab_size  # the odd vocabulary is smaller than the byte ids
     with torch.no_grad():
-        expected = theirs(config, wan, torch.float32)(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = hf_umt5(config, wan)(input_ids=ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
     lengths = mask.sum(1)
     for row, length in enumerate(lengths.tolist()):  # rows past the tokens are cut by TextEncoder
@@ -67,8 +59,8 @@ def test_bf16_within_rounding_of_transformers():
     ours = build_umt5(config, {k: v.clone() for k, v in wan.items()}).to(torch.bfloat16)
     ids, mask = ids_and_mask(PROMPTS[:3])
     with torch.no_grad():
-        expected = theirs(config, wan, torch.bfloat16)(input_ids=ids, attention_mask=mask).last_hidden_state
-        reference = theirs(config, wan, torch.float32)(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = hf_umt5(config, wan, torch.bfloat16)(input_ids=ids, attention_mask=mask).last_hidden_state
+        reference = hf_umt5(config, wan)(input_ids=ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
     assert got.dtype == torch.bfloat16
     for row, length in enumerate(mask.sum(1).tolist()):
@@ -92,7 +84,7 @@ def test_the_shipped_shapes_encoder_gives_the_embeddings_it_was_trained_with():
     prompts = PROMPTS[:3] + ["an orange square moves top to bottom on a black background", ""]
     ids, mask = ids_and_mask(prompts)
     with torch.no_grad():
-        expected = theirs(config, wan, torch.float32)(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = hf_umt5(config, wan)(input_ids=ids, attention_mask=mask).last_hidden_state
     got = encoder.encode(prompts)
     for row, length in enumerate(mask.sum(1).tolist()):
         assert torch.equal(got[row, :length], expected[row, :length])
