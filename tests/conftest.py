@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import socket
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import torch.multiprocessing as mp
 
 from core.config import ModelConfig, StreamConfig
 from core.dit import CausalWanDiT, random_init_
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): the workers share the machine's cores, so each, and
+    # every process it starts (the CLI runs inherit the variable), uses one thread; two threads
+    # each would oversubscribe a 2-core machine and run slower than one worker.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # The streaming configuration of the outside checks: 2 frames per block, a 6-frame window
 # (3 chunks), a 2-frame sink, 4 steps.

@@ -68,19 +68,22 @@ def test_compiled_blocks_stream_like_eager_and_do_not_retrace_per_chunk():
 
 def test_building_the_cpu_models_imports_nothing_heavy():
     """What every generation builds (the text encoder and its first prompt, a DiT on meta for the
-    checkpoint check, a LoRA merge, the VAE) pulls in neither transformers, PEFT nor torch's
-    compiler stack: those imports cost seconds of each start-up (the README demo's included)."""
+    checkpoint check, a LoRA merge, the VAE) and what distillation adds (adapters attached) pull in
+    neither transformers, PEFT nor torch's compiler stack: those imports cost seconds of each
+    start-up (the README demo's included)."""
     code = """
 import sys, torch
 from core.checkpoint import merge_lora
 from core.config import ModelConfig, VAEConfig
 from core.text import TextEncoder
+from core.train.lora import attach_lora
 from core.vae import WanVAE
 from longlive_cli.build import meta_dit
 from tests.conftest import random_lora, tiny_model
 TextEncoder.tiny().encode(["a red circle moves left to right on a blue background"])
 meta_dit(ModelConfig.preset("shapes"))
 merge_lora(tiny_model(), random_lora(4, 0))
+attach_lora(tiny_model(), rank=4, alpha=4, dropout=0.0, seed=0)
 with torch.device("meta"):
     WanVAE(VAEConfig.preset("shapes"))
 heavy = ("transformers", "peft", "torch._dynamo", "sympy", "torch.distributed.checkpoint")

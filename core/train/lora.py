@@ -1,8 +1,12 @@
-"""LoRA adapters of DMD distillation through PEFT (reference-model.md §7.4, reference-systems.md §6.7).
+"""LoRA adapters of DMD distillation (reference-model.md §7.4, reference-systems.md §6.7).
 
-`attach_lora` injects PEFT LoRA layers into the 300 block linears of a built DiT in place (the
-model stays a `CausalWanDiT`; the base is frozen, the adapters are fp32 master weights, seeded so
-every rank starts from the same values). `lora_state_dict` gathers the adapters in the official
+`attach_lora` wraps the 300 block linears of a built DiT in place in `LoRALinear`, laid out as
+PEFT's `lora.Linear` (the base under `base_layer`, the adapter under `lora_A.default` /
+`lora_B.default`), so every parameter name, and so every training checkpoint, is the one the
+official PEFT injection gives; the model stays a `CausalWanDiT`, the base is frozen, the adapters
+are fp32 master weights, seeded so every rank starts from the same values. (Our own module, not
+PEFT's: importing peft imports transformers, ~4.6 s of every training start; tests hold the two
+equal, names, values and gradients.) `lora_state_dict` gathers the adapters in the official
 layout, PEFT keys without the adapter name:
 
     base_model.model.blocks.{i}.{self_attn,cross_attn}.{q,k,v,o}.lora_{A,B}.weight
@@ -29,16 +33,54 @@ _ADAPTER = "default"  # PEFT's adapter name; the official files leave it out
 _OURS = re.compile(rf"\.(lora_[AB])\.{_ADAPTER}\.weight$")
 
 
-def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, seed: int) -> nn.Module:
-    """Inject LoRA into every block linear of `model`, freeze everything else, keep the adapters
-    in fp32; returns `model`. Initialisation as PEFT's (A Kaiming-uniform with a = sqrt(5), B
-    zeros), drawn in fp32 on the CPU from `seed` and the layer's index: the same values on every
-    rank, device and base dtype."""
-    import peft  # slow import (transformers): only LoRA users pay for it
+class LoRALinear(nn.Module):
+    """`base_layer(x) + scaling * B(A(dropout(x)))` with `scaling = alpha / rank`, computed as
+    PEFT's `lora.Linear` does (the input cast to the adapter's dtype, the sum cast back to the
+    base's output dtype)."""
 
-    targets = block_linear_names(len(model.blocks))
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-    peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
+    def __init__(self, base_layer: nn.Linear, *, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        device = base_layer.weight.device
+        self.base_layer = base_layer
+        self.lora_A = nn.ModuleDict({_ADAPTER: nn.Linear(base_layer.in_features, rank, bias=False, device=device)})
+        self.lora_B = nn.ModuleDict({_ADAPTER: nn.Linear(rank, base_layer.out_features, bias=False, device=device)})
+        self.lora_dropout = nn.ModuleDict({_ADAPTER: nn.Dropout(dropout) if dropout > 0 else nn.Identity()})
+        self.scaling = alpha / rank
+
+    @property
+    def weight(self) -> Tensor:  # readers of `linear.weight` (dtype, device) see the base's
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)
+        lora_A, lora_B = self.lora_A[_ADAPTER], self.lora_B[_ADAPTER]
+        x = x.to(lora_A.weight.dtype)
+        update = lora_B(lora_A(self.lora_dropout[_ADAPTER](x)))
+        return (result + update * self.scaling).to(result.dtype)
+
+
+def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, seed: int) -> nn.Module:
+    """Wrap every block linear of `model` in `LoRALinear`, freeze everything else, keep the
+    adapters in fp32 (`init_adapters`: the same values on every rank, device and base dtype);
+    returns `model`."""
+    for name in block_linear_names(len(model.blocks)):
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent)
+        base = getattr(holder, child)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRA targets linear layers; {name} is {type(base).__name__}")
+        setattr(holder, child, LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout))
+    init_adapters(model, seed)
+    return model
+
+
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """Train the adapters only, and (re)initialise them in fp32: A Kaiming-uniform (a = sqrt(5),
+    PEFT's), drawn on the CPU from `seed` and the adapter's index, B zeros."""
     index = 0
     for name, param in model.named_parameters():
         is_adapter = _OURS.search(name) is not None
@@ -51,7 +93,6 @@ def attach_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, se
             nn.init.kaiming_uniform_(values, a=math.sqrt(5), generator=generator)
             index += 1
         param.data = values.to(param.device)
-    return model
 
 
 def official_lora_key(name: str) -> str:
