@@ -115,6 +115,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A module fixture's files, made once per test run: under pytest-xdist every worker that runs
+    one of the module's tests would set the fixture up again (worksteal splits modules), so the
+    first makes `make(folder)` under a file lock in the run's shared temp folder and the others
+    wait for it and read the same files."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' folders sit side by side in the run's folder
+    folder = root / f"made-once-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "DONE").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / "DONE").touch()
+    return folder
+
+
 def spawn_ranks(run, preload: str, world: int, out: Path) -> list[dict]:
     """`run(rank, world, port, out)` on `world` gloo processes; each saves `out/rank{r}.pt`.
     forkserver: the workers fork from one clean process that has imported `preload` (and torch)

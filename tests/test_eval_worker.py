@@ -17,6 +17,7 @@ import pytest
 
 from core.errors import UserError
 from core.eval.environment import DEFAULT_ENV_DIR, worker_python
+from tests.conftest import made_once
 
 REPO = Path(__file__).resolve().parents[1]
 SCENES = (20, 37, 17)  # frames per scene at 8 fps: 2 s clips of 16 frames, tails, a short last scene
@@ -43,15 +44,17 @@ def in_env(script: str, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("videos")
-    in_env("""
-        import sys
-        from core.eval.synthetic import write_scene_video
-        write_scene_video(sys.argv[1] + "/a cat-0.mp4", [20, 37, 17])
-        write_scene_video(sys.argv[1] + "/a dog-0.mp4", [30], seed=1)
-        print("{}")
-    """, str(folder))
-    return folder / "a cat-0.mp4"
+    def make(folder: Path) -> None:
+        (folder / "videos").mkdir()
+        in_env("""
+            import sys
+            from core.eval.synthetic import write_scene_video
+            write_scene_video(sys.argv[1] + "/a cat-0.mp4", [20, 37, 17])
+            write_scene_video(sys.argv[1] + "/a dog-0.mp4", [30], seed=1)
+            print("{}")
+        """, str(folder / "videos"))
+
+    return made_once(tmp_path_factory, "eval-videos", make) / "videos" / "a cat-0.mp4"
 
 
 def test_scene_split_equals_vbench_long(video, tmp_path):

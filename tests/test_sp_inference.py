@@ -19,7 +19,7 @@ import torch
 from core.errors import UserError
 from sp.mesh import check_inference_layout
 from tests import sp_inference_workers as w
-from tests.conftest import spawn_ranks
+from tests.conftest import made_once, spawn_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
@@ -29,7 +29,9 @@ TOL = 1e-5
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
 def ranks(request, tmp_path_factory):
     world = request.param
-    return spawn_ranks(w.run, "tests.sp_inference_workers", world, tmp_path_factory.mktemp(f"spinf{world}"))
+    folder = made_once(tmp_path_factory, f"spinf{world}",
+                       lambda out: spawn_ranks(w.run, "tests.sp_inference_workers", world, out))
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module")
