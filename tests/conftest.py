@@ -6,14 +6,22 @@ import contextlib
 import multiprocessing
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from core.config import ModelConfig, StreamConfig
-from core.dit import CausalWanDiT, random_init_
+# Bytecode caches on, whatever the environment says (some images set PYTHONDONTWRITEBYTECODE): the
+# suite starts ~100 Python processes (CLI runs, ranks, scripts), each of which would compile our
+# modules again, and each xdist worker would re-rewrite every test module's asserts (~8 s a worker).
+# Set before our modules are imported; the workers and every process they start inherit it.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+from core.config import ModelConfig, StreamConfig  # noqa: E402 (after the bytecode switch)
+from core.dit import CausalWanDiT, random_init_  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` (the README's command): the workers share the machine's cores, so each, and
@@ -95,6 +103,27 @@ def torch_threads(count: int):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_cli_here(*argv: str) -> int:
+    """`longlive ARGV` in this process, as a CLI run with OMP_NUM_THREADS=1 would compute it (one
+    thread), for a reference run whose result a test compares with a run in another process: it
+    saves that process's start-up (~8 s of imports for a training run). The global switches a run
+    may turn (the thread count, deterministic algorithms, the RNGs) are put back after it."""
+    import random
+
+    from longlive_cli.app import main
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    rng, python_rng = torch.get_rng_state(), random.getstate()
+    try:
+        with torch_threads(1):
+            return main(list(argv))
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_rng_state(rng)
+        random.setstate(python_rng)
 
 
 @pytest.fixture

@@ -35,8 +35,8 @@ print(json.dumps({"checked": checked, "failures": failures}))
 EXPECTED_CHECKS = 3 * 3 + 4
 
 
-def test_triton_quantizer_equals_reference_under_interpreter():
-    result = interpreter_result(INTERPRETER_CHECKS)
+def test_triton_quantizer_equals_reference_under_interpreter(tmp_path_factory):
+    result = interpreter_result(tmp_path_factory, "fp8_rows")
     assert result["failures"] == []
     assert result["checked"] == EXPECTED_CHECKS
 
@@ -106,7 +106,7 @@ print(json.dumps({"checked": checked, "failures": failures}))
 """
 
 
-def test_triton_rescale_of_grown_heads_equals_reference_under_interpreter():
-    result = interpreter_result(RESCALE_CHECKS)
+def test_triton_rescale_of_grown_heads_equals_reference_under_interpreter(tmp_path_factory):
+    result = interpreter_result(tmp_path_factory, "fp8_rescale")
     assert result["failures"] == []
     assert result["checked"] == 2 + 4

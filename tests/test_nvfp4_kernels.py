@@ -94,16 +94,16 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     )
 
 
-def interpreter_result(checks: str) -> dict:
-    """Run `checks` (code printing a JSON line last) under Triton's CPU interpreter; that line."""
-    pytest.importorskip("triton")
-    proc = run_python(checks, TRITON_INTERPRET="1")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def interpreter_result(tmp_path_factory, name: str) -> dict:
+    """The JSON line script `name` (tests/triton_interpreter.SCRIPTS) printed last under Triton's CPU
+    interpreter."""
+    from tests.triton_interpreter import interpreted
+
+    return json.loads(interpreted(tmp_path_factory, name).strip().splitlines()[-1])
 
 
-def test_kernels_equal_reference_under_interpreter():
-    result = interpreter_result(INTERPRETER_CHECKS)
+def test_kernels_equal_reference_under_interpreter(tmp_path_factory):
+    result = interpreter_result(tmp_path_factory, "nvfp4")
     assert result["failures"] == []
     assert result["checked"] == EXPECTED_CHECKS
 

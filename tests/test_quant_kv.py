@@ -8,11 +8,6 @@ like "dequantize every held slot, append the current chunk, sdpa".
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -254,12 +249,10 @@ print("ok")
 """
 
 
-def test_triton_dequantize_kernel_in_the_cpu_interpreter():
+def test_triton_dequantize_kernel_in_the_cpu_interpreter(tmp_path_factory):
     """The CUDA kernel's code, run by Triton's interpreter (it must be set before triton is imported,
-    hence a fresh process): equal to the per-slot reference, fp32 and bf16 (tests/test_gpu_quant_kv.py
-    checks the compiled kernel)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED_KERNEL], env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    hence another process, tests/triton_interpreter.py): equal to the per-slot reference, fp32 and
+    bf16 (tests/test_gpu_quant_kv.py checks the compiled kernel)."""
+    from tests.triton_interpreter import interpreted
+
+    assert interpreted(tmp_path_factory, "kv_dequantize").strip() == "ok"

@@ -18,13 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from longlive_cli.app import main
+from tests.conftest import run_cli_here
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "train.checkpoint_every=2", "--set", "train.deterministic=true"]
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "longlive_cli", "train-ar", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -62,11 +63,12 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     steps = 6
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ["train_ar_tiny", "--max-steps", str(steps), *FAST]
-    done = cli(*args, "--logdir", str(straight), "--export", str(straight / "out.safetensors"))
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the uninterrupted run here (one thread), the killed and the resumed ones as CLI processes (one thread)
+    export = str(straight / "out.safetensors")
+    assert run_cli_here("train-ar", *args, "--logdir", str(straight), "--export", export) == 0
 
     kill_after = random.Random(os.getpid()).choice([3, 4, 5])
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "longlive_cli", "train-ar", *args, "--logdir", str(resumed)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -80,7 +82,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_parameters(tmp_path):
     (resumed / "checkpoints" / ".tmp-step_00000099").mkdir(parents=True)
     (resumed / "checkpoints" / "step_00000098").mkdir()
 
-    again = cli(*args, "--logdir", str(resumed), "--export", str(resumed / "out.safetensors"))
+    again = cli(*args, "--logdir", str(resumed), "--export", str(resumed / "out.safetensors"), env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     history = [m["step"] for m in metrics(resumed)]
     restart = history.index(history[killed_at], killed_at) if killed_at < len(history) else None
