@@ -38,14 +38,17 @@ def interrupted(kept: str) -> Iterator[None]:
     import threading
 
     previous = sys.unraisablehook
+    pending: list[threading.Timer] = []
 
     def redeliver(unraisable) -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
             # a moment later, from another thread: raised in this hook it would be swallowed once
-            # more (and should it land in a finalizer again, this hook sends it again)
-            timer = threading.Timer(0.05, _thread.interrupt_main)
-            timer.daemon = True
-            timer.start()
+            # more (and should it land in a finalizer again, this hook sends it again). One at a
+            # time: a second would land after the first stopped the work, as the process exits.
+            if not any(timer.is_alive() for timer in pending):
+                pending.append(threading.Timer(0.05, _thread.interrupt_main))
+                pending[-1].daemon = True
+                pending[-1].start()
         else:
             previous(unraisable)
 
@@ -56,6 +59,8 @@ def interrupted(kept: str) -> Iterator[None]:
         raise Interrupted(kept) from None
     finally:
         sys.unraisablehook = previous
+        for timer in pending:  # the block is over: nothing left to interrupt
+            timer.cancel()
 
 
 # Subcommands register themselves on `app` when imported; only commands that work are listed.
@@ -97,6 +102,19 @@ def _torchrun_worker() -> bool:
     return under_torchrun()
 
 
+def _exit_code_decided_by_ctrl_c(argv: list[str] | None) -> None:
+    """Once Ctrl-C has decided the exit code (130), a further SIGINT (pressed again, or redelivered
+    by `interrupted`) must not end the process by the signal while it exits (exit -2, seen 1 in 12
+    runs of tests/test_ux_progress.py's training case): the command's own process ignores it from
+    here. Only for a command run as a process (`argv` None: the console script, `python -m`), never
+    for a caller's process."""
+    import signal
+    import threading
+
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         result = cli_command().main(args=argv, prog_name="longlive", standalone_mode=False)
@@ -111,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as err:
         return fail(str(err), 1)
     except Interrupted as err:
+        _exit_code_decided_by_ctrl_c(argv)
         if not _torchrun_worker():
             err_console.print(f"interrupted; {err}", highlight=False)
         return 130
     except (typer.Abort, KeyboardInterrupt):
+        _exit_code_decided_by_ctrl_c(argv)
         if not _torchrun_worker():
             err_console.print("interrupted")
         return 130
