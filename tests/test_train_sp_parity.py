@@ -75,13 +75,11 @@ def differences(reference: tuple[list[dict], dict], other: tuple[list[dict], dic
 def one_process(tmp_path_factory) -> tuple[list[dict], dict]:
     """The reference runs in this process, with one thread as each launched rank (no launcher to
     start; the ranks' runs are the subprocesses under test)."""
-    from longlive_cli.app import main
-    from tests.conftest import made_once, torch_threads
+    from tests.conftest import made_once, run_cli_here
 
-    def make(folder: Path) -> None:
-        with torch_threads(1):
-            assert main(["train-ar", *COMMON, "--logdir", str(folder / "run"), "--export",
-                         str(folder / "run" / "g.safetensors")]) == 0
+    def make(folder: Path) -> None:  # one thread; the switches the run turns are put back
+        assert run_cli_here("train-ar", *COMMON, "--logdir", str(folder / "run"), "--export",
+                            str(folder / "run" / "g.safetensors")) == 0
 
     logdir = made_once(tmp_path_factory, "sp-parity-single", make) / "run"
     return records(logdir), load_file(logdir / "g.safetensors")
