@@ -38,17 +38,18 @@ def interrupted(kept: str) -> Iterator[None]:
     import threading
 
     previous = sys.unraisablehook
-    pending: list[threading.Timer] = []
+    timer: threading.Timer | None = None
 
     def redeliver(unraisable) -> None:
+        nonlocal timer
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
             # a moment later, from another thread: raised in this hook it would be swallowed once
             # more (and should it land in a finalizer again, this hook sends it again). One at a
             # time: a second would land after the first stopped the work, as the process exits.
-            if not any(timer.is_alive() for timer in pending):
-                pending.append(threading.Timer(0.05, _thread.interrupt_main))
-                pending[-1].daemon = True
-                pending[-1].start()
+            if timer is None or not timer.is_alive():
+                timer = threading.Timer(0.05, _thread.interrupt_main)
+                timer.daemon = True
+                timer.start()
         else:
             previous(unraisable)
 
@@ -59,7 +60,7 @@ def interrupted(kept: str) -> Iterator[None]:
         raise Interrupted(kept) from None
     finally:
         sys.unraisablehook = previous
-        for timer in pending:  # the block is over: nothing left to interrupt
+        if timer is not None:  # the block is over: nothing left to interrupt
             timer.cancel()
 
 

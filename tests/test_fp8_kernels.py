@@ -3,7 +3,8 @@ must be set before triton is imported), gives quantize_rows_reference's codes an
 
 
 
-from tests.test_nvfp4_kernels import interpreter_result, run_python
+from tests.test_nvfp4_kernels import run_python
+from tests.triton_interpreter import interpreter_result
 
 INTERPRETER_CHECKS = r"""
 import json

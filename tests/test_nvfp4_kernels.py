@@ -1,13 +1,14 @@
 """The Triton NVFP4 kernels, run by Triton's CPU interpreter in a subprocess (TRITON_INTERPRET=1 must
 be set before triton is imported), give the torch reference's codes, scales and values bit for bit."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.triton_interpreter import interpreter_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,14 +93,6 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600
     )
-
-
-def interpreter_result(tmp_path_factory, name: str) -> dict:
-    """The JSON line script `name` (tests/triton_interpreter.SCRIPTS) printed last under Triton's CPU
-    interpreter."""
-    from tests.triton_interpreter import interpreted
-
-    return json.loads(interpreted(tmp_path_factory, name).strip().splitlines()[-1])
 
 
 def test_kernels_equal_reference_under_interpreter(tmp_path_factory):

@@ -24,12 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--set", "train.checkpoint_every=2", "--set", "train.deterministic=true"]
 
 
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "longlive_cli", "train-ar", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def metrics(logdir: Path) -> list[dict]:
     path = logdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

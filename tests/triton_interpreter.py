@@ -56,3 +56,8 @@ def interpreted(tmp_path_factory, name: str) -> str:
     result = json.loads((made_once(tmp_path_factory, "triton-interpreter", make) / "results.json").read_text())[name]
     assert "error" not in result, result["error"]
     return result["stdout"]
+
+
+def interpreter_result(tmp_path_factory, name: str) -> dict:
+    """The JSON line script `name` printed last."""
+    return json.loads(interpreted(tmp_path_factory, name).strip().splitlines()[-1])
