@@ -11,10 +11,11 @@ from core.eager import apply_eager_methods
 from core.vae import CausalConv3d, Upsample
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
-# per chunk (H200); compiling the cell VAE decoder takes ~51 s and saves ~0.66 s per chunk against
-# it eager (H100: 0.862 s compiled on 2026-12-07 (0.856 s since), 1.521 s eager on 2026-12-05).
+# per chunk (H200); compiling the cell VAE decoder with rings takes 26-42 s (first chunk of a
+# process, H100) and saves ~0.75 s per chunk against it eager (H100: 0.76-0.77 s compiled on
+# 2026-12-07, 1.521 s eager on 2026-12-05): 42 / 0.75 -> 56 chunks.
 DIT_BREAK_EVEN_CHUNKS = 40
-VAE_BREAK_EVEN_CHUNKS = 78
+VAE_BREAK_EVEN_CHUNKS = 56
 
 
 def wants_compile(setting: str, device: torch.device, chunks: int | None = None,
@@ -43,8 +44,9 @@ VAE_RECOMPILE_LIMIT = 32
 
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
                         channels_last: bool | None = None) -> None:
-    """torch.compile the VAE decoder's units (fuses each norm + SiLU + causal padding into one
-    kernel, the sub-pixel interleave with its conv's bias add). The cell and slice loops, the
+    """torch.compile the VAE decoder's units (fuses each norm + SiLU with the causal padding, or with
+    the in-place write of a one-frame step's ring (`DecodePlan.ring_past`), into one kernel, the
+    sub-pixel interleave with its conv's bias add). The cell and slice loops, the
     feature cache and the first-frame rules stay eager Python; each unit compiles once per kind of
     slice (start of the video, steady state, and a first-cell remainder), with static shapes.
     `backend="eager"` traces without code generation (CPU tests of the capture).
@@ -138,7 +140,8 @@ class FrameTapsConv3d(CausalConv3d):
     """`CausalConv3d` whose convolution runs as per-tap 2-D convolutions (`conv3d_by_frame_taps`):
     2-D kernels are the most tuned in cuDNN. Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
+        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_frame_taps(x_with_past, self.weight, self.bias, self.padding)
 
 
@@ -146,7 +149,8 @@ class StackedTapsConv3d(CausalConv3d):
     """`CausalConv3d` run as one 2-D convolution over the taps stacked into channels
     (`conv3d_by_stacked_taps`). Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
+        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_stacked_taps(x_with_past, self.weight, self.bias, self.padding)
 
 

@@ -58,25 +58,32 @@ class DecodePlan:
         of activations and feature cache (3.1 GiB of it the cache; 4.7 GiB at 256 MiB, ~6.7 GiB
         for the per-latent loop: tests/test_vae.py, on `meta`); compiled on an H100 the whole decode
         peaks at 7.96 GiB with weights (8.12 at 256 MiB) for 0.7 % more time, compiled channels-last
-        (the GPU default since) 7.68 GiB on an H100 with the cache in the weights' layout
-        (docs/BENCHMARKS.md, 2026-12-07).
+        (the GPU default since) 7.68 GiB on an H100 with the cache in the weights' layout, 6.74 GiB
+        with rings (`ring_past`; docs/BENCHMARKS.md, 2026-12-07).
     subpixel_upsample: compute "nearest 2x, then 3x3 conv" as a 2x2 conv with four phases on the
         small input (`subpixel_weight`): 2.25x fewer FLOPs in those convolutions.
+    ring_past: in a compiled decoder, a causal convolution stepping one frame at a time keeps its
+        past in a ring that each new frame overwrites in place (`CausalConv3d.ring_step`) instead
+        of building a padded input and cloning its tail per step: 0.864 -> 0.768 s per 720p chunk
+        and 8.28 -> 6.74 GiB peak (H100, same call, docs/BENCHMARKS.md, 2026-12-07). The same sums
+        with the taps in another order. Eager decoders never use rings.
     """
 
     latents_per_cell: int = 4
     slice_bytes: int | None = 64 * 2**20
     subpixel_upsample: bool = True
+    ring_past: bool = True
 
     def __post_init__(self) -> None:
         _require(isinstance(self.latents_per_cell, int) and self.latents_per_cell >= 1,
                  f"latents_per_cell must be a positive integer (got {self.latents_per_cell!r})")
         _require(self.slice_bytes is None or (isinstance(self.slice_bytes, int) and self.slice_bytes > 0),
                  f"slice_bytes must be a positive integer or None for no cap (got {self.slice_bytes!r})")
+        _require(isinstance(self.ring_past, bool), f"ring_past must be True or False (got {self.ring_past!r})")
 
 
 # The official loop, operation for operation: one latent per step, whole steps, nearest + 3x3.
-PER_LATENT_PLAN = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False)
+PER_LATENT_PLAN = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False, ring_past=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,17 +136,18 @@ class CausalCache:
     decoder is told per call). One object per video: independent streams never share state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rings: bool = False) -> None:
         self.first_step = True
-        self._frames: dict[nn.Module, Tensor | None] = {}
+        self.rings = rings  # one-frame compiled steps may keep rings (`CausalConv3d.ring_step`)
+        self._frames: dict[nn.Module, Tensor | tuple[Tensor, Tensor] | None] = {}
 
-    def get(self, layer: nn.Module) -> Tensor | None:
+    def get(self, layer: nn.Module) -> Tensor | tuple[Tensor, Tensor] | None:
         return self._frames.get(layer)
 
-    def put(self, layer: nn.Module, frames: Tensor) -> None:
+    def put(self, layer: nn.Module, frames: Tensor | tuple[Tensor, Tensor]) -> None:
         self._frames[layer] = frames
 
-    def take(self, layer: nn.Module) -> Tensor | None:
+    def take(self, layer: nn.Module) -> Tensor | tuple[Tensor, Tensor] | None:
         """Take a layer's frames out, so they can be freed as soon as they are used. The slot stays
         where it is (a stable key order keeps `torch.compile`'s guards on this dict stable)."""
         frames = self._frames.get(layer)
@@ -149,10 +157,12 @@ class CausalCache:
 
     def copy(self) -> CausalCache:
         """A cache that continues from this one's state; stepping it leaves this one as it is
-        (entries are replaced, never written in place)."""
-        other = CausalCache()
+        (entries are replaced, and rings copied)."""
+        other = CausalCache(self.rings)
         other.first_step = self.first_step
-        other._frames = dict(self._frames)
+        # a ring (`CausalConv3d.ring_step`) is written in place: the copy gets its own frames
+        other._frames = {layer: (entry[0].clone(), entry[1]) if isinstance(entry, tuple) else entry
+                         for layer, entry in self._frames.items()}
         return other
 
 
@@ -170,12 +180,15 @@ class CausalConv3d(nn.Conv3d):
         self.context = kt - 1
 
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
-        return self.convolve(self.with_past(x, cache))
+        return self.convolve(*self.with_past(x, cache))
 
-    def with_past(self, x: Tensor, cache: CausalCache | None) -> Tensor:
-        """x with its `context` past frames in front; stores x's last frames as the next past."""
+    def with_past(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, Tensor | None]:
+        """x with its `context` past frames in front (stores x's last frames as the next past), and
+        None; or, for a one-frame step of a compiled decoder, a ring (`ring_step`) and its tap order."""
         if self.context == 0:
-            return x
+            return x, None
+        if self._rings_pay(x, cache):
+            return self.ring_step(x, cache)
         # The past is kept in the weight's layout, so that cat builds the padded input in it too
         # (cat follows its inputs' layout, in eager and in inductor) and cuDNN gets channels-last
         # input from a channels-last decoder (`core.optimize.channels_last_vae_decoder`). With a
@@ -183,23 +196,73 @@ class CausalConv3d(nn.Conv3d):
         # transposed all of it before the conv (~0.1 s of a 720p chunk on an H200, docs/BENCHMARKS.md).
         layout = self._layout()
         past = cache.take(self) if cache is not None else None
-        if past is None:  # zero frames, made in the layout (a zeros() converted after is two writes)
-            B, C, _, H, W = x.shape
-            past = torch.empty((B, C, self.context, H, W), dtype=x.dtype, device=x.device,
-                               memory_format=layout).zero_()
+        if isinstance(past, tuple):  # a ring, from one-frame steps: its newest frames, oldest first
+            frames, oldest = past
+            past = frames.index_select(2, (oldest + torch.arange(1, self.context + 1, device=x.device))
+                                       % (self.context + 1)).contiguous(memory_format=layout)
+        if past is None:
+            past = self._zero_frames(x, self.context)
         x = torch.cat([past, x], dim=2)
         del past  # the old past goes before the new one is cloned
         if cache is not None:
             # clone: a view would keep the whole input alive until the next step
             cache.put(self, x[:, :, -self.context:].clone(memory_format=layout))
-        return x
+        return x, None
 
-    def convolve(self, x_with_past: Tensor) -> Tensor:
-        return conv3d(x_with_past, self.weight, self.bias, self.stride, self.padding)
+    def ring_step(self, x: Tensor, cache: CausalCache) -> tuple[Tensor, Tensor]:
+        """One frame x through a ring of `context + 1` frames kept in the cache with the slot of its
+        oldest frame (a tensor, so one graph serves every slot): x overwrites that frame in place,
+        and the convolution runs over the ring as it lies in memory with its taps reordered to
+        match (`convolve`'s `tap_order`). Per step this writes one frame, where the padded input
+        costs a copy of the past into it and a clone of its last frames (2 x context frames read
+        and written); the weights are gathered instead, which `_rings_pay` keeps to layers whose
+        frames are larger than their weights.
+
+        The write is an indexed assignment (`index_put_`), which inductor performs in place on the
+        cache's tensor, fused with the norm + SiLU producing x; `index_copy_` it turned into an
+        out-of-place copy of the whole ring per step (its generated code, CPU and H100)."""
+        slots = self.context + 1
+        entry = cache.get(self)
+        if isinstance(entry, tuple):
+            frames, oldest = entry
+        else:  # start: the past (zeros at the start of the video) in front, the last slot free
+            frames = self._zero_frames(x, slots)
+            if entry is not None:
+                frames[:, :, :self.context] = entry
+            oldest = torch.full((1,), self.context, dtype=torch.long, device=x.device)
+        frames[:, :, oldest] = x
+        # slot j holds the frame at time position (j - oldest - 1) mod slots (x, the newest, at oldest)
+        tap_order = (torch.arange(slots, device=x.device) - oldest - 1) % slots
+        cache.put(self, (frames, (oldest + 1) % slots))
+        return frames, tap_order
+
+    def convolve(self, x_with_past: Tensor, tap_order: Tensor | None = None) -> Tensor:
+        """The convolution; `tap_order[j]`: the temporal tap that input frame j meets (a ring)."""
+        weight = self.weight
+        if tap_order is not None:
+            weight = weight.index_select(2, tap_order).contiguous(memory_format=self._layout())
+        return conv3d(x_with_past, weight, self.bias, self.stride, self.padding)
+
+    def _zero_frames(self, x: Tensor, frames: int) -> Tensor:
+        """`frames` zero frames of x's size, in the weight's layout (a zeros() converted after is
+        two writes)."""
+        B, C, _, H, W = x.shape
+        return torch.empty((B, C, frames, H, W), dtype=x.dtype, device=x.device,
+                           memory_format=self._layout()).zero_()
 
     def _layout(self) -> torch.memory_format:
         return torch.channels_last_3d if self.weight.is_contiguous(memory_format=torch.channels_last_3d) \
             else torch.contiguous_format
+
+    def _rings_pay(self, x: Tensor, cache: CausalCache | None) -> bool:
+        """Rings for one-frame steps of a compiled decoder (the 720p decode runs every stage in
+        one-frame slices), where a frame outweighs the weights gathered per step. Eager decoders
+        (the CPU demo, videos too short to compile for) keep the padded input, and so does a step
+        that autograd records (a ring overwritten in place would corrupt its saved input)."""
+        recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return (cache is not None and cache.rings and torch.compiler.is_compiling() and x.shape[2] == 1
+                and not recorded and type(self).convolve is CausalConv3d.convolve
+                and x[:, :, 0].numel() >= self.weight.numel())
 
 
 class FrameConv2d(nn.Conv2d):
@@ -234,8 +297,8 @@ def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
     """Apply a Sequential, handing the cache to its causal convolutions."""
     for layer in layers:
         if isinstance(layer, CausalConv3d):
-            x = layer.with_past(x, cache)  # two steps: the unpadded input is freed before the conv runs
-            x = layer.convolve(x)
+            x, tap_order = layer.with_past(x, cache)  # two steps: the unpadded input is freed before the conv
+            x = layer.convolve(x, tap_order)
         else:
             x = layer(x)
     return x
@@ -673,7 +736,7 @@ class StreamingDecoder:
         self.reset()
 
     def reset(self) -> None:
-        self.cache = CausalCache()  # the state at the start of the open cell
+        self.cache = CausalCache(rings=self.plan.ring_past)  # the state at the start of the open cell
         self._chunk_shape: tuple[int, int, int] | None = None  # (B, h, w) of this video
         self._cells_done = 0
         self._open_cell: Tensor | None = None  # latents of a cell that a chunk ended inside

@@ -132,9 +132,34 @@ def test_compiled_decoder_runs_channels_last_on_a_gpu() -> None:
     assert layouts and all(layouts), layouts
     # the causal cache stays channels-last out of inductor's graphs: each padded conv input is built
     # channels-last, not built channels-first and transposed whole (docs/BENCHMARKS.md, 2026-12-07)
-    cached = [t for t in stream.cache._frames.values() if t is not None]
+    cached = [t[0] if isinstance(t, tuple) else t for t in stream.cache._frames.values() if t is not None]
     assert len(cached) > 20 and all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in cached)
     assert_fp32_close(actual, expected, rel=1e-4)
+
+
+def test_compiled_decoder_with_rings_decodes_what_eager_does() -> None:
+    """`DecodePlan(ring_past=True)` compiled by inductor on a GPU (one-frame slices, as at 720p):
+    the rings stay in the weights' layout and in place from chunk to chunk, and the decode is
+    eager's."""
+    vae = random_vae(VAEConfig.preset("tiny"), seed=17, device="cuda")
+    latents = _latents(9, seed=18, h=8, w=8)
+    plan = DecodePlan(slice_bytes=2**14, ring_past=True)
+    with torch.no_grad():
+        expected = vae.decode(latents, plan)
+        torch._dynamo.reset()
+        compile_vae_decoder(vae)
+        try:
+            stream = vae.streaming_decoder(plan)
+            pieces = [stream.decode(latents[:, :, :4])]
+            rings = {id(e[0]): e[0].data_ptr() for e in stream.cache._frames.values() if isinstance(e, tuple)}
+            pieces += [stream.decode(latents[:, :, 4:8]), stream.decode(latents[:, :, 8:])]  # the last one
+            # ends inside a cell: decoded on a copy of the cache
+        finally:
+            torch._dynamo.reset()
+    after = [e[0] for e in stream.cache._frames.values() if isinstance(e, tuple)]
+    assert len(after) >= 5 and all(r.is_contiguous(memory_format=torch.channels_last_3d) for r in after)
+    assert all(rings.get(id(r)) == r.data_ptr() for r in after)  # the same tensors, written in place
+    assert_fp32_close(torch.cat(pieces, dim=2), expected, rel=1e-4)
 
 
 def test_720p_decode_peak_memory_is_capped() -> None:

@@ -229,6 +229,122 @@ def test_causal_conv_cache_continues_the_stream(split: list[int]) -> None:
     torch.testing.assert_close(torch.cat(outputs, dim=2), conv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (2, 3, 3)])
+@pytest.mark.parametrize("split", [[1, 1, 1, 1, 1, 1, 1], [1, 1, 3, 1, 1], [2, 1, 1, 1, 2]])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ring_steps_continue_the_stream(kernel: tuple[int, int, int], split: list[int], channels_last: bool,
+                                        monkeypatch) -> None:
+    """`CausalConv3d.ring_step` (one-frame steps of a compiled decoder), run eagerly here: the ring
+    written in place and the taps reordered give the causal convolution of the whole stream, also
+    when one-frame steps and wider steps alternate (ring -> padded past -> ring), and a cache copy
+    continues on its own frames without touching the original's."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # rings are for compiled steps
+    conv = randomize_(CausalConv3d(3, 4, kernel), seed=5).double().requires_grad_(False)  # frozen, as the VAE
+    if channels_last:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    x = randn(1, 3, sum(split), 12, 10, seed=6).double()  # a frame (360 values) outweighs the weights (<= 324)
+    kt, kh, kw = kernel
+    expected = F.conv3d(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), conv.weight, conv.bias)
+    cache, outputs, rings = CausalCache(rings=True), [], 0
+    for index, chunk in enumerate(x.split(split, dim=2)):
+        if index == 2:  # a copy steps ahead on its own; the original must not see it
+            side = cache.copy()
+            for _ in range(2):  # two steps: the second overwrites a frame the original still needs
+                conv(torch.zeros_like(chunk[:, :, :1]), side)
+        before = cache.get(conv)
+        outputs.append(conv(chunk, cache))
+        after = cache.get(conv)
+        if isinstance(before, tuple) and isinstance(after, tuple):
+            assert after[0] is before[0]  # the same ring, written in place
+        rings += isinstance(after, tuple)
+    assert rings == sum(n == 1 for n in split)
+    torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
+    ring, _ = cache.get(conv) if isinstance(cache.get(conv), tuple) else (None, None)
+    if ring is not None and channels_last:
+        assert ring.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_rings_need_a_compiled_one_frame_step_and_frames_larger_than_weights(monkeypatch) -> None:
+    conv = CausalConv3d(8, 8, 3).requires_grad_(False)  # 1,728 weights
+    cache = CausalCache(rings=True)
+    small, large = torch.zeros(1, 8, 1, 4, 4), torch.zeros(1, 8, 1, 16, 16)  # 128 / 2,048 values a frame
+    assert not conv._rings_pay(large, cache)  # eager
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert conv._rings_pay(large, cache)
+    assert not conv._rings_pay(small, cache)
+    assert not conv._rings_pay(torch.zeros(1, 8, 2, 16, 16), cache)
+    assert not conv._rings_pay(large, CausalCache())  # the plan's `ring_past=False`
+    assert not conv._rings_pay(large, None)
+    # a step autograd records keeps the padded input (a ring written in place would corrupt it)
+    assert not conv._rings_pay(large.requires_grad_(True), cache)
+    with torch.no_grad():
+        assert conv._rings_pay(large, cache)
+    conv.requires_grad_(True)
+    assert not conv._rings_pay(torch.zeros(1, 8, 1, 16, 16), cache)
+
+
+def _ring_step_code(write: str) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
+    """Inductor's CPU code for a steady one-frame step of RMSNorm -> SiLU -> causal conv in bf16,
+    channels-last, with the ring written as `CausalConv3d.ring_step` does (`write="put"`) or with
+    `index_copy_` (what the twelfth session measured, `write="copy"`). Returns the code, the
+    step's output and eager's, and whether the ring kept its storage."""
+    from torch._inductor.utils import run_and_get_code
+
+    norm, conv = randomize_(RMSNorm(16), seed=50), randomize_(CausalConv3d(16, 16, 3), seed=51)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    norm, conv = norm.bfloat16().requires_grad_(False), conv.bfloat16().requires_grad_(False)  # frozen, as the VAE
+    frames = [randn(1, 16, 1, 24, 24, seed=52 + t).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+              for t in range(3)]
+
+    def step(x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return conv(F.silu(norm(x)), cache)
+
+    expected, eager_cache = [], CausalCache()
+    for x in frames:
+        expected.append(step(x, eager_cache))
+    original = CausalConv3d.ring_step
+    if write == "copy":
+        def ring_step(self, x, cache):  # the old write: index_copy_ at the oldest slot
+            ring, oldest = cache.get(self)
+            ring.index_copy_(2, oldest, x)
+            tap_order = (torch.arange(3) - oldest - 1) % 3
+            cache.put(self, (ring, (oldest + 1) % 3))
+            return ring, tap_order
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(torch.no_grad()(step), backend="inductor", dynamic=False)
+        cache = CausalCache(rings=True)
+        outputs = [compiled(frames[0], cache)]  # starts the ring
+        ring = cache.get(conv)[0]
+        pointer = ring.data_ptr()
+        if write == "copy":
+            CausalConv3d.ring_step = ring_step
+        out, code = run_and_get_code(compiled, frames[1], cache)
+        outputs.append(out)
+    finally:
+        CausalConv3d.ring_step = original
+        torch._dynamo.reset()
+    kept = cache.get(conv)[0] is ring and ring.data_ptr() == pointer
+    return "\n".join(code), torch.cat(outputs, dim=2), torch.cat(expected[:2], dim=2), kept
+
+
+def test_inductor_writes_the_ring_in_place_and_convolves_it_where_it_lies() -> None:
+    """The generated code of a compiled one-frame step (CPU, bf16, channels-last, as on the GPU):
+    the new frame is written into the cache's ring inside the fused norm + SiLU kernel and the conv
+    reads the ring itself (a graph input), in its layout; no ring-sized buffer is allocated. The
+    same check flags the `index_copy_` write that inductor turned into a copy of the whole ring per
+    step (1.17x slower decoder on an H100, docs/BENCHMARKS.md)."""
+    import re
+
+    ring_buffer = re.compile(r"empty_strided_cpu\(\(1, 16, 3, 24, 24\)")
+    conv_on_input = re.compile(r"extern_kernels\.convolution\(arg\d+_1, ")
+    code, actual, expected, kept = _ring_step_code("put")
+    assert kept and conv_on_input.search(code) and not ring_buffer.search(code), code
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=0.02)
+    code, _, _, _ = _ring_step_code("copy")
+    assert ring_buffer.search(code) and not conv_on_input.search(code)
+
+
 def _cell(index: int, fs: int) -> tuple[int, int, int]:
     """Channel offset inside a (t, s, s) cell -> (dt, row, column)."""
     dt, rest = divmod(index, fs * fs)
@@ -613,6 +729,8 @@ def test_decode_plan_rejects_bad_values() -> None:
         DecodePlan(latents_per_cell=0)
     with pytest.raises(ValueError, match="slice_bytes must be a positive integer or None"):
         DecodePlan(slice_bytes=0)
+    with pytest.raises(ValueError, match="ring_past must be True or False"):
+        DecodePlan(ring_past="yes")
 
 
 def test_cell_decoder_in_bfloat16(latents: torch.Tensor) -> None:
@@ -723,6 +841,33 @@ def test_compiled_decoder_captures_each_unit_once_per_kind(frame_taps: str | Non
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2 * 6  # low_res, 4 stages, head
     torch._dynamo.reset()
+
+
+def test_compiled_one_frame_steps_keep_rings() -> None:
+    """The 720p plan's shape on the tiny VAE: one-frame slices in every stage, traced on the CPU
+    without code generation. With `DecodePlan.ring_past` the widest layers keep rings, there are no
+    graph breaks, the decode is eager's up to fp32 rounding (the taps sum in another order), and
+    chunks that end inside a cell (cache copies) concatenate bit for bit to the whole decode."""
+    from torch._dynamo.utils import counters
+
+    model = random_vae(TRACED, seed=9)
+    latents = randn(1, 48, 6, 4, 4, seed=45)
+    plan = DecodePlan(slice_bytes=2**12, ring_past=True)
+    expected = model.decode(latents, plan)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_vae_decoder(model, backend="eager", channels_last=True)
+        whole = model.decode(latents, plan)
+        stream = model.streaming_decoder(plan)
+        pieces = torch.cat([stream.decode(chunk) for chunk in latents.split([3, 3], dim=2)], dim=2)
+        assert not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    rings = [entry[0] for entry in stream.cache._frames.values() if isinstance(entry, tuple)]
+    assert len(rings) >= 3 and all(r.is_contiguous(memory_format=torch.channels_last_3d) for r in rings)
+    assert torch.equal(pieces, whole)
+    assert_fp32_close(whole, expected)
 
 
 @pytest.mark.parametrize("channels_last", [None, False, True])

@@ -48,7 +48,7 @@ from core.vae import CausalCache, DecodePlan, WanVAE, load_vae, patchify, unpatc
 
 # Training decodes latent by latent (gradients can stop before any latent), whole frames, with the
 # plain upsample convolutions: `WanVAE.decode(z, PER_LATENT)` is the same computation bit for bit.
-PER_LATENT = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False)
+PER_LATENT = DecodePlan(latents_per_cell=1, slice_bytes=None, subpixel_upsample=False, ring_past=False)
 
 log = logging.getLogger("longlive.train_vae")
 

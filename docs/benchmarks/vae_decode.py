@@ -21,6 +21,7 @@ Variants (name = path[-option...]):
   ...-k8 / -32M / -64M / -128M / -256M / -512M / -1G / -nocap / -nosub   latents_per_cell=8 / slice_bytes 32 MiB, 64 MiB
                  (the default), 128 MiB, 256 MiB (the default before 2026-12-06), 512 MiB, 1 GiB, None /
                  subpixel_upsample=False
+  ...-noring     ring_past=False (compiled one-frame steps build a padded input per step, as before 2026-12-07)
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
 torch.cuda.max_memory_allocated over the variant's whole run (weights included: `weights_gib`);
@@ -48,7 +49,8 @@ DEFAULT_VARIANTS = "old,new,new-512M,new-512M-cl,new-compiled"
 PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "32M": {"slice_bytes": 2**25}, "64M": {"slice_bytes": 2**26},
                 "128M": {"slice_bytes": 2**27},
                 "256M": {"slice_bytes": 2**28}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
-                "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False}}
+                "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False},
+                "noring": {"ring_past": False}}
 OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", *PLAN_OPTIONS}
 
 
@@ -138,7 +140,7 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
         "dtype": str(latents.dtype).split(".")[-1], "height": args.height, "width": args.width,
         "latents_per_chunk": args.latents_per_chunk, "frames_per_chunk": outputs[-1].shape[2],
         "plan": {"latents_per_cell": plan.latents_per_cell, "slice_bytes": plan.slice_bytes,
-                 "subpixel_upsample": plan.subpixel_upsample},
+                 "subpixel_upsample": plan.subpixel_upsample, "ring_past": plan.ring_past},
         "compiled": ("max-autotune" if "maxat" in options else True) if "compiled" in options else False,
         "channels_last": "cl" in options, "frame_taps": "stack" if "stack" in options else "taps" in options,
         "cudnn_benchmark": "cudnnbench" in options,
