@@ -259,9 +259,10 @@ class CausalConv3d(nn.Conv3d):
         one-frame slices), where a frame outweighs the weights gathered per step. Eager decoders
         (the CPU demo, videos too short to compile for) keep the padded input, and so does a step
         that autograd records (a ring overwritten in place would corrupt its saved input)."""
+        if cache is None or not cache.rings or not torch.compiler.is_compiling() or x.shape[2] != 1:
+            return False  # the eager path stops here
         recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return (cache is not None and cache.rings and torch.compiler.is_compiling() and x.shape[2] == 1
-                and not recorded and type(self).convolve is CausalConv3d.convolve
+        return (not recorded and type(self).convolve is CausalConv3d.convolve
                 and x[:, :, 0].numel() >= self.weight.numel())
 
 
