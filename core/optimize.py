@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+import torch.nn.functional as F
 
 from core.dit import CausalWanDiT
 from core.eager import apply_eager_methods
-from core.vae import CausalConv3d, Upsample
+from core.vae import CausalCache, CausalConv3d, Upsample
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
 # per chunk (H200); compiling the cell VAE decoder with rings takes 26-42 s (first chunk of a
@@ -43,7 +45,7 @@ VAE_RECOMPILE_LIMIT = 32
 
 
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
-                        channels_last: bool | None = None) -> None:
+                        channels_last: bool | None = None, tap_products: bool | None = None) -> None:
     """torch.compile the VAE decoder's units (fuses each norm + SiLU with the causal padding, or with
     the in-place write of a one-frame step's ring (`DecodePlan.ring_past`), into one kernel, the
     sub-pixel interleave with its conv's bias add). The cell and slice loops, the
@@ -55,12 +57,17 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
     first: inductor then writes every fused norm + SiLU straight into the layout cuDNN's 3-D
     kernels compute in. Left channels-first, cuDNN transposes each conv's input and output, 20 %
     of a compiled 720p chunk on an H100 (docs/BENCHMARKS.md). Eager decoders stay channels-first
-    (their elementwise ops are slower channels-last)."""
+    (their elementwise ops are slower channels-last).
+
+    `tap_products` (None: with `channels_last`) runs the head as `TapProductsConv3d` where that
+    pays (the 5B VAE's 256 -> 12 head: a GEMM per frame instead of cuDNN's slowest 3-D kernel)."""
     decoder = vae.decoder
     if channels_last is None:
         channels_last = next(decoder.parameters()).device.type == "cuda"
     if channels_last:
         channels_last_vae_decoder(vae)
+    if channels_last if tap_products is None else tap_products:
+        tap_products_vae_head(vae)
     for module in decoder.modules():  # frozen from here on: the sub-pixel kernels once, not per call
         if isinstance(module, Upsample):
             module.freeze_subpixel()
@@ -152,6 +159,63 @@ class StackedTapsConv3d(CausalConv3d):
     def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
         assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_stacked_taps(x_with_past, self.weight, self.bias, self.padding)
+
+
+class TapProductsConv3d(CausalConv3d):
+    """`CausalConv3d` for few output channels (the decoder's head: 256 -> 12 at 720p, where cuDNN's
+    3-D kernels reach ~5 % of their rate): each new frame meets all its kt x kh x kw taps in one
+    GEMM (N = kt * kh * kw * out_channels), and each output frame is the sum of shifted slices of
+    the products of its frame and the `context` frames before it. The cache keeps, instead of past
+    input frames, the fp32 partial sums of the next `context` output frames ([context, B, H, W, O]):
+    each frame's products are computed once, where the convolution recomputes them for every output
+    frame that frame reaches. The same products as the convolution's, summed in fp32 in another
+    order (bf16: the products are rounded once before that sum). Swapped in by class
+    (`tap_products_vae_head`), so names and weights stay; for stride-1 "same" kernels."""
+
+    @staticmethod
+    def pays(conv: CausalConv3d) -> bool:
+        """Where the products of a frame are at most twice the frame: few output channels."""
+        return conv.out_channels * math.prod(conv.kernel_size) <= 2 * conv.in_channels
+
+    def with_past(self, x: torch.Tensor, cache: CausalCache | None) -> tuple[torch.Tensor, CausalCache | None]:
+        return x, cache  # the past is the partial sums in the cache, read and replaced by `convolve`
+
+    def convolve(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
+        B, C, frames, H, W = x.shape
+        kt, kh, kw = self.kernel_size
+        ph, pw = self.padding[1:]
+        # [B*T*H*W, C] @ [C, (k, dy, dx, o)]: a view of channels-last input, one GEMM for all frames
+        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, C)
+        taps = self.weight.permute(1, 2, 3, 4, 0).reshape(C, -1).to(x.dtype)
+        products = (rows @ taps).view(B, frames, H, W, kt, kh, kw, self.out_channels)
+        products = F.pad(products, (0, 0, 0, 0, 0, 0, 0, 0, pw, pw, ph, ph))  # zeros around H and W
+        total = torch.promote_types(x.dtype, torch.float32)  # the dtype of the sums
+        partial = cache.get(self) if cache is not None else None
+        sums = list(partial.unbind(0)) if partial is not None else \
+            [x.new_zeros((B, H, W, self.out_channels), dtype=total) for _ in range(self.context)]
+        bias = self.bias.to(total) if self.bias is not None else 0.0
+        outputs = []
+        for t in range(frames):
+            # by_tap[k][b, h, w]: the sum over dy, dx of frame t's products at (h + dy - ph, w + dx - pw)
+            by_tap = [sum(products[:, t, dy:dy + H, dx:dx + W, k, dy, dx].to(total)
+                          for dy in range(kh) for dx in range(kw)) for k in range(kt)]
+            outputs.append((sums[0] + by_tap[-1] if sums else by_tap[-1]) + bias)
+            # the output `j + 1` frames ahead gains this frame's tap `kt - 2 - j`
+            sums = [sums[j + 1] + by_tap[kt - 2 - j] for j in range(self.context - 1)] + by_tap[:1][:self.context]
+        if cache is not None and self.context:
+            cache.put(self, torch.stack(sums))
+        out = torch.stack(outputs, dim=1).to(x.dtype)  # [B, T, H, W, O]
+        return out.permute(0, 4, 1, 2, 3)  # [B, O, T, H, W], channels-last in memory
+
+
+def tap_products_vae_head(vae) -> bool:
+    """The decoder's head convolution becomes a `TapProductsConv3d` where that pays (few output
+    channels for its input width: the 5B VAE's 256 -> 12, not the tiny presets'). True if swapped."""
+    conv = vae.decoder.head[-1]
+    if type(conv) is not CausalConv3d or not TapProductsConv3d.pays(conv):
+        return False
+    conv.__class__ = TapProductsConv3d
+    return True
 
 
 def frame_taps_vae_decoder(vae, stacked: bool = False) -> None:

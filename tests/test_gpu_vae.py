@@ -5,7 +5,7 @@ bit for bit, compiled and channels-last variants equal to eager, and the 720p me
 import pytest
 import torch
 
-from core.optimize import channels_last_vae_decoder, compile_vae_decoder
+from core.optimize import TapProductsConv3d, channels_last_vae_decoder, compile_vae_decoder
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, random_vae
 from tests.test_vae import ReferenceDecoder, assert_fp32_close
 
@@ -160,6 +160,36 @@ def test_compiled_decoder_with_rings_decodes_what_eager_does() -> None:
     assert len(after) >= 5 and all(r.is_contiguous(memory_format=torch.channels_last_3d) for r in after)
     assert all(rings.get(id(r)) == r.data_ptr() for r in after)  # the same tensors, written in place
     assert_fp32_close(torch.cat(pieces, dim=2), expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decoder_with_the_tap_products_head_decodes_what_eager_does(dtype: torch.dtype,
+                                                                            monkeypatch) -> None:
+    """The head as `TapProductsConv3d` (the 5B VAE's, forced here onto the tiny one) under inductor
+    with rings and one-frame slices: the decode is eager's (fp32 within rounding; bf16 no further
+    from an fp32 decode than cuDNN's head), and chunks concatenate bit for bit to the whole decode."""
+    monkeypatch.setattr(TapProductsConv3d, "pays", staticmethod(lambda conv: True))
+    vae = random_vae(VAEConfig.preset("tiny"), seed=19, device="cuda", dtype=dtype)
+    latents = _latents(9, seed=20, h=8, w=8, dtype=dtype)
+    plan = DecodePlan(slice_bytes=2**14, ring_past=True)
+    with torch.no_grad():
+        exact = random_vae(VAEConfig.preset("tiny"), seed=19, device="cuda").decode(latents.float(), plan)
+        eager = vae.decode(latents, plan)
+        torch._dynamo.reset()
+        compile_vae_decoder(vae)
+        try:
+            whole = vae.decode(latents, plan)
+            stream = vae.streaming_decoder(plan)
+            pieces = torch.cat([stream.decode(c) for c in latents.split([4, 3, 2], dim=2)], dim=2)
+        finally:
+            torch._dynamo.reset()
+    assert type(vae.decoder.head[-1]) is TapProductsConv3d
+    assert torch.equal(pieces, whole)
+    if dtype == torch.float32:
+        assert_fp32_close(whole, eager, rel=1e-4)
+    else:
+        scale = exact.abs().max()
+        assert (whole.float() - exact).abs().max() <= 1.5 * (eager.float() - exact).abs().max() + 1e-3 * scale
 
 
 def test_720p_decode_peak_memory_is_capped() -> None:

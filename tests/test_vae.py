@@ -19,12 +19,14 @@ from core.errors import UserError
 from core.optimize import (
     FrameTapsConv3d,
     StackedTapsConv3d,
+    TapProductsConv3d,
     channels_last_vae_decoder,
     compile_vae_decoder,
     compile_vae_encoder,
     conv3d_by_frame_taps,
     conv3d_by_stacked_taps,
     frame_taps_vae_decoder,
+    tap_products_vae_head,
 )
 from core.vae import (
     LATENT_MEAN,
@@ -343,6 +345,120 @@ def test_inductor_writes_the_ring_in_place_and_convolves_it_where_it_lies() -> N
     torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=0.02)
     code, _, _, _ = _ring_step_code("copy")
     assert ring_buffer.search(code) and not conv_on_input.search(code)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (2, 3, 3), (3, 1, 1), (1, 3, 3), (3, 1, 3)])
+@pytest.mark.parametrize("split", [[1, 1, 1, 1, 1, 1, 1], [2, 1, 3, 1], [7]])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tap_products_continue_the_stream(kernel: tuple[int, int, int], split: list[int],
+                                          channels_last: bool) -> None:
+    """`TapProductsConv3d` (the 720p head: one GEMM per frame over all taps, partial sums of the next
+    outputs in the cache) stepped through a stream in any pieces is the causal convolution of the
+    whole stream (float64), keeps the parameter names, and a cache copy steps on its own."""
+    conv = randomize_(CausalConv3d(6, 3, kernel), seed=60).double().requires_grad_(False)
+    if channels_last:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    x = randn(2, 6, sum(split), 5, 4, seed=61).double()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    kt, kh, kw = kernel
+    expected = F.conv3d(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), conv.weight, conv.bias)
+    names = list(conv.state_dict())
+    conv.__class__ = TapProductsConv3d
+    assert list(conv.state_dict()) == names
+    torch.testing.assert_close(conv(x), expected, rtol=1e-12, atol=1e-12)  # a whole clip, no cache
+    cache, outputs = CausalCache(), []
+    for index, chunk in enumerate(x.split(split, dim=2)):
+        if index == 1:  # a copy steps ahead on its own; the original must not see it
+            side = cache.copy()
+            conv(torch.ones_like(chunk[:, :, :1]), side)
+        outputs.append(conv(chunk, cache))
+        partial = cache.get(conv)
+        assert partial is None if kt == 1 else partial.shape == (kt - 1, 2, 5, 4, 3)
+    torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_tap_products_replace_only_a_head_with_few_output_channels() -> None:
+    """The 5B VAE's head (256 -> 12: products of 324 values a pixel against 256 inputs) is swapped;
+    the tiny presets' heads (32 or 16 -> 12) are not: there the products outweigh the frame."""
+    with torch.device("meta"):
+        big, tiny = WanVAE(VAEConfig.preset("wan2.2")), WanVAE(VAEConfig.preset("tiny"))
+    names = list(big.state_dict())
+    assert tap_products_vae_head(big) and type(big.decoder.head[-1]) is TapProductsConv3d
+    assert list(big.state_dict()) == names
+    assert not tap_products_vae_head(big)  # once
+    assert not tap_products_vae_head(tiny) and type(tiny.decoder.head[-1]) is CausalConv3d
+    others = [m for m in big.modules() if isinstance(m, CausalConv3d) and m is not big.decoder.head[-1]]
+    assert others and all(type(m) is CausalConv3d for m in others)
+
+
+def _traced_decode(model: WanVAE, latents: torch.Tensor, plan: DecodePlan, **options):
+    """Eager decode, then `compile_vae_decoder(channels_last=True, **options)` traced without code
+    generation (asserting no graph breaks): the whole decode and the stream of two 3-latent chunks.
+    Returns (eager, whole, the streaming decoder, its chunks concatenated)."""
+    from torch._dynamo.utils import counters
+
+    expected = model.decode(latents, plan)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compile_vae_decoder(model, backend="eager", channels_last=True, **options)
+        whole = model.decode(latents, plan)
+        stream = model.streaming_decoder(plan)
+        pieces = torch.cat([stream.decode(chunk) for chunk in latents.split([3, 3], dim=2)], dim=2)
+        assert not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+    return expected, whole, stream, pieces
+
+
+@pytest.mark.parametrize("plan", [DecodePlan(latents_per_cell=2, slice_bytes=None),
+                                  DecodePlan(slice_bytes=2**12, ring_past=True)], ids=["cells", "one-frame-rings"])
+def test_compiled_decoder_with_tap_products_head(plan: DecodePlan, monkeypatch) -> None:
+    """`compile_vae_decoder(tap_products=True)` traced on the CPU (forced onto the tiny head): no
+    graph breaks, the decode is eager's up to fp32 rounding, chunks concatenate bit for bit to the
+    whole decode (also chunks ending inside a cell, decoded on cache copies), and the head's cache
+    entry is its partial sums."""
+    monkeypatch.setattr(TapProductsConv3d, "pays", staticmethod(lambda conv: True))
+    model = random_vae(TRACED, seed=11)
+    expected, whole, stream, pieces = _traced_decode(model, randn(1, 48, 6, 2, 3, seed=46), plan, tap_products=True)
+    head = model.decoder.head[-1]
+    assert type(head) is TapProductsConv3d and stream.cache.get(head).dtype == torch.float32
+    assert torch.equal(pieces, whole)
+    assert_fp32_close(whole, expected)
+
+
+def test_inductor_runs_tap_products_as_one_gemm_and_one_sum() -> None:
+    """A compiled one-frame head step (CPU inductor, bf16, channels-last, as on the GPU): SiLU, one
+    GEMM, and one fused kernel that pads, sums the shifted products with the cached partial sums and
+    writes the output and the next partial sums; its error against float64 is the bf16 conv's."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    conv = randomize_(CausalConv3d(64, 12, 3), seed=62).bfloat16().requires_grad_(False)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    x = randn(1, 64, 4, 16, 24, seed=63).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    silu = F.silu(x.double())
+    reference = F.conv3d(F.pad(silu, (1, 1, 1, 1, 2, 0)), conv.weight.double(), conv.bias.double())
+    cudnn_like = F.conv3d(F.pad(F.silu(x), (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias).double()
+    conv.__class__ = TapProductsConv3d
+    torch._dynamo.reset()
+    try:
+        step = torch.compile(lambda frame, cache: conv(F.silu(frame), cache), dynamic=False)
+        cache = CausalCache()
+        outputs = [step(x[:, :, t:t + 1], cache) for t in range(3)]
+        out, code = run_and_get_code(step, x[:, :, 3:], cache)
+        outputs.append(out)
+    finally:
+        torch._dynamo.reset()
+    code = "\n".join(code)
+    kernels = set(re.findall(r"\b(cpp_fused_\w+) = ", code))
+    assert code.count("extern_kernels.mm(") == 1 and len(kernels) == 2, code
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    scale = reference.abs().max()
+    error = (torch.cat(outputs, dim=2).double() - reference).abs().max() / scale
+    assert error <= 2 * (cudnn_like - reference).abs().max() / scale
 
 
 def _cell(index: int, fs: int) -> tuple[int, int, int]:
@@ -848,22 +964,9 @@ def test_compiled_one_frame_steps_keep_rings() -> None:
     without code generation. With `DecodePlan.ring_past` the widest layers keep rings, there are no
     graph breaks, the decode is eager's up to fp32 rounding (the taps sum in another order), and
     chunks that end inside a cell (cache copies) concatenate bit for bit to the whole decode."""
-    from torch._dynamo.utils import counters
-
     model = random_vae(TRACED, seed=9)
-    latents = randn(1, 48, 6, 4, 4, seed=45)
     plan = DecodePlan(slice_bytes=2**12, ring_past=True)
-    expected = model.decode(latents, plan)
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        compile_vae_decoder(model, backend="eager", channels_last=True)
-        whole = model.decode(latents, plan)
-        stream = model.streaming_decoder(plan)
-        pieces = torch.cat([stream.decode(chunk) for chunk in latents.split([3, 3], dim=2)], dim=2)
-        assert not counters["graph_break"]
-    finally:
-        torch._dynamo.reset()
+    expected, whole, stream, pieces = _traced_decode(model, randn(1, 48, 6, 4, 4, seed=45), plan)
     rings = [entry[0] for entry in stream.cache._frames.values() if isinstance(entry, tuple)]
     assert len(rings) >= 3 and all(r.is_contiguous(memory_format=torch.channels_last_3d) for r in rings)
     assert torch.equal(pieces, whole)

@@ -1,9 +1,9 @@
 """The decoder head's conv (256 -> 12 channels, 3x3x3, one frame + 2 past at 352 x 640): cuDNN's time
 with the output channels zero-padded to 16 / 32 / 64, and as 3 per-tap 2-D convs; a 256 -> 256 and
-a 512 -> 256 conv of the same stage beside them. CUDA events, medians of 30. Last (added after the
-seventeenth session's call 4, not measured yet): the head as one batched GEMM over each frame's 9
-spatial taps (N = 108, a shape cuBLAS runs well) and a compiled sum of 27 shifted fp32 slices
-(`head_by_gemm`), with its error against cuDNN's conv.
+a 512 -> 256 conv of the same stage beside them. CUDA events, medians of 30. Last: one compiled
+one-frame step of `core.optimize.TapProductsConv3d` (the head since 2026-12-07: one GEMM over the
+new frame's 27 taps, N = 324, and one fused sum with the cached partial sums), with its error
+against an fp32 conv beside cuDNN's bf16 one.
 
     PYTHONPATH=. python docs/benchmarks/vae_head_conv.py
 """
@@ -12,22 +12,8 @@ import torch
 import torch.nn.functional as F
 from cuda_timing import median_ms  # this folder is on sys.path when run
 
-
-def head_by_gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A 3x3x3 conv with few output channels over exactly 3 frames ([1, C, 3, H, W], channels-last)
-    -> one frame [1, O, 1, H, W]: per input frame one GEMM over all its 9 spatial taps, then the sum
-    of the 27 shifted products in fp32 (checked against F.conv3d in float64 on the CPU)."""
-    _, C, _, H, W = x.shape
-    O = w.shape[0]
-    frames = x[0].permute(1, 2, 3, 0).reshape(3, H * W, C)  # a view when x is channels-last
-    taps = w.permute(2, 1, 3, 4, 0).reshape(3, C, 9 * O)  # [k, C, (dy, dx, o)]
-    y = torch.bmm(frames, taps.to(x.dtype)).float().view(3, H, W, 3, 3, O)
-    y = F.pad(y, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # H and W padded by 1
-    out = sum(y[k, dy:dy + H, dx:dx + W, dy, dx] for k in range(3) for dy in range(3) for dx in range(3))
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype).permute(2, 0, 1).reshape(1, O, 1, H, W)
-
+from core.optimize import TapProductsConv3d
+from core.vae import CausalCache, CausalConv3d
 
 dev, dt, cl = "cuda", torch.bfloat16, torch.channels_last_3d
 x = torch.randn(1, 256, 3, 352, 640, device=dev, dtype=dt).contiguous(memory_format=cl)
@@ -53,11 +39,17 @@ torch.backends.cudnn.benchmark = True
 w16 = torch.randn(12, 256, 3, 3, 3, device=dev, dtype=dt).contiguous(memory_format=cl)
 print("cudnn.benchmark 12 out:", f"{timed(lambda: F.conv3d(x, w16, None, 1, (0, 1, 1))):.3f} ms")
 torch.backends.cudnn.benchmark = False
-gemm = torch.compile(head_by_gemm, dynamic=False)
-b12 = torch.randn(12, device=dev, dtype=dt)
-reference = F.conv3d(x.float(), w16.float(), b12.float(), 1, (0, 1, 1))
+head = CausalConv3d(256, 12, 3).to(dev, dt).requires_grad_(False)
+head.weight.data = head.weight.data.contiguous(memory_format=cl)
+head.__class__ = TapProductsConv3d
+step = torch.compile(head, dynamic=False)
+cache = CausalCache()
+outputs = [step(x[:, :, t:t + 1], cache) for t in range(3)]  # the last is the output for x's 3 frames
+reference = F.conv3d(F.pad(x.float(), (1, 1, 1, 1, 2, 0)), head.weight.float(), head.bias.float())[:, :, 2:]
 scale = reference.abs().max().item()
-error = (gemm(x, w16, b12).float() - reference).abs().max().item() / scale
-cudnn_error = (F.conv3d(x, w16, b12, 1, (0, 1, 1)).float() - reference).abs().max().item() / scale
-print(f"GEMM + shift-sum (12 out): {timed(lambda: gemm(x, w16, b12)):.3f} ms, max error / max {error:.2e} "
-      f"(cuDNN bf16: {cudnn_error:.2e})")
+error = (outputs[-1].float() - reference).abs().max().item() / scale
+cudnn = F.conv3d(x, head.weight, head.bias, 1, (0, 1, 1))
+cudnn_error = (cudnn.float() - reference).abs().max().item() / scale
+frame = x[:, :, 2:]
+print(f"TapProductsConv3d one-frame step (12 out): {timed(lambda: step(frame, cache)):.3f} ms, "
+      f"max error / max {error:.2e} (cuDNN bf16: {cudnn_error:.2e})")
