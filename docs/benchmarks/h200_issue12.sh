@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One H200, one call (issue 12): the compiled 720p decoder with and without rings (one 32-frame
-# chunk: s / chunk, peak), `longlive bench` end to end (`--decode stream`, H.264 written) with FP8
-# block linears, FP8 KV and FA3 FP8 attention at 2 and 4 steps, then the GPU tests of the VAE.
+# One H200, one call (issue 12): the compiled 720p decoder with its head as `TapProductsConv3d` and
+# as cuDNN's conv (-convhead; one 32-frame chunk: s / chunk, peak), `longlive bench` end to end
+# (`--decode stream`, H.264 written) with FP8 block linears, FP8 KV and FA3 FP8 attention at 2 and
+# 4 steps, then the GPU tests of the VAE.
 #   ../shared/tools/gpu-prep.sh --with-av fa3-fwd==0.0.3      (here, once; the wheels over 64 MiB with the
 #   tree: move docs/models and core/assets/shapes/*.safetensors out for the call, or carry them packed)
 #   source .whl/env.sh && bash docs/benchmarks/h200_issue12.sh "$OUT"
@@ -9,7 +10,7 @@ set -uo pipefail
 out=${1:-/tmp/bench}; mkdir -p "$out"
 source "$(dirname "$0")/common.sh"
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-timeout 240 python docs/benchmarks/vae_decode.py --variants new-compiled-cl-noring,new-compiled-cl --chunks 3 \
+timeout 240 python docs/benchmarks/vae_decode.py --variants new-compiled-cl-convhead,new-compiled-cl --chunks 4 \
   > "$out/vae.json" 2> "$out/vae.err"
 grep '^{' "$out/vae.json" | python -c "
 import json, sys
@@ -22,4 +23,4 @@ B="--preset wan2.2-ti2v-5b --height 704 --width 1280 --window 32 --sink 8 --dtyp
 run e2e_2step $B --steps 2
 # shellcheck disable=SC2086
 run e2e_4step $B --steps 4
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu_vae.py -m gpu 2>&1 | tail -n 4
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_gpu_vae.py -m gpu 2>&1 | tail -n 4
