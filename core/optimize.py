@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from core.dit import CausalWanDiT
 from core.eager import apply_eager_methods
-from core.vae import CausalCache, CausalConv3d, Upsample
+from core.vae import AttentionBlock, CausalCache, CausalConv3d, Upsample
 
 # Measured at 720p (docs/BENCHMARKS.md): compiling the DiT blocks takes ~12 s and saves ~0.29 s
 # per chunk (H200); compiling the cell VAE decoder with rings takes 26-42 s (first chunk of a
@@ -45,7 +45,8 @@ VAE_RECOMPILE_LIMIT = 32
 
 
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
-                        channels_last: bool | None = None, tap_products: bool | None = None) -> None:
+                        channels_last: bool | None = None, tap_products: bool | None = None,
+                        matmul_attention: bool | None = None) -> None:
     """torch.compile the VAE decoder's units (fuses each norm + SiLU with the causal padding, or with
     the in-place write of a one-frame step's ring (`DecodePlan.ring_past`), into one kernel, the
     sub-pixel interleave with its conv's bias add). The cell and slice loops, the
@@ -60,7 +61,10 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
     (their elementwise ops are slower channels-last).
 
     `tap_products` (None: with `channels_last`) runs the head as `TapProductsConv3d` where that
-    pays (the 5B VAE's 256 -> 12 head: a GEMM per frame instead of cuDNN's slowest 3-D kernel)."""
+    pays (the 5B VAE's 256 -> 12 head: a GEMM per frame instead of cuDNN's slowest 3-D kernel).
+    `matmul_attention` (None: with `channels_last`) runs the middle attention as
+    `MatmulAttentionBlock` (SDPA's kernel for its 1024-wide head: 3.5 ms per 8 frames, the GEMMs
+    0.8 ms compiled, H100)."""
     decoder = vae.decoder
     if channels_last is None:
         channels_last = next(decoder.parameters()).device.type == "cuda"
@@ -68,6 +72,8 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
         channels_last_vae_decoder(vae)
     if channels_last if tap_products is None else tap_products:
         tap_products_vae_head(vae)
+    if channels_last if matmul_attention is None else matmul_attention:
+        matmul_attention_vae_decoder(vae)
     for module in decoder.modules():  # frozen from here on: the sub-pixel kernels once, not per call
         if isinstance(module, Upsample):
             module.freeze_subpixel()
@@ -216,6 +222,40 @@ def tap_products_vae_head(vae) -> bool:
         return False
     conv.__class__ = TapProductsConv3d
     return True
+
+
+def bmm_with_fp32_output(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b (batched) accumulated and returned in fp32 (at least): on a GPU the bf16 / fp16 GEMM
+    with an fp32 output (`out_dtype`), elsewhere in the promoted dtype."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    total = torch.promote_types(a.dtype, torch.float32)
+    return torch.bmm(a.to(total), b.to(total))
+
+
+class MatmulAttentionBlock(AttentionBlock):
+    """`AttentionBlock` (one head as wide as the block: 1024 in the 5B VAE) as two batched GEMMs
+    around an fp32 softmax: SDPA has no fused kernel for head dims over 256 on Hopper and falls
+    back to a slow one. The scores are kept in fp32 (as fused kernels keep them), the
+    probabilities are rounded to the value dtype for the second GEMM (as flash attention does).
+    Swapped in by class (`matmul_attention_vae_decoder`), so names and weights stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 4, 1).reshape(B * T, H * W, 3 * C)
+        q, k, v = qkv.chunk(3, dim=-1)
+        scores = bmm_with_fp32_output(q, k.transpose(1, 2)).mul_(C**-0.5)
+        out = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [B*T, H*W, C]
+        out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
+        return x + self.proj(out)
+
+
+def matmul_attention_vae_decoder(vae) -> int:
+    """The decoder's attention blocks become `MatmulAttentionBlock`s; returns how many."""
+    blocks = [m for m in vae.decoder.modules() if type(m) is AttentionBlock]
+    for block in blocks:
+        block.__class__ = MatmulAttentionBlock
+    return len(blocks)
 
 
 def frame_taps_vae_decoder(vae, stacked: bool = False) -> None:

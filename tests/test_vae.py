@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from core.errors import UserError
 from core.optimize import (
     FrameTapsConv3d,
+    MatmulAttentionBlock,
     StackedTapsConv3d,
     TapProductsConv3d,
     channels_last_vae_decoder,
@@ -26,6 +27,7 @@ from core.optimize import (
     conv3d_by_frame_taps,
     conv3d_by_stacked_taps,
     frame_taps_vae_decoder,
+    matmul_attention_vae_decoder,
     tap_products_vae_head,
 )
 from core.vae import (
@@ -39,6 +41,7 @@ from core.vae import (
     DecodePlan,
     Downsample,
     DupUp3D,
+    ResidualBlock,
     RMSNorm,
     Upsample,
     VAEConfig,
@@ -459,6 +462,38 @@ def test_inductor_runs_tap_products_as_one_gemm_and_one_sum() -> None:
     scale = reference.abs().max()
     error = (torch.cat(outputs, dim=2).double() - reference).abs().max() / scale
     assert error <= 2 * (cudnn_like - reference).abs().max() / scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_matmul_attention_is_the_attention_block(dtype: torch.dtype) -> None:
+    """`MatmulAttentionBlock` (GEMMs around an fp32 softmax) computes `AttentionBlock` (SDPA): equal
+    in float64; in bf16 no further from the float64 result than SDPA's bf16 is (plus a little)."""
+    block = randomize_(AttentionBlock(32), seed=64).requires_grad_(False)
+    x = randn(2, 32, 3, 5, 6, seed=65) * 3
+    exact = block.double()(x.double())
+    block = block.to(dtype)
+    sdpa = block(x.to(dtype)).double()
+    names = list(block.state_dict())
+    block.__class__ = MatmulAttentionBlock
+    assert list(block.state_dict()) == names
+    actual = block(x.to(dtype)).double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(actual, exact, rtol=1e-12, atol=1e-12)
+    else:
+        assert (actual - exact).abs().max() <= 1.5 * (sdpa - exact).abs().max() + 1e-3 * exact.abs().max()
+
+
+def test_compiled_decoder_with_matmul_attention() -> None:
+    """`compile_vae_decoder(matmul_attention=True)` traced on the CPU: the middle attention swapped,
+    no graph breaks, eager's decode up to fp32 rounding, chunks bit for bit the whole decode."""
+    model = random_vae(TRACED, seed=12)
+    plan = DecodePlan(latents_per_cell=2, slice_bytes=None)
+    expected, whole, _, pieces = _traced_decode(model, randn(1, 48, 6, 2, 3, seed=47), plan, matmul_attention=True)
+    assert [type(m) for m in model.decoder.middle] == [ResidualBlock, MatmulAttentionBlock, ResidualBlock]
+    assert all(type(m) is AttentionBlock for m in model.encoder.middle if not isinstance(m, ResidualBlock))
+    assert matmul_attention_vae_decoder(model) == 0  # once
+    assert torch.equal(pieces, whole)
+    assert_fp32_close(whole, expected)
 
 
 def _cell(index: int, fs: int) -> tuple[int, int, int]:

@@ -24,6 +24,8 @@ Variants (name = path[-option...]):
   ...-noring     ring_past=False (compiled one-frame steps build a padded input per step, as before 2026-12-07)
   ...-convhead   with -compiled-cl: the head stays cuDNN's conv (`tap_products=False`; before 2026-12-07's
                  `TapProductsConv3d` head)
+  ...-sdpa       with -compiled-cl: the middle attention stays SDPA (`matmul_attention=False`; before
+                 2026-12-07's `MatmulAttentionBlock`)
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
 torch.cuda.max_memory_allocated over the variant's whole run (weights included: `weights_gib`), and
@@ -54,7 +56,7 @@ PLAN_OPTIONS = {"k8": {"latents_per_cell": 8}, "32M": {"slice_bytes": 2**25}, "6
                 "256M": {"slice_bytes": 2**28}, "512M": {"slice_bytes": 2**29}, "1G": {"slice_bytes": 2**30},
                 "nocap": {"slice_bytes": None}, "nosub": {"subpixel_upsample": False},
                 "noring": {"ring_past": False}}
-OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", "convhead", *PLAN_OPTIONS}
+OPTIONS = {"compiled", "maxat", "cl", "cudnnbench", "taps", "stack", "convhead", "sdpa", *PLAN_OPTIONS}
 
 
 def parse_variant(name: str) -> tuple[DecodePlan, set[str]]:
@@ -129,7 +131,8 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
         torch._dynamo.reset()  # each compiled variant compiles from scratch (and within the recompile limit)
         compile_vae_decoder(vae, mode="max-autotune-no-cudagraphs" if "maxat" in options else None,
                             channels_last="cl" in options,  # -cl explicit, as for the eager variants
-                            tap_products=None if "convhead" not in options else False)  # -convhead: cuDNN's head
+                            tap_products=None if "convhead" not in options else False,  # -convhead: cuDNN's head
+                            matmul_attention=None if "sdpa" not in options else False)  # -sdpa: SDPA's kernel
     decoder, timer = vae.streaming_decoder(plan), Timer(device)
     seconds: list[float] = []
     outputs = []
@@ -150,7 +153,7 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
                  "subpixel_upsample": plan.subpixel_upsample, "ring_past": plan.ring_past},
         "compiled": ("max-autotune" if "maxat" in options else True) if "compiled" in options else False,
         "channels_last": "cl" in options, "frame_taps": "stack" if "stack" in options else "taps" in options,
-        "head": type(vae.decoder.head[-1]).__name__,
+        "head": type(vae.decoder.head[-1]).__name__, "attention": type(vae.decoder.middle[1]).__name__,
         "cudnn_benchmark": "cudnnbench" in options,
         "first_chunk_s": round(seconds[0], 4),
         "seconds_per_chunk": round(statistics.median(seconds[1:]), 4),
