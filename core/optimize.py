@@ -169,7 +169,7 @@ class StackedTapsConv3d(CausalConv3d):
 
 class TapProductsConv3d(CausalConv3d):
     """`CausalConv3d` for few output channels (the decoder's head: 256 -> 12 at 720p, where cuDNN's
-    3-D kernels reach ~5 % of their rate): each new frame meets all its kt x kh x kw taps in one
+    3-D kernel reaches under a tenth of its 256 -> 256 rate): each new frame meets all its kt x kh x kw taps in one
     GEMM (N = kt * kh * kw * out_channels), and each output frame is the sum of shifted slices of
     the products of its frame and the `context` frames before it. The cache keeps, instead of past
     input frames, the fp32 partial sums of the next `context` output frames ([context, B, H, W, O]):
@@ -238,6 +238,7 @@ class MatmulAttentionBlock(AttentionBlock):
     around an fp32 softmax: SDPA has no fused kernel for head dims over 256 on Hopper and falls
     back to a slow one. The scores are kept in fp32 (as fused kernels keep them), the
     probabilities are rounded to the value dtype for the second GEMM (as flash attention does).
+    The scores are materialised: (H*W)^2 fp32 per frame, 50 MB at 720p (44 x 80 positions).
     Swapped in by class (`matmul_attention_vae_decoder`), so names and weights stay."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
