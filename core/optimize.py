@@ -207,7 +207,7 @@ class TapProductsConv3d(CausalConv3d):
                           for dy in range(kh) for dx in range(kw)) for k in range(kt)]
             outputs.append((sums[0] + by_tap[-1] if sums else by_tap[-1]) + bias)
             # the output `j + 1` frames ahead gains this frame's tap `kt - 2 - j`
-            sums = [sums[j + 1] + by_tap[kt - 2 - j] for j in range(self.context - 1)] + by_tap[:1][:self.context]
+            sums = [sums[j + 1] + by_tap[kt - 2 - j] for j in range(self.context - 1)] + ([by_tap[0]] if sums else [])
         if cache is not None and self.context:
             cache.put(self, torch.stack(sums))
         out = torch.stack(outputs, dim=1).to(x.dtype)  # [B, T, H, W, O]
@@ -241,14 +241,10 @@ class MatmulAttentionBlock(AttentionBlock):
     The scores are materialised: (H*W)^2 fp32 per frame, 50 MB at 720p (44 x 80 positions).
     Swapped in by class (`matmul_attention_vae_decoder`), so names and weights stay."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, T, H, W = x.shape
-        qkv = self.to_qkv(self.norm(x)).permute(0, 2, 3, 4, 1).reshape(B * T, H * W, 3 * C)
-        q, k, v = qkv.chunk(3, dim=-1)
-        scores = bmm_with_fp32_output(q, k.transpose(1, 2)).mul_(C**-0.5)
-        out = torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)  # [B*T, H*W, C]
-        out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
-        return x + self.proj(out)
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = bmm_with_fp32_output(q, k.transpose(1, 2)).mul_(q.shape[-1] ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)
 
 
 def matmul_attention_vae_decoder(vae) -> int:

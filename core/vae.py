@@ -334,11 +334,15 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, T, H, W = x.shape
         qkv = self.to_qkv(self.norm(x))  # [B, 3C, T, H, W]
-        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(B * T, 1, H * W, 3 * C)  # (frames, head, tokens, 3C)
-        q, k, v = qkv.chunk(3, dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B*T, 1, H*W, C]
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(B * T, H * W, 3 * C)  # (frames, tokens, 3C)
+        out = self.attend(*qkv.chunk(3, dim=-1))  # [B*T, H*W, C]
         out = out.reshape(B, T, H, W, C).permute(0, 4, 1, 2, 3)
         return x + self.proj(out)
+
+    @staticmethod
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Softmax attention of [frames, tokens, C] queries, keys and values, one head."""
+        return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
 class Downsample(nn.Module):
