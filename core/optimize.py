@@ -44,6 +44,13 @@ def compile_blocks(model: CausalWanDiT, mode: str | None = None) -> CausalWanDiT
 VAE_RECOMPILE_LIMIT = 32
 
 
+# Convolutions whose ring rotations `compile_vae_decoder` keeps (`CausalConv3d.freeze_ring_taps`,
+# `context + 1` copies of the weights each): the 5B decoder's up to 512 output channels (3.4-27 MiB
+# each, 0.42 GiB of rotations), which keep rings at 720p. Its 1024-wide ones (54 MiB) keep rings only
+# from about 1080p on and gather their rotations per step there: keeping them would cost 2.4 GiB.
+RING_TAPS_MAX_BYTES = 32 * 2**20
+
+
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
                         channels_last: bool | None = None, tap_products: bool | None = None,
                         matmul_attention: bool | None = None) -> None:
@@ -52,7 +59,10 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
     sub-pixel interleave with its conv's bias add). The cell and slice loops, the
     feature cache and the first-frame rules stay eager Python; each unit compiles once per kind of
     slice (start of the video, steady state, and a first-cell remainder), with static shapes.
-    `backend="eager"` traces without code generation (CPU tests of the capture).
+    `backend="eager"` traces without code generation (CPU tests of the capture). Derived weights
+    are frozen: the sub-pixel phase kernels, and the ring rotations of the convolutions up to
+    `RING_TAPS_MAX_BYTES` (the one-frame steps that keep rings compile one graph per ring slot,
+    identical but for which rotation they are given).
 
     `channels_last` (None: when the decoder is on a GPU) stores the conv weights channels-last
     first: inductor then writes every fused norm + SiLU straight into the layout cuDNN's 3-D
@@ -74,9 +84,11 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
         tap_products_vae_head(vae)
     if channels_last if matmul_attention is None else matmul_attention:
         matmul_attention_vae_decoder(vae)
-    for module in decoder.modules():  # frozen from here on: the sub-pixel kernels once, not per call
+    for module in decoder.modules():  # frozen from here on: derived weights once, not per call
         if isinstance(module, Upsample):
             module.freeze_subpixel()
+        if type(module) is CausalConv3d and module.weight.nbytes <= RING_TAPS_MAX_BYTES:
+            module.freeze_ring_taps()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
     compile_unit = functools.partial(torch.compile, backend=backend, mode=mode, dynamic=False)
     # instance attributes shadow the methods; the modules keep their parameters and names
@@ -153,8 +165,8 @@ class FrameTapsConv3d(CausalConv3d):
     """`CausalConv3d` whose convolution runs as per-tap 2-D convolutions (`conv3d_by_frame_taps`):
     2-D kernels are the most tuned in cuDNN. Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
-        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
+    def convolve(self, x_with_past: torch.Tensor, newest: int | None = None) -> torch.Tensor:
+        assert newest is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_frame_taps(x_with_past, self.weight, self.bias, self.padding)
 
 
@@ -162,8 +174,8 @@ class StackedTapsConv3d(CausalConv3d):
     """`CausalConv3d` run as one 2-D convolution over the taps stacked into channels
     (`conv3d_by_stacked_taps`). Swapped in by class, so names and weights stay."""
 
-    def convolve(self, x_with_past: torch.Tensor, tap_order: torch.Tensor | None = None) -> torch.Tensor:
-        assert tap_order is None  # no rings: `CausalConv3d._rings_pay`
+    def convolve(self, x_with_past: torch.Tensor, newest: int | None = None) -> torch.Tensor:
+        assert newest is None  # no rings: `CausalConv3d._rings_pay`
         return conv3d_by_stacked_taps(x_with_past, self.weight, self.bias, self.padding)
 
 

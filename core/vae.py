@@ -128,6 +128,11 @@ def conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ..
     return F.conv3d(x, weight, bias, stride, padding)
 
 
+# A ring (`CausalConv3d.ring_step`): its frames, and the slot of the oldest one as a tensor (where
+# the compiled step writes) and as an int (which rotation of the taps the conv uses).
+Ring = tuple[Tensor, Tensor, int]
+
+
 class CausalCache:
     """What the causal layers of one encoder or decoder pass carry from one step to the next.
 
@@ -139,15 +144,15 @@ class CausalCache:
     def __init__(self, rings: bool = False) -> None:
         self.first_step = True
         self.rings = rings  # one-frame compiled steps may keep rings (`CausalConv3d.ring_step`)
-        self._frames: dict[nn.Module, Tensor | tuple[Tensor, Tensor] | None] = {}
+        self._frames: dict[nn.Module, Tensor | Ring | None] = {}
 
-    def get(self, layer: nn.Module) -> Tensor | tuple[Tensor, Tensor] | None:
+    def get(self, layer: nn.Module) -> Tensor | Ring | None:
         return self._frames.get(layer)
 
-    def put(self, layer: nn.Module, frames: Tensor | tuple[Tensor, Tensor]) -> None:
+    def put(self, layer: nn.Module, frames: Tensor | Ring) -> None:
         self._frames[layer] = frames
 
-    def take(self, layer: nn.Module) -> Tensor | tuple[Tensor, Tensor] | None:
+    def take(self, layer: nn.Module) -> Tensor | Ring | None:
         """Take a layer's frames out, so they can be freed as soon as they are used. The slot stays
         where it is (a stable key order keeps `torch.compile`'s guards on this dict stable)."""
         frames = self._frames.get(layer)
@@ -161,7 +166,7 @@ class CausalCache:
         other = CausalCache(self.rings)
         other.first_step = self.first_step
         # a ring (`CausalConv3d.ring_step`) is written in place: the copy gets its own frames
-        other._frames = {layer: (entry[0].clone(), entry[1]) if isinstance(entry, tuple) else entry
+        other._frames = {layer: (entry[0].clone(), *entry[1:]) if isinstance(entry, tuple) else entry
                          for layer, entry in self._frames.items()}
         return other
 
@@ -182,9 +187,9 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:
         return self.convolve(*self.with_past(x, cache))
 
-    def with_past(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, Tensor | None]:
+    def with_past(self, x: Tensor, cache: CausalCache | None) -> tuple[Tensor, int | None]:
         """x with its `context` past frames in front (stores x's last frames as the next past), and
-        None; or, for a one-frame step of a compiled decoder, a ring (`ring_step`) and its tap order."""
+        None; or, for a one-frame step of a compiled decoder, a ring and the slot of x in it (`ring_step`)."""
         if self.context == 0:
             return x, None
         if self._rings_pay(x, cache):
@@ -197,9 +202,9 @@ class CausalConv3d(nn.Conv3d):
         layout = self._layout()
         past = cache.take(self) if cache is not None else None
         if isinstance(past, tuple):  # a ring, from one-frame steps: its newest frames, oldest first
-            frames, oldest = past
-            past = frames.index_select(2, (oldest + torch.arange(1, self.context + 1, device=x.device))
-                                       % (self.context + 1)).contiguous(memory_format=layout)
+            frames, _, oldest = past
+            order = (torch.arange(1, self.context + 1, device=x.device) + oldest) % (self.context + 1)
+            past = frames.index_select(2, order).contiguous(memory_format=layout)
         if past is None:
             past = self._zero_frames(x, self.context)
         x = torch.cat([past, x], dim=2)
@@ -209,39 +214,64 @@ class CausalConv3d(nn.Conv3d):
             cache.put(self, x[:, :, -self.context:].clone(memory_format=layout))
         return x, None
 
-    def ring_step(self, x: Tensor, cache: CausalCache) -> tuple[Tensor, Tensor]:
+    def ring_step(self, x: Tensor, cache: CausalCache) -> tuple[Tensor, int]:
         """One frame x through a ring of `context + 1` frames kept in the cache with the slot of its
-        oldest frame (a tensor, so one graph serves every slot): x overwrites that frame in place,
-        and the convolution runs over the ring as it lies in memory with its taps reordered to
-        match (`convolve`'s `tap_order`). Per step this writes one frame, where the padded input
-        costs a copy of the past into it and a clone of its last frames (2 x context frames read
-        and written); the weights are gathered instead, which `_rings_pay` keeps to layers whose
-        frames are larger than their weights.
+        oldest frame: x overwrites that frame in place, and the convolution runs over the ring as
+        it lies in memory with its taps rotated to match (`convolve`'s `oldest`). Per step this
+        writes one frame, where the padded input costs a copy of the past into it and a clone of
+        its last frames (2 x context frames read and written); `_rings_pay` keeps rings to layers
+        whose frames are larger than their weights.
 
-        The write is an indexed assignment (`index_put_`), which inductor performs in place on the
-        cache's tensor, fused with the norm + SiLU producing x; `index_copy_` it turned into an
-        out-of-place copy of the whole ring per step (its generated code, CPU and H100)."""
+        The write is an indexed assignment at a tensor slot (`index_put_`), which inductor performs
+        in place on the cache's tensor, fused with the norm + SiLU producing x (`index_copy_` it
+        turned into an out-of-place copy of the whole ring per step: its generated code, CPU and
+        H100). The rotation is picked by the slot as an int: `torch.compile` captures one graph per
+        slot, and with frozen rotations (`freeze_ring_taps`) those graphs differ only in which
+        weight tensor they are given, so inductor compiles their code once."""
         slots = self.context + 1
         entry = cache.get(self)
         if isinstance(entry, tuple):
-            frames, oldest = entry
+            frames, oldest_slot, oldest = entry
         else:  # start: the past (zeros at the start of the video) in front, the last slot free
             frames = self._zero_frames(x, slots)
             if entry is not None:
                 frames[:, :, :self.context] = entry
-            oldest = torch.full((1,), self.context, dtype=torch.long, device=x.device)
-        frames[:, :, oldest] = x
-        # slot j holds the frame at time position (j - oldest - 1) mod slots (x, the newest, at oldest)
-        tap_order = (torch.arange(slots, device=x.device) - oldest - 1) % slots
-        cache.put(self, (frames, (oldest + 1) % slots))
-        return frames, tap_order
+            oldest_slot, oldest = torch.full((1,), self.context, dtype=torch.long, device=x.device), self.context
+        frames[:, :, oldest_slot] = x  # x, the newest frame, now lies in slot `oldest`
+        cache.put(self, (frames, (oldest_slot + 1) % slots, (oldest + 1) % slots))
+        return frames, oldest
 
-    def convolve(self, x_with_past: Tensor, tap_order: Tensor | None = None) -> Tensor:
-        """The convolution; `tap_order[j]`: the temporal tap that input frame j meets (a ring)."""
-        weight = self.weight
-        if tap_order is not None:
-            weight = weight.index_select(2, tap_order).contiguous(memory_format=self._layout())
+    def convolve(self, x_with_past: Tensor, newest: int | None = None) -> Tensor:
+        """The convolution; `newest`: x_with_past is a ring with its newest frame in that slot."""
+        weight = self.weight if newest is None else self.ring_taps(newest)
         return conv3d(x_with_past, weight, self.bias, self.stride, self.padding)
+
+    def ring_taps(self, newest: int) -> Tensor:
+        """The weights with their temporal taps in the order of a ring's slots when its newest frame
+        lies in slot `newest`: slot j holds the frame (j - newest - 1) mod slots steps after the
+        oldest one. Frozen (`freeze_ring_taps`) or gathered now."""
+        frozen = getattr(self, f"ring_taps_{newest}", None)
+        if frozen is not None:
+            return frozen
+        if newest == self.context:  # the slots in time order
+            return self.weight
+        slots = self.context + 1
+        order = (torch.arange(slots, device=self.weight.device) - newest - 1) % slots
+        return self.weight.index_select(2, order).contiguous(memory_format=self._layout())
+
+    def freeze_ring_taps(self) -> None:
+        """Keep the rotations of the taps (`ring_taps`), for a decoder whose weights no longer change
+        (`core.optimize.compile_vae_decoder`): a compiled ring step otherwise gathers its rotation
+        every step, a copy of the weights. Every rotation is a buffer of its own, the one in time
+        order too: the compiled steps of all slots are then the same graph given other buffers,
+        which inductor compiles once. Non-persistent, so the state dict stays the checkpoint's."""
+        slots = self.context + 1
+        for newest in range(slots):  # a refreeze derives them from the current weights
+            self._buffers.pop(f"ring_taps_{newest}", None)
+        rotations = [self.ring_taps(newest) for newest in range(slots)]
+        rotations[-1] = rotations[-1].clone(memory_format=self._layout())
+        for newest, rotation in enumerate(rotations):
+            self.register_buffer(f"ring_taps_{newest}", rotation, persistent=False)
 
     def _zero_frames(self, x: Tensor, frames: int) -> Tensor:
         """`frames` zero frames of x's size, in the weight's layout (a zeros() converted after is
@@ -298,8 +328,8 @@ def _run(layers: nn.Sequential, x: Tensor, cache: CausalCache) -> Tensor:
     """Apply a Sequential, handing the cache to its causal convolutions."""
     for layer in layers:
         if isinstance(layer, CausalConv3d):
-            x, tap_order = layer.with_past(x, cache)  # two steps: the unpadded input is freed before the conv
-            x = layer.convolve(x, tap_order)
+            x, newest = layer.with_past(x, cache)  # two steps: the unpadded input is freed before the conv
+            x = layer.convolve(x, newest)
         else:
             x = layer(x)
     return x

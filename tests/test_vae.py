@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import weakref
 
 import pytest
@@ -17,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.errors import UserError
 from core.optimize import (
+    RING_TAPS_MAX_BYTES,
+    VAE_RECOMPILE_LIMIT,
     FrameTapsConv3d,
     MatmulAttentionBlock,
     StackedTapsConv3d,
@@ -39,11 +42,13 @@ from core.vae import (
     CausalCache,
     CausalConv3d,
     DecodePlan,
+    Decoder,
     Downsample,
     DupUp3D,
     ResidualBlock,
     RMSNorm,
     Upsample,
+    UpStage,
     VAEConfig,
     WanVAE,
     load_vae,
@@ -237,16 +242,25 @@ def test_causal_conv_cache_continues_the_stream(split: list[int]) -> None:
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (3, 1, 1), (2, 3, 3)])
 @pytest.mark.parametrize("split", [[1, 1, 1, 1, 1, 1, 1], [1, 1, 3, 1, 1], [2, 1, 1, 1, 2]])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("frozen", [False, True], ids=["gathered-taps", "frozen-taps"])
 def test_ring_steps_continue_the_stream(kernel: tuple[int, int, int], split: list[int], channels_last: bool,
-                                        monkeypatch) -> None:
+                                        frozen: bool, monkeypatch) -> None:
     """`CausalConv3d.ring_step` (one-frame steps of a compiled decoder), run eagerly here: the ring
-    written in place and the taps reordered give the causal convolution of the whole stream, also
-    when one-frame steps and wider steps alternate (ring -> padded past -> ring), and a cache copy
-    continues on its own frames without touching the original's."""
+    written in place and the taps rotated (gathered per step, or frozen by `freeze_ring_taps`)
+    give the causal convolution of the whole stream, also when one-frame steps and wider steps
+    alternate (ring -> padded past -> ring), and a cache copy continues on its own frames without
+    touching the original's."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # rings are for compiled steps
     conv = randomize_(CausalConv3d(3, 4, kernel), seed=5).double().requires_grad_(False)  # frozen, as the VAE
     if channels_last:
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    if frozen:
+        conv.freeze_ring_taps()
+        # the rotations are kept (not derived per step), each its own buffer, outside the state dict
+        rotations = [conv.ring_taps(newest) for newest in range(kernel[0])]
+        assert all(r is getattr(conv, f"ring_taps_{n}") for n, r in enumerate(rotations))
+        assert len({r.data_ptr() for r in rotations} | {conv.weight.data_ptr()}) == kernel[0] + 1
+        assert set(conv.state_dict()) == {"weight", "bias"}
     x = randn(1, 3, sum(split), 12, 10, seed=6).double()  # a frame (360 values) outweighs the weights (<= 324)
     kt, kh, kw = kernel
     expected = F.conv3d(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)), conv.weight, conv.bias)
@@ -264,7 +278,8 @@ def test_ring_steps_continue_the_stream(kernel: tuple[int, int, int], split: lis
         rings += isinstance(after, tuple)
     assert rings == sum(n == 1 for n in split)
     torch.testing.assert_close(torch.cat(outputs, dim=2), expected, rtol=1e-12, atol=1e-12)
-    ring, _ = cache.get(conv) if isinstance(cache.get(conv), tuple) else (None, None)
+    entry = cache.get(conv)
+    ring = entry[0] if isinstance(entry, tuple) else None
     if ring is not None and channels_last:
         assert ring.is_contiguous(memory_format=torch.channels_last_3d)
 
@@ -310,11 +325,10 @@ def _ring_step_code(write: str) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
     original = CausalConv3d.ring_step
     if write == "copy":
         def ring_step(self, x, cache):  # the old write: index_copy_ at the oldest slot
-            ring, oldest = cache.get(self)
-            ring.index_copy_(2, oldest, x)
-            tap_order = (torch.arange(3) - oldest - 1) % 3
-            cache.put(self, (ring, (oldest + 1) % 3))
-            return ring, tap_order
+            ring, oldest_slot, oldest = cache.get(self)
+            ring.index_copy_(2, oldest_slot, x)
+            cache.put(self, (ring, (oldest_slot + 1) % 3, (oldest + 1) % 3))
+            return ring, oldest
     torch._dynamo.reset()
     try:
         compiled = torch.compile(torch.no_grad()(step), backend="inductor", dynamic=False)
@@ -331,6 +345,53 @@ def _ring_step_code(write: str) -> tuple[str, torch.Tensor, torch.Tensor, bool]:
         torch._dynamo.reset()
     kept = cache.get(conv)[0] is ring and ring.data_ptr() == pointer
     return "\n".join(code), torch.cat(outputs, dim=2), torch.cat(expected[:2], dim=2), kept
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["gathered-taps", "frozen-taps"])
+def test_ring_steps_of_every_slot_share_one_compiled_code(frozen: bool, monkeypatch, tmp_path) -> None:
+    """Compiled one-frame ring steps (CPU inductor, bf16, channels-last, as on the GPU) capture one
+    graph per ring slot (the slot picks the rotation of the taps). With frozen rotations
+    (`freeze_ring_taps`, what `compile_vae_decoder` does) those graphs differ only in the buffer
+    they are given: inductor compiles the steady step once and finds the other slots in its cache,
+    and the code gathers no weights. Gathered per step, every slot compiles on its own and copies
+    the weights in its code."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache: hits are this test's
+    norm, conv = randomize_(RMSNorm(16), seed=50), randomize_(CausalConv3d(16, 16, 3), seed=51)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    norm, conv = norm.bfloat16().requires_grad_(False), conv.bfloat16().requires_grad_(False)
+    if frozen:
+        conv.freeze_ring_taps()
+    frames = [randn(1, 16, 1, 24, 24, seed=52 + t).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+              for t in range(5)]
+
+    def step(x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
+        return conv(F.silu(norm(x)), cache)
+
+    eager_cache = CausalCache()
+    expected = torch.cat([step(x, eager_cache) for x in frames], dim=2)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(torch.no_grad()(step), backend="inductor", dynamic=False)
+        cache = CausalCache(rings=True)
+        outputs = [compiled(frames[0], cache)]  # the start
+        out, code = run_and_get_code(compiled, frames[1], cache)  # slot 0
+        outputs += [out] + [compiled(x, cache) for x in frames[2:]]  # slots 1, 2, then slot 0 again
+        graphs, cached = counters["stats"]["unique_graphs"], dict(counters["inductor"])
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(torch.cat(outputs, dim=2).float(), expected.float(), rtol=0.02, atol=0.02)
+    assert graphs == 4  # the start and one per slot; the fifth step reuses slot 0's
+    weight_copy = re.compile(r"empty_strided_cpu\(\(16, 16, 3, 3, 3\)")
+    if frozen:
+        assert (cached.get("fxgraph_cache_miss"), cached.get("fxgraph_cache_hit")) == (2, 2), cached
+        assert code and not weight_copy.search(code[0]), code
+    else:
+        assert cached.get("fxgraph_cache_miss") == 4 and not cached.get("fxgraph_cache_hit"), cached
+        assert weight_copy.search(code[0]), code
 
 
 def test_inductor_writes_the_ring_in_place_and_convolves_it_where_it_lies() -> None:
@@ -1059,6 +1120,38 @@ def test_compiled_encoder_captures_the_first_and_the_steady_step(frames: int) ->
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == (1 if frames == 1 else 2)
     torch._dynamo.reset()
+
+
+def test_compiled_720p_decoder_captures_few_graphs_once() -> None:
+    """The 5B decoder compiled for 720p (`compile_vae_decoder`, channels-last, traced on `meta`
+    without code generation): ring steps capture one graph per ring slot, so the up stages' shared
+    code holds the most graphs; they stay well inside `VAE_RECOMPILE_LIMIT` (past it dynamo would
+    run a unit eagerly), all are captured in the first chunk, and every ring rotation is frozen."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig.preset("wan2.2")).to(torch.bfloat16).requires_grad_(False)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    try:
+        compile_vae_decoder(model, backend="eager", channels_last=True)
+        decoder = model.streaming_decoder()
+        with torch.no_grad():
+            for _ in range(3):
+                decoder.decode(torch.empty(1, 48, 8, 44, 80, device="meta", dtype=torch.bfloat16))
+                graphs.append(counters["stats"]["unique_graphs"])
+        entries = {fn.__qualname__: len(_debug_get_cache_entry_list(fn.__code__))
+                   for fn in (UpStage.forward, Decoder.low_res, Decoder.head_out)}
+    finally:
+        torch._dynamo.reset()
+    assert not counters["graph_break"]
+    assert graphs[0] == graphs[-1], graphs  # the steady chunks capture nothing new
+    assert entries["UpStage.forward"] > 4 * 2 and max(entries.values()) <= VAE_RECOMPILE_LIMIT // 2, entries
+    convs = [m for m in model.decoder.modules() if type(m) is CausalConv3d and m.context]
+    frozen = [hasattr(m, "ring_taps_0") for m in convs]
+    assert frozen == [m.weight.nbytes <= RING_TAPS_MAX_BYTES for m in convs] and sum(frozen) == 15
 
 
 def test_meta_decode_at_720p_stays_within_its_memory_budget() -> None:
