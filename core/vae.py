@@ -217,7 +217,7 @@ class CausalConv3d(nn.Conv3d):
     def ring_step(self, x: Tensor, cache: CausalCache) -> tuple[Tensor, int]:
         """One frame x through a ring of `context + 1` frames kept in the cache with the slot of its
         oldest frame: x overwrites that frame in place, and the convolution runs over the ring as
-        it lies in memory with its taps rotated to match (`convolve`'s `oldest`). Per step this
+        it lies in memory with its taps rotated to match (`ring_taps`). Per step this
         writes one frame, where the padded input costs a copy of the past into it and a clone of
         its last frames (2 x context frames read and written); `_rings_pay` keeps rings to layers
         whose frames are larger than their weights.
@@ -237,9 +237,10 @@ class CausalConv3d(nn.Conv3d):
             if entry is not None:
                 frames[:, :, :self.context] = entry
             oldest_slot, oldest = torch.full((1,), self.context, dtype=torch.long, device=x.device), self.context
-        frames[:, :, oldest_slot] = x  # x, the newest frame, now lies in slot `oldest`
+        frames[:, :, oldest_slot] = x
+        newest = oldest  # x, the newest frame, now lies where the oldest one did
         cache.put(self, (frames, (oldest_slot + 1) % slots, (oldest + 1) % slots))
-        return frames, oldest
+        return frames, newest
 
     def convolve(self, x_with_past: Tensor, newest: int | None = None) -> Tensor:
         """The convolution; `newest`: x_with_past is a ring with its newest frame in that slot."""
