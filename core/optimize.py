@@ -53,7 +53,7 @@ RING_TAPS_MAX_BYTES = 32 * 2**20
 
 def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
                         channels_last: bool | None = None, tap_products: bool | None = None,
-                        matmul_attention: bool | None = None) -> None:
+                        matmul_attention: bool | None = None, ring_taps_max_bytes: int = RING_TAPS_MAX_BYTES) -> None:
     """torch.compile the VAE decoder's units (fuses each norm + SiLU with the causal padding, or with
     the in-place write of a one-frame step's ring (`DecodePlan.ring_past`), into one kernel, the
     sub-pixel interleave with its conv's bias add). The cell and slice loops, the
@@ -61,8 +61,8 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
     slice (start of the video, steady state, and a first-cell remainder), with static shapes.
     `backend="eager"` traces without code generation (CPU tests of the capture). Derived weights
     are frozen: the sub-pixel phase kernels, and the ring rotations of the convolutions up to
-    `RING_TAPS_MAX_BYTES` (the one-frame steps that keep rings compile one graph per ring slot,
-    identical but for which rotation they are given).
+    `ring_taps_max_bytes` (0: none, each ring step gathers its rotation). The one-frame steps that
+    keep rings compile one graph per ring slot, identical but for which rotation they are given.
 
     `channels_last` (None: when the decoder is on a GPU) stores the conv weights channels-last
     first: inductor then writes every fused norm + SiLU straight into the layout cuDNN's 3-D
@@ -87,7 +87,7 @@ def compile_vae_decoder(vae, backend: str = "inductor", mode: str | None = None,
     for module in decoder.modules():  # frozen from here on: derived weights once, not per call
         if isinstance(module, Upsample):
             module.freeze_subpixel()
-        if type(module) is CausalConv3d and module.weight.nbytes <= RING_TAPS_MAX_BYTES:
+        if type(module) is CausalConv3d and module.weight.nbytes <= ring_taps_max_bytes:
             module.freeze_ring_taps()
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VAE_RECOMPILE_LIMIT)
     compile_unit = functools.partial(torch.compile, backend=backend, mode=mode, dynamic=False)

@@ -1154,6 +1154,26 @@ def test_compiled_720p_decoder_captures_few_graphs_once() -> None:
     assert frozen == [m.weight.nbytes <= RING_TAPS_MAX_BYTES for m in convs] and sum(frozen) == 15
 
 
+@pytest.mark.parametrize("cap", [0, 2**19, None])
+def test_compile_freezes_the_ring_rotations_of_the_convolutions_under_the_cap(cap: int | None) -> None:
+    """`compile_vae_decoder(ring_taps_max_bytes=)` (None here: the default `RING_TAPS_MAX_BYTES`)
+    keeps the rotations of exactly the causal convolutions whose weights fit the cap; 0 keeps none
+    (`vae_decode.py -gathertaps`). The state dict stays the checkpoint's."""
+    model = random_vae(TRACED, seed=7)
+    names = set(model.state_dict())
+    torch._dynamo.reset()
+    try:
+        compile_vae_decoder(model, backend="eager", **({} if cap is None else {"ring_taps_max_bytes": cap}))
+    finally:
+        torch._dynamo.reset()
+    limit = RING_TAPS_MAX_BYTES if cap is None else cap
+    convs = [m for m in model.decoder.modules() if type(m) is CausalConv3d and m.context]
+    frozen = [all(hasattr(m, f"ring_taps_{n}") for n in range(m.context + 1)) for m in convs]
+    assert frozen == [m.weight.nbytes <= limit for m in convs]
+    assert (0 < sum(frozen) < len(convs)) if cap == 2**19 else sum(frozen) == (0 if cap == 0 else len(convs))
+    assert set(model.state_dict()) == names
+
+
 def test_meta_decode_at_720p_stays_within_its_memory_budget() -> None:
     """The memory cap at the real size, without a GPU: decode 720p bf16 latents on `meta` and
     track the bytes of live tensors (activations and the feature cache; the weights are extra)."""

@@ -6,33 +6,18 @@ tiles. This says whether wider steps would pay there, before any decoder change.
 
     PYTHONPATH=. python docs/benchmarks/vae_conv_frames.py          # one GPU, ~20 s
 
-CUDA events, 5 warm-up calls, median of 30; random data (times do not depend on the values).
+CUDA events (`cuda_timing.median_ms`), 5 warm-up calls, median of 30; random data (times do not depend on the values).
 """
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 import torch.nn.functional as F
+from cuda_timing import median_ms  # this folder is on sys.path when run
 
 # (in, out, height, width): one conv of each width and resolution the 720p decoder steps through
 SHAPES = [(1024, 1024, 44, 80), (1024, 1024, 88, 160), (1024, 512, 176, 320), (512, 512, 176, 320),
           (512, 256, 352, 640), (256, 256, 352, 640)]
-
-
-def median_ms(fn, repeats: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -44,7 +29,7 @@ def main() -> None:
         for frames in (1, 2, 4):
             x = torch.randn(1, c_in, frames + 2, height, width, device=device, dtype=dtype)
             x = x.contiguous(memory_format=layout)
-            ms = median_ms(lambda x=x, weight=weight: F.conv3d(x, weight, None, 1, (0, 1, 1)))
+            ms = median_ms(lambda x=x, weight=weight: F.conv3d(x, weight, None, 1, (0, 1, 1)), reps=30, warmup=5)
             tflops = 2 * c_in * c_out * 27 * height * width * frames / ms / 1e9
             cells.append(f"{frames}: {ms / frames:.3f} ({tflops:.0f})")
         print(f"{c_in:>4} -> {c_out:<4} {height:>3} x {width:<3}  " + "  ".join(cells), flush=True)

@@ -26,8 +26,8 @@ Variants (name = path[-option...]):
                  `TapProductsConv3d` head)
   ...-sdpa       with -compiled-cl: the middle attention stays SDPA (`matmul_attention=False`; before
                  2026-12-07's `MatmulAttentionBlock`)
-  ...-gathertaps with -compiled: ring steps gather their rotation of the taps every step (no
-                 `CausalConv3d.freeze_ring_taps`; before 2026-12-08)
+  ...-gathertaps with -compiled: ring steps gather their rotation of the taps every step (`ring_taps_max_bytes=0`,
+                 no `CausalConv3d.freeze_ring_taps`; before 2026-12-08)
 One JSON line per variant (after a line of text): the first chunk (includes compilation and cuDNN
 set-up) and the median of the later ones, timed with CUDA events; `peak_gib` is
 torch.cuda.max_memory_allocated over the variant's whole run (weights included: `weights_gib`), and
@@ -48,7 +48,6 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core import optimize
 from core.benchmark import cuda_kernel_events, kernel_table
 from core.optimize import RING_TAPS_MAX_BYTES, channels_last_vae_decoder, compile_vae_decoder, frame_taps_vae_decoder
 from core.vae import PER_LATENT_PLAN, DecodePlan, VAEConfig, WanVAE, random_vae
@@ -132,11 +131,11 @@ def run_variant(name: str, args, latents: torch.Tensor, reference: list[torch.Te
         frame_taps_vae_decoder(vae, stacked="stack" in options)
     if "compiled" in options:
         torch._dynamo.reset()  # each compiled variant compiles from scratch (and within the recompile limit)
-        optimize.RING_TAPS_MAX_BYTES = -1 if "gathertaps" in options else RING_TAPS_MAX_BYTES
         compile_vae_decoder(vae, mode="max-autotune-no-cudagraphs" if "maxat" in options else None,
                             channels_last="cl" in options,  # -cl explicit, as for the eager variants
                             tap_products=None if "convhead" not in options else False,  # -convhead: cuDNN's head
-                            matmul_attention=None if "sdpa" not in options else False)  # -sdpa: SDPA's kernel
+                            matmul_attention=None if "sdpa" not in options else False,  # -sdpa: SDPA's kernel
+                            ring_taps_max_bytes=0 if "gathertaps" in options else RING_TAPS_MAX_BYTES)
     decoder, timer = vae.streaming_decoder(plan), Timer(device)
     seconds: list[float] = []
     outputs = []
